@@ -1,0 +1,1 @@
+"""Model engines behind the serving pipeline (torch now, vLLM for the reasoning stage)."""

@@ -1,0 +1,146 @@
+"""Convert numpy arrays and images to and from the protobuf messages of chatvla.v1.
+
+Every decoder validates before it trusts: dtype against the allowed set, shape against the byte
+count, image dimensions against limits before pixels are decoded (so a "decompression bomb" PNG is
+refused from its header). Errors are `WireError`s that name the offending field.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image as PILImage
+
+from chatvla.v1 import policy_pb2 as pb
+from chatvla.wire.limits import DEFAULT_LIMITS, Limits
+
+_DTYPES: dict[int, np.dtype] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT64: np.dtype("<f8"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.INT32: np.dtype("<i4"),
+    pb.INT64: np.dtype("<i8"),
+    pb.UINT8: np.dtype("u1"),
+}
+_DTYPE_ENUM: dict[str, int] = {dt.str.lstrip("<|"): enum for enum, dt in _DTYPES.items()}
+_ENCODINGS = {"rgb8": pb.RGB8, "jpeg": pb.JPEG, "png": pb.PNG}
+
+
+class WireError(ValueError):
+    """Input that does not follow the wire contract. `field` names where, e.g. "observation.state"."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def tensor_to_proto(arr: np.ndarray) -> pb.Tensor:
+    """Encode an array as a typed little-endian tensor."""
+    a = np.asarray(arr)
+    key = a.dtype.str.lstrip("<>|=")
+    if key not in _DTYPE_ENUM:
+        raise WireError("tensor", f"dtype {a.dtype} cannot be sent; use one of {sorted(_DTYPE_ENUM)}")
+    enum = _DTYPE_ENUM[key]
+    le = np.ascontiguousarray(a, dtype=_DTYPES[enum])
+    return pb.Tensor(dtype=enum, shape=list(le.shape), data=le.tobytes())
+
+
+def tensor_from_proto(
+    t: pb.Tensor,
+    *,
+    field: str,
+    dtype: np.dtype | str | None = None,
+    shape: tuple[int, ...] | None = None,
+    finite: bool = True,
+    max_elements: int = 1 << 24,
+) -> np.ndarray:
+    """Decode and validate a tensor. `dtype`/`shape` are requirements, not conversions."""
+    if t.dtype not in _DTYPES:
+        raise WireError(field, f"unknown or unset dtype {t.dtype}")
+    dt = _DTYPES[t.dtype]
+    if dtype is not None and dt != np.dtype(dtype).newbyteorder("<"):
+        raise WireError(field, f"dtype must be {np.dtype(dtype).name}, got {dt.name}")
+    dims = tuple(int(s) for s in t.shape)
+    n = math.prod(dims)
+    if n > max_elements:
+        raise WireError(field, f"{n} elements exceed the limit of {max_elements}")
+    if shape is not None and dims != tuple(shape):
+        raise WireError(field, f"shape must be {list(shape)}, got {list(dims)}")
+    if len(t.data) != n * dt.itemsize:
+        raise WireError(field, f"{len(t.data)} bytes do not match shape {list(dims)} of {dt.name}")
+    arr = np.frombuffer(t.data, dtype=dt).reshape(dims)
+    if finite and dt.kind == "f" and not np.isfinite(arr).all():
+        raise WireError(field, "contains NaN or inf")
+    return arr.astype(dt.newbyteorder("="), copy=True)
+
+
+def encode_image(arr: np.ndarray, camera: str, encoding: str = "rgb8", quality: int = 90) -> pb.Image:
+    """Encode an HxWx3 uint8 RGB image. RGB8 is cheapest on fast links; JPEG when bandwidth matters."""
+    a = np.asarray(arr)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise WireError(f"images[{camera}]", f"need an HxWx3 uint8 array, got {a.dtype} {list(a.shape)}")
+    enc = _ENCODINGS.get(encoding.lower())
+    if enc is None:
+        raise WireError(f"images[{camera}]", f"unknown encoding {encoding!r}; use rgb8, jpeg or png")
+    h, w = a.shape[:2]
+    if enc == pb.RGB8:
+        data = np.ascontiguousarray(a).tobytes()
+    else:
+        buf = io.BytesIO()
+        fmt = "JPEG" if enc == pb.JPEG else "PNG"
+        kwargs = {"quality": int(quality)} if enc == pb.JPEG else {"compress_level": 1}
+        PILImage.fromarray(a, "RGB").save(buf, format=fmt, **kwargs)
+        data = buf.getvalue()
+    return pb.Image(camera=camera, encoding=enc, height=h, width=w, data=data)
+
+
+def decode_image_bytes(data: bytes, *, field: str, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode a JPEG or PNG file (e.g. from an HTTP upload) with the same checks as `decode_image`."""
+    if len(data) > limits.max_image_bytes:
+        raise WireError(field, f"{len(data)} bytes exceed the image limit of {limits.max_image_bytes}")
+    if not data:
+        raise WireError(field, "empty image data")
+    try:
+        with PILImage.open(io.BytesIO(data)) as im:
+            if im.format not in ("JPEG", "PNG"):
+                raise WireError(field, f"unsupported image format {im.format}; send JPEG or PNG")
+            w, h = im.size
+            _check_side(field, h, w, limits)
+            rgb = im.convert("RGB")
+            rgb.load()
+    except WireError:
+        raise
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as e:
+        raise WireError(field, f"cannot decode image: {e}") from None
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def decode_image(img: pb.Image, *, field: str | None = None, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode a wire image into an HxWx3 uint8 array, enforcing `limits`."""
+    field = field or f"images[{img.camera}]"
+    if len(img.data) > limits.max_image_bytes:
+        raise WireError(field, f"{len(img.data)} bytes exceed the image limit of {limits.max_image_bytes}")
+    if img.encoding == pb.RGB8:
+        h, w = int(img.height), int(img.width)
+        if h <= 0 or w <= 0:
+            raise WireError(field, "RGB8 images need height and width")
+        _check_side(field, h, w, limits)
+        if len(img.data) != h * w * 3:
+            raise WireError(field, f"{len(img.data)} bytes do not match {h}x{w}x3 RGB8")
+        return np.frombuffer(img.data, dtype=np.uint8).reshape(h, w, 3).copy()
+    if img.encoding in (pb.JPEG, pb.PNG):
+        arr = decode_image_bytes(img.data, field=field, limits=limits)
+        if (img.height and img.height != arr.shape[0]) or (img.width and img.width != arr.shape[1]):
+            raise WireError(
+                field, f"declared {img.height}x{img.width} but the image is {arr.shape[0]}x{arr.shape[1]}"
+            )
+        return arr
+    raise WireError(field, f"unknown or unset image encoding {img.encoding}")
+
+
+def _check_side(field: str, h: int, w: int, limits: Limits) -> None:
+    if h > limits.max_image_side or w > limits.max_image_side:
+        raise WireError(field, f"{h}x{w} exceeds the maximum side of {limits.max_image_side} px")

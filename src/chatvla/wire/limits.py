@@ -1,0 +1,30 @@
+"""Size limits for what crosses the wire: one definition, used by server validation, client checks
+and the docs. Oversize input is rejected with a message naming the limit, never a crash."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 32 * MiB  # gRPC receive limit per message
+    max_image_bytes: int = 8 * MiB  # encoded bytes of one image (1024x1024 RGB8 is 3 MiB)
+    max_image_side: int = 2048  # pixels, height and width, checked before decoding pixels
+    max_instruction_chars: int = 1000
+    max_images: int = 8
+    max_state_dim: int = 256
+
+    def to_proto_fields(self) -> dict[str, int]:
+        return {
+            "max_message_bytes": self.max_message_bytes,
+            "max_image_bytes": self.max_image_bytes,
+            "max_image_side": self.max_image_side,
+            "max_instruction_chars": self.max_instruction_chars,
+            "max_images": self.max_images,
+        }
+
+
+DEFAULT_LIMITS = Limits()
