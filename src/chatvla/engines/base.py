@@ -43,10 +43,13 @@ class EngineObservation:
 @dataclass(frozen=True)
 class ReasonItem:
     """One observation for the reasoning stage. `reasoning=None` decodes new reasoning text;
-    a string skips decoding and only pre-fills prompt + that text (the System 1 refresh)."""
+    a string skips decoding and only pre-fills prompt + that text (the System 1 refresh).
+    Pass the cached result's `token_ids` as `reasoning_token_ids` too: re-tokenising decoded text
+    does not always give back the same ids, and the cached ids reproduce the hidden states exactly."""
 
     prepared: Any
     reasoning: str | None = None
+    reasoning_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass
