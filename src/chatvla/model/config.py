@@ -247,6 +247,7 @@ class ChatVLAConfig:
             tc.pop(k, None)
         vlm["text_config"] = tc
         vlm.pop("architectures", None)
+        vlm.pop("model_type", None)
         expert = dict(c["expert"])
         return cls(
             model_id=c["model_id"],

@@ -168,3 +168,38 @@ def get_preset(name: str) -> ChatVLAConfig:
         return PRESETS[name]()
     except KeyError:
         raise KeyError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+
+def parameter_counts(cfg: ChatVLAConfig) -> dict[str, int]:
+    """Parameter counts per part, computed on the meta device (no memory, no weights needed)."""
+    import torch
+
+    from chatvla.model.action_expert import ActionExpert
+    from chatvla.model.vlm import build_vlm
+
+    vlm = build_vlm(cfg.with_updates(init_seed=None), device="meta")
+    with torch.device("meta"):
+        expert = ActionExpert(cfg.expert, cfg.sampler, cfg.hidden_size)
+
+    def count(m: torch.nn.Module, prefix: str = "") -> int:
+        seen: set[int] = set()
+        total = 0
+        for n, p in m.named_parameters():
+            if n.startswith(prefix) and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    tc = cfg.vlm["text_config"]
+    top_k = cfg.moe.top_k if cfg.moe.kind == "dynamic" else 1
+    routed_per_expert = 3 * tc["hidden_size"] * (cfg.moe.expert_intermediate_size or tc["intermediate_size"])
+    n_moe = sum(cfg.moe.applies_to(i) for i in range(tc["num_hidden_layers"]))
+    inactive = n_moe * (cfg.moe.num_experts - top_k) * routed_per_expert if cfg.moe.kind != "dense" else 0
+    total = count(vlm) + count(expert)
+    return {
+        "vision": count(vlm, "model.visual."),
+        "language_model": count(vlm, "model.language_model.") + count(vlm, "lm_head."),
+        "action_expert": count(expert),
+        "total": total,
+        "active_per_token": total - inactive,
+    }
