@@ -63,7 +63,8 @@ def test_reasoning_changes_the_action_chunk(tiny_model, prepared):
     a = tiny_model.prefill(prepared[:1], ["pick the card 21. Next action:"])
     b = tiny_model.prefill(prepared[:1], ["pick the card 12. Next action:"])
     state = np.zeros((1, 8), np.float32)
-    assert not np.allclose(tiny_model.sample_actions(a, state, seeds=[0]), tiny_model.sample_actions(b, state, seeds=[0]))
+    act_a = tiny_model.sample_actions(a, state, seeds=[0])
+    assert not np.allclose(act_a, tiny_model.sample_actions(b, state, seeds=[0]))
 
 
 def test_generation_stops_at_the_end_marker():
@@ -82,7 +83,7 @@ def test_reasoning_length_replays_the_stop_rule(tiny_model):
     tok = tiny_model.prompts.tokenizer
     eos = tiny_model.prompts.eos_id
     ids = tok.encode("so 3+4=7. Next action:", add_special_tokens=False).ids
-    assert _reasoning_length(ids + [5, 6], {eos}, "Next action:", tok, 12) == len(ids)
+    assert _reasoning_length([*ids, 5, 6], {eos}, "Next action:", tok, 12) == len(ids)
     assert _reasoning_length([7, 8, eos, 9], {eos}, "Next action:", tok, 12) == 3
     assert _reasoning_length([7, 8, 9], {eos}, "Next action:", tok, 12) == 3
 
