@@ -1,0 +1,30 @@
+# Two commands on a fresh machine (see README): `make serve` and `make test`. Both set up .venv first.
+VENV ?= .venv
+STAMP := $(VENV)/.chatvla-installed
+ARGS ?=
+
+.PHONY: setup serve demo test test-fast lint check-proto
+
+$(STAMP): pyproject.toml requirements/constraints.txt scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(VENV)/bin/chatvla serve $(ARGS)
+
+demo: setup
+	$(VENV)/bin/chatvla demo $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest $(ARGS)
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow" $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+check-proto: setup
+	PYTHON=$(VENV)/bin/python bash scripts/gen_proto.sh --check
