@@ -161,3 +161,26 @@ def _load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor | None],
         raise CheckpointError(f"{path}: unexpected tensor {key_to_file(extra[0])} (and {len(extra) - 1} more)"
                               if len(extra) > 1 else f"{path}: unexpected tensor {key_to_file(extra[0])}")
     module.load_state_dict({k: sd[k] for k in expected}, strict=True)
+
+
+def load_action_expert(directory: str | Path, *, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32):
+    """Only the action expert (projectors + DiT + sampler + stats) of a checkpoint, for engines whose VLM
+    runs elsewhere (vLLM): the VLM weights are never read."""
+    from transformers.initialization import no_init_weights
+
+    from chatvla.model.action_expert import ActionExpert
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    cfg = read_config(d)
+    stats = read_stats(d, cfg)
+    if not (d / EXPERT_WEIGHTS).is_file():
+        raise CheckpointError(f"missing file {d / EXPERT_WEIGHTS}")
+    with no_init_weights(), torch.device(device):
+        expert = ActionExpert(cfg.expert, cfg.sampler, cfg.hidden_size)
+    _load_strict(expert, _read_tensors(d / EXPERT_WEIGHTS), d / EXPERT_WEIGHTS)
+    expert.to(device=device, dtype=dtype)
+    expert.set_stats(stats)
+    return cfg, expert.eval()
