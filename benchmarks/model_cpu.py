@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, table, write_result  # noqa: E402
+from common import median, table, write_result
 
-from chatvla.model import load_model  # noqa: E402
+from chatvla.model import load_model
 
 
 def main() -> int:
