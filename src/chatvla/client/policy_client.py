@@ -1,0 +1,637 @@
+"""gRPC client for `chatvla.v1.Policy.Stream`: one long-lived bidi stream per robot session.
+
+Why it is built like this:
+
+* The control loop must never wait for the network, so all gRPC work happens on a background thread
+  (plus the request-consumer thread gRPC starts per call). `submit` only swaps the newest observation
+  into a one-slot mailbox; `poll` only drains an event deque. Neither takes a lock for longer than a
+  dict update, and images are encoded on the sender side, not on the control thread.
+* Only the newest observation matters: if a new one is submitted before the previous left, the old one
+  is reported as Aborted rather than sent late.
+* Per-observation deadlines are enforced on both ends: the observation carries `deadline_ms` so the
+  server drops work nobody waits for, and `poll` reports DeadlineExceeded when a reply is overdue.
+  Several overdue replies in a row mean a silently dead link (no RST), so the stream is torn down and
+  re-established rather than trusted.
+* Reconnects use exponential backoff with jitter (so a fleet does not reconnect in lockstep after a
+  server restart), rotate through the configured addresses, and stop after a fatal error (bad token,
+  session refused): retrying those only hides the problem.
+* Server errors become typed `PolicyError`s carrying the server's own message (and the offending field
+  for INVALID_ARGUMENT), delivered as `RequestFailed` events, or raised from the synchronous helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from chatvla.client.runtime import (
+    Aborted,
+    ChunkReply,
+    Clock,
+    ConnectionChanged,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    MonotonicClock,
+    ObservationRequest,
+    PermissionDenied,
+    PolicyConnection,
+    PolicyError,
+    PolicyEvent,
+    RequestFailed,
+    ResourceExhausted,
+    SessionRejected,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from chatvla.profiles import RobotProfile
+from chatvla.v1 import policy_pb2 as pb
+from chatvla.v1 import policy_pb2_grpc as pb_grpc
+from chatvla.wire import Limits, WireError, encode_image, tensor_from_proto, tensor_to_proto
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Aborted",
+    "BackoffConfig",
+    "ClientConfig",
+    "DeadlineExceeded",
+    "GrpcPolicyClient",
+    "Internal",
+    "InvalidArgument",
+    "PermissionDenied",
+    "PolicyError",
+    "ResourceExhausted",
+    "SessionConfig",
+    "SessionRejected",
+    "TlsConfig",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "connect",
+    "error_from_code",
+]
+
+_STATUS_ERRORS: dict[grpc.StatusCode, type[PolicyError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+}
+_STREAM_ERRORS: dict[int, type[PolicyError]] = {
+    pb.INVALID_ARGUMENT: InvalidArgument,
+    pb.DEADLINE_EXCEEDED: DeadlineExceeded,
+    pb.RESOURCE_EXHAUSTED: ResourceExhausted,
+    pb.ABORTED: Aborted,
+    pb.INTERNAL: Internal,
+    pb.UNAVAILABLE: Unavailable,
+}
+
+
+def error_from_code(
+    code: grpc.StatusCode | int, message: str, *, field: str = "", seq: int | None = None
+) -> PolicyError:
+    """Map a gRPC status (or an in-band `ErrorCode`) to its typed exception."""
+    if isinstance(code, grpc.StatusCode):
+        cls = _STATUS_ERRORS.get(code, Unavailable if code == grpc.StatusCode.CANCELLED else Internal)
+    else:
+        cls = _STREAM_ERRORS.get(int(code), Internal)
+    return cls(message, field=field, seq=seq)
+
+
+# ---- configuration ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM bytes. `root_certificates=None` trusts the system roots; key + chain enable mutual TLS;
+    `server_name` overrides the name checked against the certificate (e.g. when dialling an IP)."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> TlsConfig:
+        def read(p: str | Path | None) -> bytes | None:
+            return None if p is None else Path(p).read_bytes()
+
+        return cls(read(ca), read(key), read(cert), server_name)
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    """Delay before reconnect attempt `n` (0-based): `initial_s * multiplier**n`, capped at `max_s`,
+    times a uniform factor in [1 - jitter, 1 + jitter]."""
+
+    initial_s: float = 0.1
+    max_s: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.initial_s <= 0 or self.max_s < self.initial_s or self.multiplier < 1:
+            raise ValueError("backoff needs 0 < initial_s <= max_s and multiplier >= 1")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.max_s, self.initial_s * self.multiplier ** min(attempt, 64))
+        return base * rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How to reach the server. Several addresses are tried in turn on reconnect."""
+
+    addresses: tuple[str, ...]
+    token: str | None = None  # sent as `authorization: Bearer <token>`
+    tls: TlsConfig | None = None
+    deadline_ms: int = 1000  # per observation, unless the request sets one
+    backoff: BackoffConfig = field(default_factory=BackoffConfig)
+    max_reconnects: int | None = None  # consecutive failed attempts before giving up; None = never
+    # Consecutive overdue replies after which the stream is presumed dead and re-established.
+    reconnect_after_timeouts: int = 3
+    image_encoding: str = "rgb8"  # rgb8 | jpeg | png
+    jpeg_quality: int = 90
+    limits: Limits = field(default_factory=Limits)
+    keepalive_ms: int = 0  # 0 = off; the server must permit pings at this interval
+    robot_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise ValueError("at least one server address is needed")
+        if isinstance(self.addresses, str):
+            raise TypeError("addresses must be a tuple of strings, not one string")
+        if self.deadline_ms <= 0:
+            raise ValueError("deadline_ms must be positive")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """What the session start says about this robot. Unset fields come from the profile."""
+
+    profile: RobotProfile
+    instruction: str = ""
+    cameras: tuple[str, ...] | None = None
+    control_rate_hz: float | None = None
+    reasoning_every_n: int = 0  # 0 = server default
+    reasoning_every_seconds: float = 0.0
+
+    def to_proto(self, *, instruction: str, robot_id: str, deadline_ms: int) -> pb.SessionStart:
+        return pb.SessionStart(
+            robot_profile=self.profile.name,
+            cameras=list(self.cameras if self.cameras is not None else self.profile.camera_names),
+            control_rate_hz=self.control_rate_hz or self.profile.control_rate_hz,
+            instruction=instruction,
+            robot_id=robot_id,
+            reasoning=pb.ReasoningPolicy(every_n=self.reasoning_every_n, every_seconds=self.reasoning_every_seconds),
+            default_deadline_ms=deadline_ms,
+        )
+
+
+# ---- the client ------------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    seq: int
+    request: ObservationRequest
+    submitted_at: float
+
+
+@dataclass
+class _InFlight:
+    tick: int
+    sent_at: float
+    deadline: float
+
+
+class _Attempt:
+    """One stream: its call object and a flag its request generator watches."""
+
+    def __init__(self) -> None:
+        self.call: grpc.Future | None = None
+        self.done = threading.Event()
+        self.session = False
+
+
+class GrpcPolicyClient(PolicyConnection):
+    """Streams observations to `Policy.Stream` and delivers chunks/errors as events. See module doc."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        session: SessionConfig,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.clock: Clock = clock or MonotonicClock()
+        self._rng = rng or random.Random()
+        self._instruction = session.instruction
+        self._events: deque[PolicyEvent] = deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._pending: _Pending | None = None
+        self._in_flight: dict[int, _InFlight] = {}
+        self._seq = 0
+        self._overdue_streak = 0
+        self._closed = threading.Event()
+        self._connected = threading.Event()
+        self._attempt: _Attempt | None = None
+        self._thread: threading.Thread | None = None
+        self._address_index = 0
+        self.session_info: pb.SessionInfo | None = None
+        self.fatal_error: PolicyError | None = None
+        self.reconnects = 0
+        self._last_attempt_had_session = False
+
+    # ---- public API ----------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def address(self) -> str:
+        return self.config.addresses[self._address_index % len(self.config.addresses)]
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="chatvla-policy-client", daemon=True)
+            self._thread.start()
+
+    def wait_connected(self, timeout: float) -> pb.SessionInfo:
+        """Block (for start-up code, never the control loop) until a session is open. Raises the fatal
+        error if the server refused us, Unavailable on timeout."""
+        self.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.fatal_error is not None:
+                raise self.fatal_error
+            if self._connected.wait(0.02) and self.session_info is not None:
+                return self.session_info
+        if self.fatal_error is not None:
+            raise self.fatal_error
+        raise Unavailable(f"no session with {', '.join(self.config.addresses)} within {timeout:.1f} s")
+
+    def submit(self, request: ObservationRequest) -> int:
+        now = self.clock.now()
+        with self._wakeup:
+            self._seq += 1
+            seq = self._seq
+            if self.fatal_error is not None:
+                self._events.append(RequestFailed(seq, self.fatal_error, now))
+                return seq
+            old = self._pending
+            self._pending = _Pending(seq, request, now)
+            self._wakeup.notify_all()
+        if old is not None:
+            self._events.append(
+                RequestFailed(old.seq, Aborted("superseded by a newer observation before it was sent"), now)
+            )
+        return seq
+
+    def poll(self) -> list[PolicyEvent]:
+        self._expire(self.clock.now())
+        out: list[PolicyEvent] = []
+        while True:
+            try:
+                out.append(self._events.popleft())
+            except IndexError:
+                return out
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._wakeup:
+            self._wakeup.notify_all()
+        att = self._attempt
+        if att is not None:
+            att.done.set()
+            if att.call is not None:
+                att.call.cancel()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+    def set_instruction(self, text: str) -> None:
+        """Used for the next session start; observations carry changes within a session."""
+        self._instruction = text
+
+    def get_model_info(self, timeout: float = 5.0) -> pb.ModelInfo:
+        """Unary GetModelInfo on the first reachable address; raises a typed PolicyError."""
+        last: PolicyError | None = None
+        for addr in self.config.addresses:
+            channel = self._channel(addr)
+            try:
+                stub = pb_grpc.PolicyStub(channel)
+                return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata())
+            except grpc.RpcError as e:
+                last = error_from_code(e.code(), e.details() or str(e.code()))
+                if last.fatal:
+                    raise last from None
+            finally:
+                channel.close()
+        assert last is not None
+        raise last
+
+    # ---- deadlines -----------------------------------------------------------------------------
+    def _expire(self, now: float) -> None:
+        """Runs on the caller's thread inside poll(): cheap, and needs no timer thread."""
+        expired: list[tuple[int, float]] = []
+        with self._lock:
+            p = self._pending
+            if p is not None and now - p.submitted_at > self._deadline_s(p.request):
+                self._pending = None
+                expired.append((p.seq, now - p.submitted_at))
+            for seq, f in list(self._in_flight.items()):
+                if now > f.deadline:
+                    del self._in_flight[seq]
+                    expired.append((seq, now - f.sent_at))
+                    self._overdue_streak += 1
+            tear_down = self._overdue_streak >= self.config.reconnect_after_timeouts
+            if tear_down:
+                self._overdue_streak = 0
+        for seq, age in expired:
+            err = DeadlineExceeded(f"no reply after {age * 1000:.0f} ms", seq=seq)
+            self._events.append(RequestFailed(seq, err, now))
+        att = self._attempt
+        if tear_down and att is not None and att.call is not None:
+            log.warning(
+                "%d replies overdue in a row: re-establishing the stream",
+                self.config.reconnect_after_timeouts,
+            )
+            att.call.cancel()
+
+    def _deadline_s(self, request: ObservationRequest) -> float:
+        return (request.deadline_ms or self.config.deadline_ms) / 1000.0
+
+    # ---- connection thread ---------------------------------------------------------------------
+    def _channel(self, address: str) -> grpc.Channel:
+        c = self.config
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", c.limits.max_message_bytes),
+            ("grpc.max_send_message_length", c.limits.max_message_bytes),
+            ("grpc.enable_retries", 0),  # we retry ourselves, with fresh observations
+        ]
+        if c.keepalive_ms > 0:
+            options += [
+                ("grpc.keepalive_time_ms", c.keepalive_ms),
+                ("grpc.keepalive_timeout_ms", max(1000, c.keepalive_ms // 2)),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        if c.tls is None:
+            return grpc.insecure_channel(address, options=options)
+        if c.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", c.tls.server_name))
+        creds = grpc.ssl_channel_credentials(c.tls.root_certificates, c.tls.private_key, c.tls.certificate_chain)
+        return grpc.secure_channel(address, creds, options=options)
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        md = []
+        if self.config.token:
+            md.append(("authorization", f"Bearer {self.config.token}"))
+        if self.config.robot_id:
+            md.append(("x-robot-id", self.config.robot_id))
+        return md
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._closed.is_set():
+            address = self.address
+            error = self._stream_once(address)
+            if self._closed.is_set():
+                break
+            if error is not None and error.fatal:
+                self.fatal_error = error
+                log.error("policy client giving up on %s: %s", address, error)
+                self._fail_everything(error)
+                break
+            if self._last_attempt_had_session:
+                failures = 0
+            failures += 1
+            if self.config.max_reconnects is not None and failures > self.config.max_reconnects:
+                self.fatal_error = Unavailable(
+                    f"gave up after {self.config.max_reconnects} reconnect attempts; last: {error}"
+                )
+                self._fail_everything(self.fatal_error)
+                break
+            self._address_index += 1
+            delay = self.config.backoff.delay(failures - 1, self._rng)
+            log.info("reconnecting to %s in %.2f s (%s)", self.address, delay, error)
+            self.reconnects += 1
+            self._closed.wait(delay)
+        self._connected.clear()
+
+    def _stream_once(self, address: str) -> PolicyError | None:
+        """Open one stream and serve it until it ends; return why it ended."""
+        att = _Attempt()
+        self._attempt = att
+        self._last_attempt_had_session = False
+        channel = self._channel(address)
+        error: PolicyError | None = None
+        try:
+            call = pb_grpc.PolicyStub(channel).Stream(self._requests(att), metadata=self._metadata())
+            att.call = call
+            if self._closed.is_set():
+                call.cancel()
+            for resp in call:
+                error = self._handle(resp, att, address)
+                if error is not None:
+                    break
+            if error is None and not self._closed.is_set():
+                error = Unavailable("the server ended the stream")
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            error = error_from_code(code, (e.details() if hasattr(e, "details") else "") or str(code))
+            if not att.session and error.code == "INVALID_ARGUMENT":
+                error = SessionRejected(error.message)
+        finally:
+            att.done.set()
+            if att.call is not None:
+                att.call.cancel()
+            with self._wakeup:
+                self._wakeup.notify_all()
+            channel.close()
+        self._last_attempt_had_session = att.session
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        now = self.clock.now()
+        lost = Unavailable(f"connection to {address} lost: {error.message if error else 'closed'}")
+        with self._lock:
+            dropped = list(self._in_flight)
+            self._in_flight.clear()
+            self._overdue_streak = 0
+        for seq in dropped:
+            self._events.append(RequestFailed(seq, lost, now))
+        if was_connected or error is not None:
+            self._events.append(ConnectionChanged(False, address, now, error=error))
+        return error
+
+    def _handle(self, resp: pb.StreamResponse, att: _Attempt, address: str) -> PolicyError | None:
+        kind = resp.WhichOneof("msg")
+        now = self.clock.now()
+        if kind == "session":
+            att.session = True
+            self.session_info = resp.session
+            self._connected.set()
+            self._events.append(ConnectionChanged(True, address, now, session_id=resp.session.session_id))
+            log.info("session %s open on %s", resp.session.session_id, address)
+            return None
+        if kind == "chunk":
+            return self._on_chunk(resp.chunk, now)
+        if kind == "error":
+            e = resp.error
+            err = error_from_code(e.code, e.message, field=e.field, seq=e.seq or None)
+            if not att.session:
+                # An error before the session opened is an answer to the session start.
+                if isinstance(err, InvalidArgument):
+                    return SessionRejected(e.message, field=e.field)
+                return err
+            with self._lock:
+                self._in_flight.pop(e.seq, None)
+            self._events.append(RequestFailed(e.seq, err, now))
+        return None
+
+    def _on_chunk(self, chunk: pb.ActionChunk, now: float) -> None:
+        d = self.session.profile.action_dim
+        with self._lock:
+            self._in_flight.pop(chunk.seq, None)
+            self._overdue_streak = 0
+        try:
+            actions = tensor_from_proto(chunk.actions, field="chunk.actions", dtype=np.float32)
+            if actions.ndim != 2 or actions.shape[1] != d or actions.shape[0] == 0:
+                raise WireError("chunk.actions", f"shape must be [n, {d}], got {list(actions.shape)}")
+        except WireError as e:
+            self._events.append(RequestFailed(chunk.seq, Internal(f"server sent a bad chunk: {e}"), now))
+            return None
+        t = chunk.timings
+        timings = {
+            "queue_ms": t.queue_ms,
+            "preprocess_ms": t.preprocess_ms,
+            "reasoning_ms": t.reasoning_ms,
+            "expert_ms": t.expert_ms,
+            "total_ms": t.total_ms,
+        }
+        self._events.append(
+            ChunkReply(
+                seq=chunk.seq,
+                tick=chunk.tick,
+                actions=actions,
+                received_at=now,
+                reasoning=chunk.reasoning,
+                reasoning_refreshed=chunk.reasoning_refreshed,
+                reasoning_tokens=chunk.reasoning_tokens,
+                timings=timings,
+            )
+        )
+        return None
+
+    def _requests(self, att: _Attempt) -> Iterator[pb.StreamRequest]:
+        """Runs on gRPC's request-consumer thread: waits for the newest observation and encodes it."""
+        yield pb.StreamRequest(
+            start=self.session.to_proto(
+                instruction=self._instruction,
+                robot_id=self.config.robot_id,
+                deadline_ms=self.config.deadline_ms,
+            )
+        )
+        while True:
+            with self._wakeup:
+                while self._pending is None and not att.done.is_set() and not self._closed.is_set():
+                    self._wakeup.wait(0.1)
+                if att.done.is_set() or self._closed.is_set():
+                    return
+                p = self._pending
+                self._pending = None
+            msg = self._encode(p)
+            if msg is None:
+                continue
+            now = self.clock.now()
+            with self._lock:
+                self._in_flight[p.seq] = _InFlight(p.request.tick, now, p.submitted_at + self._deadline_s(p.request))
+            yield msg
+
+    def _encode(self, p: _Pending) -> pb.StreamRequest | None:
+        r = p.request
+        c = self.config
+        remaining_ms = self._deadline_s(r) * 1000 - (self.clock.now() - p.submitted_at) * 1000
+        if remaining_ms <= 0:  # waited out its deadline (e.g. while reconnecting): nobody wants it now
+            err = DeadlineExceeded(f"not sent within {self._deadline_s(r) * 1000:.0f} ms", seq=p.seq)
+            self._events.append(RequestFailed(p.seq, err, self.clock.now()))
+            return None
+        try:
+            cams = self.session.cameras if self.session.cameras is not None else self.session.profile.camera_names
+            images = [
+                encode_image(r.images[name], name, c.image_encoding, c.jpeg_quality)
+                for name in cams
+                if name in r.images
+            ]
+            obs = pb.Observation(
+                seq=p.seq,
+                tick=r.tick,
+                images=images,
+                state=tensor_to_proto(np.asarray(r.state, dtype=np.float32)),
+                instruction=r.instruction or "",
+                deadline_ms=max(1, int(remaining_ms)),
+                force_reasoning=r.force_reasoning,
+                seed=r.seed,
+            )
+        except (WireError, ValueError, TypeError) as e:
+            field_name = e.field if isinstance(e, WireError) else "observation"
+            self._events.append(
+                RequestFailed(p.seq, InvalidArgument(str(e), field=field_name, seq=p.seq), self.clock.now())
+            )
+            return None
+        if r.instruction:
+            self._instruction = r.instruction  # a reconnect starts the new session with the latest task
+        return pb.StreamRequest(observation=obs)
+
+    def _fail_everything(self, error: PolicyError) -> None:
+        now = self.clock.now()
+        with self._lock:
+            seqs = list(self._in_flight)
+            self._in_flight.clear()
+            if self._pending is not None:
+                seqs.append(self._pending.seq)
+                self._pending = None
+        for seq in seqs:
+            self._events.append(RequestFailed(seq, error, now))
+
+
+def connect(
+    addresses: Sequence[str] | str,
+    profile: RobotProfile,
+    *,
+    instruction: str = "",
+    token: str | None = None,
+    tls: TlsConfig | None = None,
+    **client_options: object,
+) -> GrpcPolicyClient:
+    """Shorthand: build and start a client for `profile` at `addresses`."""
+    addrs = (addresses,) if isinstance(addresses, str) else tuple(addresses)
+    client = GrpcPolicyClient(
+        ClientConfig(addresses=addrs, token=token, tls=tls, **client_options),  # type: ignore[arg-type]
+        SessionConfig(profile=profile, instruction=instruction),
+    )
+    client.start()
+    return client

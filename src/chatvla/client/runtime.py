@@ -1,0 +1,441 @@
+"""The robot-side control loop and the small interfaces it is built from.
+
+One loop per robot ties Robot -> ChunkExecutor -> SafetyFilter -> Robot at the profile's control rate on
+its own thread. It talks to the policy only through `PolicyConnection`, whose `submit` and `poll` must
+never block: that is what lets the arm keep ticking whatever the network does, and what lets a fake
+policy with scripted latency and loss (chatvla.client.fakes) stand in for the gRPC client in tests and
+benchmarks. Time comes from a `Clock`, so the same loop runs on wall time or on a fake clock.
+
+The shape follows openpi-client's runtime (environment / agent / subscribers) but the agent is split in
+two: a non-blocking connection and a tick-indexed queue, because a blocking `infer()` is exactly what
+makes synchronous brokers stall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from chatvla.client.executor import ChunkMerge
+from chatvla.client.robots.base import Robot, RobotError, RobotObservation
+from chatvla.client.safety import SafetyDecision, SafetyFilter, Verdict
+
+log = logging.getLogger(__name__)
+
+
+# ---- time ----------------------------------------------------------------------------------------
+@runtime_checkable
+class Clock(Protocol):
+    """Seconds on a monotonic scale. The control loop, the executor's latency measurements and the
+    watchdog all read the same clock so a fake one makes them deterministic together."""
+
+    def now(self) -> float: ...
+
+    def sleep_until(self, deadline: float) -> None: ...
+
+
+class MonotonicClock:
+    """Wall time for real robots."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep_until(self, deadline: float) -> None:
+        delay = deadline - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+# ---- what crosses the connection -----------------------------------------------------------------
+class PolicyError(Exception):
+    """An error reported by (or about) the policy server; `message` is the server's own text.
+    `fatal` errors will not go away by retrying (bad token, unknown profile); the connection stops
+    reconnecting after one."""
+
+    code: str = "UNKNOWN"
+    fatal: bool = False
+
+    def __init__(self, message: str, *, field: str = "", seq: int | None = None) -> None:
+        super().__init__(f"{self.code}: {message}" + (f" [{field}]" if field else ""))
+        self.message = message
+        self.field = field
+        self.seq = seq
+
+
+class InvalidArgument(PolicyError):
+    code = "INVALID_ARGUMENT"
+
+
+class DeadlineExceeded(PolicyError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhausted(PolicyError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Aborted(PolicyError):
+    """The observation was superseded by a newer one of the same session."""
+
+    code = "ABORTED"
+
+
+class Internal(PolicyError):
+    code = "INTERNAL"
+
+
+class Unavailable(PolicyError):
+    code = "UNAVAILABLE"
+
+
+class Unauthenticated(PolicyError):
+    code = "UNAUTHENTICATED"
+    fatal = True
+
+
+class PermissionDenied(PolicyError):
+    code = "PERMISSION_DENIED"
+    fatal = True
+
+
+class Unimplemented(PolicyError):
+    code = "UNIMPLEMENTED"
+    fatal = True
+
+
+class SessionRejected(PolicyError):
+    """The server refused the session start (unknown profile or camera, bad control rate...)."""
+
+    code = "SESSION_REJECTED"
+    fatal = True
+
+
+@dataclass(frozen=True)
+class ObservationRequest:
+    """One observation to send. Arrays are encoded off the control thread by the connection."""
+
+    tick: int
+    images: Mapping[str, np.ndarray]
+    state: np.ndarray
+    instruction: str | None = None  # None: keep the session's instruction
+    force_reasoning: bool = False
+    deadline_ms: int | None = None  # None: the connection's default
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkReply:
+    """A chunk answering observation `seq` (captured at `tick`); row i is for tick `tick + i`."""
+
+    seq: int
+    tick: int
+    actions: np.ndarray
+    received_at: float
+    reasoning: str = ""
+    reasoning_refreshed: bool = False
+    reasoning_tokens: int = 0
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """Observation `seq` will not be answered (server error, deadline, lost connection)."""
+
+    seq: int
+    error: PolicyError
+    at: float
+
+
+@dataclass(frozen=True)
+class ConnectionChanged:
+    connected: bool
+    address: str
+    at: float
+    error: PolicyError | None = None
+    session_id: str = ""
+
+
+PolicyEvent = ChunkReply | RequestFailed | ConnectionChanged
+
+
+class PolicyConnection(ABC):
+    """A policy the control loop can use without ever waiting for it."""
+
+    def start(self) -> None:
+        """Begin connecting (in the background). Idempotent."""
+
+    @abstractmethod
+    def submit(self, request: ObservationRequest) -> int:
+        """Queue an observation and return its seq at once. A newer submit may supersede an older one
+        that has not left yet; the superseded seq is then reported as failed (Aborted)."""
+
+    @abstractmethod
+    def poll(self) -> list[PolicyEvent]:
+        """Everything that happened since the last poll, oldest first. Returns at once."""
+
+    def close(self) -> None:
+        """Stop background work. Safe to call twice."""
+
+    def __enter__(self) -> PolicyConnection:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ActionQueue(Protocol):
+    """What the loop needs from an executor; `ChunkExecutor` is the real one, a synchronous broker
+    (benchmarks/control_loop.py) implements it too for comparison."""
+
+    def should_request(self, tick: int, now: float) -> bool: ...
+
+    def on_request_sent(self, seq: int, tick: int, now: float) -> None: ...
+
+    def on_request_failed(self, seq: int, now: float) -> None: ...
+
+    def add_chunk(self, actions: np.ndarray, *, seq: int, now: float, tick: int | None = None) -> ChunkMerge: ...
+
+    def pop(self, tick: int) -> np.ndarray | None: ...
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TickRecord:
+    """Everything that happened on one tick: what recording and live plots subscribe to."""
+
+    tick: int
+    time: float
+    observation: RobotObservation
+    replies: tuple[ChunkReply, ...]
+    merges: tuple[ChunkMerge, ...]
+    failures: tuple[RequestFailed, ...]
+    sent_seq: int | None
+    proposed: np.ndarray | None  # the executor's action; None = the queue was dry
+    decision: SafetyDecision  # what the robot was told to do
+
+    @property
+    def executed(self) -> np.ndarray | None:
+        return self.decision.action
+
+
+class TickObserver(Protocol):
+    def on_tick(self, record: TickRecord) -> None: ...
+
+
+@dataclass
+class LoopStats:
+    ticks: int = 0
+    missed_ticks: int = 0  # ticks skipped because a step overran its period
+    commands: int = 0
+    holds: int = 0
+    stops: int = 0
+    bad_chunks: int = 0
+    failures: Counter = field(default_factory=Counter)  # PolicyError code -> count
+    connected: bool = False
+    last_error: str = ""
+    last_reasoning: str = ""
+
+
+class ControlLoop:
+    """Runs one robot at its profile's control rate. Tick `n` is due at `t0 + n * dt`; if a step overruns,
+    the ticks it missed are skipped (and their actions dropped), never executed late."""
+
+    def __init__(
+        self,
+        robot: Robot,
+        connection: PolicyConnection,
+        executor: ActionQueue,
+        safety: SafetyFilter,
+        *,
+        clock: Clock | None = None,
+        observers: Sequence[TickObserver] = (),
+        instruction: str | None = None,
+    ) -> None:
+        self.robot = robot
+        self.connection = connection
+        self.executor = executor
+        self.safety = safety
+        self.clock: Clock = clock or MonotonicClock()
+        self.observers = list(observers)
+        self.dt = robot.profile.dt
+        self.stats = LoopStats()
+        self.error: BaseException | None = None
+        self._pending_instruction = instruction
+        self._lock = threading.Lock()
+        self._t0: float | None = None
+        self._tick = 0
+        self._stop = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def tick(self) -> int:
+        """The next tick to run."""
+        return self._tick
+
+    def set_instruction(self, text: str) -> None:
+        """Change the task; the next observation sent carries it. Thread-safe."""
+        with self._lock:
+            self._pending_instruction = text
+
+    # ---- one tick --------------------------------------------------------------------------------
+    def step(self) -> TickRecord:
+        """Run the current tick now. Public so tests and benchmarks can drive the loop tick by tick."""
+        now = self.clock.now()
+        obs = self.robot.observe()
+        if self._t0 is None:
+            self._t0 = now
+            self.safety.reset(now, reference=obs.state)
+        tick = self._tick
+        replies, merges, failures = self._drain(now)
+
+        sent: int | None = None
+        if self.executor.should_request(tick, now):
+            with self._lock:
+                instruction, self._pending_instruction = self._pending_instruction, None
+            req = ObservationRequest(tick=tick, images=obs.images, state=obs.state, instruction=instruction)
+            sent = self.connection.submit(req)
+            self.executor.on_request_sent(sent, tick, now)
+            # A reply that is already there (a local or very fast server) can still serve this tick.
+            more = self._drain(now)
+            replies, merges, failures = replies + more[0], merges + more[1], failures + more[2]
+
+        proposed = self.executor.pop(tick)
+        decision = self.safety.filter(proposed, now, state=obs.state)
+        self._apply(decision)
+        self.stats.ticks += 1
+        self._tick = tick + 1
+        record = TickRecord(tick, now, obs, replies, merges, failures, sent, proposed, decision)
+        for o in self.observers:
+            o.on_tick(record)
+        return record
+
+    def _drain(self, now: float) -> tuple[tuple[ChunkReply, ...], tuple[ChunkMerge, ...], tuple[RequestFailed, ...]]:
+        replies: list[ChunkReply] = []
+        merges: list[ChunkMerge] = []
+        failures: list[RequestFailed] = []
+        for ev in self.connection.poll():
+            if isinstance(ev, ChunkReply):
+                replies.append(ev)
+                try:
+                    m = self.executor.add_chunk(ev.actions, seq=ev.seq, tick=ev.tick, now=now)
+                except ValueError as e:
+                    self.stats.bad_chunks += 1
+                    self.stats.last_error = f"bad chunk {ev.seq}: {e}"
+                    log.warning("dropping chunk %d: %s", ev.seq, e)
+                    self.executor.on_request_failed(ev.seq, now)
+                    continue
+                merges.append(m)
+                if m.fresh:
+                    self.safety.note_fresh_chunk(now)
+                if ev.reasoning:
+                    self.stats.last_reasoning = ev.reasoning
+            elif isinstance(ev, RequestFailed):
+                failures.append(ev)
+                self.executor.on_request_failed(ev.seq, now)
+                self.stats.failures[ev.error.code] += 1
+                self.stats.last_error = str(ev.error)
+            elif isinstance(ev, ConnectionChanged):
+                self.stats.connected = ev.connected
+                if ev.error is not None:
+                    self.stats.last_error = str(ev.error)
+        return tuple(replies), tuple(merges), tuple(failures)
+
+    def _apply(self, decision: SafetyDecision) -> None:
+        if decision.verdict is Verdict.COMMAND:
+            self.stats.commands += 1
+            self.robot.command(decision.action)
+        elif decision.verdict is Verdict.HOLD:
+            self.stats.holds += 1
+            if decision.action is not None:
+                self.robot.command(decision.action)  # re-sending the last safe target holds it smoothly
+            else:
+                self.robot.hold()
+        else:
+            self.stats.stops += 1
+            if not self._stopped:  # one stop on entering; the arm then stays stopped without commands
+                self.robot.stop()
+        self._stopped = decision.verdict is Verdict.STOP
+
+    # ---- running ---------------------------------------------------------------------------------
+    def run(self, max_ticks: int | None = None) -> None:
+        """Tick until `stop()` or `max_ticks`. On any error the robot is stopped and the error re-raised;
+        on a normal exit the robot is left holding."""
+        ran = 0
+        self.connection.start()  # idempotent; a connection that is already up is left alone
+        try:
+            while not self._stop.is_set() and (max_ticks is None or ran < max_ticks):
+                self.step()
+                ran += 1
+                self._sleep_to_next_tick()
+        except BaseException as e:
+            self.error = e
+            log.error("control loop stopped: %s", e)
+            self._safe_stop()
+            raise
+        self.robot.hold()
+
+    def _sleep_to_next_tick(self) -> None:
+        assert self._t0 is not None
+        due = self._t0 + self._tick * self.dt
+        late = self.clock.now() - due
+        if late > self.dt:
+            missed = math.floor(late / self.dt)
+            self._tick += missed
+            self.stats.missed_ticks += missed
+            due += missed * self.dt
+        self.clock.sleep_until(due)
+
+    def _safe_stop(self) -> None:
+        try:
+            self.robot.stop()
+        except (RobotError, OSError, RuntimeError) as e:  # pragma: no cover - depends on the SDK
+            log.error("robot.stop() failed too: %s", e)
+
+    def start(self) -> None:
+        """Run on a background thread (daemon, so a crashed caller cannot leave it ticking forever)."""
+        if self._thread is not None:
+            raise RuntimeError("control loop already started")
+        self._thread = threading.Thread(target=self._run_quietly, name="chatvla-control", daemon=True)
+        self._thread.start()
+
+    def _run_quietly(self) -> None:
+        with contextlib.suppress(BaseException):  # already logged and kept in self.error
+            self.run()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def summary(self) -> dict[str, object]:
+        """Counters of the loop, the executor and the safety filter, for logs and the demo."""
+        out: dict[str, object] = {
+            "ticks": self.stats.ticks,
+            "missed_ticks": self.stats.missed_ticks,
+            "commands": self.stats.commands,
+            "holds": self.stats.holds,
+            "stops": self.stats.stops,
+            "bad_chunks": self.stats.bad_chunks,
+            "failures": dict(self.stats.failures),
+            "safety": dict(self.safety.counts),
+        }
+        ex_stats = getattr(self.executor, "stats", None)
+        if ex_stats is not None and hasattr(ex_stats, "as_dict"):
+            out["executor"] = ex_stats.as_dict()
+        return out
