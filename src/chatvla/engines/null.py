@@ -1,0 +1,119 @@
+"""NullEngine: a model-free engine with the real engine's contract, for transport work and tests.
+
+It makes serving testable without torch: actions are a deterministic function of (state, seed), the
+reasoning text is fixed per instruction, and an optional simulated compute time per batch (a fixed
+part plus a per-item part, like a real batched model) lets tests and benchmarks see batching,
+queueing and draining behave as they would under load. It is product code: `chatvla serve --engine
+null` runs it, e.g. to measure transport overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from chatvla.engines.base import (
+    ActItem,
+    Engine,
+    EngineInfo,
+    EngineObservation,
+    ReasoningResult,
+    ReasonItem,
+)
+from chatvla.profiles import get_profile
+
+REASONING_TEMPLATE = "The instruction is: {instruction}. I will move toward the target. Next action:"
+
+
+@dataclass(frozen=True)
+class NullPrepared:
+    """What NullEngine.preprocess hands to the stages."""
+
+    instruction: str
+    state: np.ndarray
+    image_means: tuple[float, ...]
+
+
+class NullEngine(Engine):
+    """Deterministic fake model. `reason_ms`/`act_ms` are per batch, `per_item_ms` per item."""
+
+    def __init__(
+        self,
+        profile: str = "franka_joint",
+        reason_ms: float = 0.0,
+        act_ms: float = 0.0,
+        per_item_ms: float = 0.0,
+        max_reasoning_tokens: int = 64,
+        model_id: str = "null",
+    ) -> None:
+        self._info = EngineInfo(
+            model_id=model_id, engine="null", profile=get_profile(profile),
+            max_reasoning_tokens=int(max_reasoning_tokens),
+            extra={"reason_ms": float(reason_ms), "act_ms": float(act_ms), "per_item_ms": float(per_item_ms)},
+        )
+        self.reason_s = float(reason_ms) / 1e3
+        self.act_s = float(act_ms) / 1e3
+        self.per_item_s = float(per_item_ms) / 1e3
+        self.batches: dict[str, list[int]] = {"reasoning": [], "expert": []}  # for tests/benchmarks
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def preprocess(self, obs: EngineObservation) -> NullPrepared:
+        means = tuple(float(obs.images[c].mean()) for c in sorted(obs.images))
+        return NullPrepared(obs.instruction, np.asarray(obs.state, dtype=np.float32), means)
+
+    def reason_batch(self, items: Sequence[ReasonItem]) -> list[ReasoningResult]:
+        self.batches["reasoning"].append(len(items))
+        self._compute(self.reason_s, len(items))
+        out = []
+        for it in items:
+            prep: NullPrepared = it.prepared
+            decoded = it.reasoning is None and it.reasoning_token_ids is None
+            text = REASONING_TEMPLATE.format(instruction=prep.instruction) if decoded else str(it.reasoning or "")
+            words = text.split()[: self._info.max_reasoning_tokens]
+            out.append(ReasoningResult(
+                text=text, token_ids=tuple(range(len(words))), num_prompt_tokens=len(prep.instruction.split()),
+                decoded=decoded, features=prep,
+            ))
+        return out
+
+    def act_batch(self, items: Sequence[ActItem]) -> list[np.ndarray]:
+        self.batches["expert"].append(len(items))
+        self._compute(self.act_s, len(items))
+        return [self.actions_for(it.state, it.seed) for it in items]
+
+    def actions_for(self, state: np.ndarray, seed: int) -> np.ndarray:
+        """The chunk for (state, seed): a small seeded random walk from the state, kept in bounds."""
+        p = self._info.profile
+        rng = np.random.default_rng(int(seed))
+        lo, hi = np.asarray(p.action_lower, np.float32), np.asarray(p.action_upper, np.float32)
+        step = np.asarray(p.max_step, np.float32) * 0.2
+        start = np.zeros(p.action_dim, np.float32)
+        n = min(p.action_dim, p.state_dim)
+        start[:n] = np.asarray(state, np.float32)[:n]
+        walk = np.cumsum(rng.uniform(-1.0, 1.0, (p.chunk_size, p.action_dim)).astype(np.float32) * step, axis=0)
+        return np.clip(start + walk, lo, hi).astype(np.float32)
+
+    def warmup(self) -> None:
+        p = self._info.profile
+        obs = EngineObservation(
+            images={c.name: np.zeros((c.height, c.width, 3), np.uint8) for c in p.cameras},
+            state=np.zeros(p.state_dim, np.float32), instruction="warm up",
+        )
+        r = self.reason_batch([ReasonItem(self.preprocess(obs))])
+        self.act_batch([ActItem(r[0], obs.state, 1)])
+        self.batches = {"reasoning": [], "expert": []}
+
+    def _compute(self, base_s: float, n: int) -> None:
+        t = base_s + self.per_item_s * n
+        if t > 0:
+            time.sleep(t)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._info.extra)

@@ -1,0 +1,179 @@
+"""Process lifecycle: bind both transports, load and warm the engine, report ready, drain on SIGTERM.
+
+Order matters for operators: the ports are bound first (so a port clash fails in milliseconds, and
+liveness probes answer during a long model load), readiness turns on only after warm-up, and one
+line on stdout announces both addresses. On SIGTERM readiness goes off first (load balancers stop
+sending), admitted observations are answered, open streams are ended with UNAVAILABLE so robots
+reconnect elsewhere, and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import TextIO
+
+from chatvla.engines.base import Engine
+from chatvla.engines.loader import EngineLoadError, load_engine
+from chatvla.server.auth import TokenFileError, TokenStore
+from chatvla.server.errors import Code, ServeError
+from chatvla.server.info import model_info_proto
+from chatvla.server.messages import ReasoningPolicy
+from chatvla.server.metrics import Metrics
+from chatvla.server.pipeline import Pipeline, PipelineConfig
+from chatvla.server.settings import ServerSettings
+from chatvla.server.state import ServerState
+from chatvla.server.transports.grpc_service import GrpcServer, start_grpc
+from chatvla.server.transports.http import HttpServer, start_http
+
+log = logging.getLogger("chatvla.server")
+
+READY_PREFIX = "chatvla-serve ready:"
+
+
+def pipeline_config(s: ServerSettings) -> PipelineConfig:
+    return PipelineConfig(
+        limits=s.limits,
+        max_batch=s.max_batch,
+        max_wait_s=s.max_wait_ms / 1e3,
+        expert_max_batch=s.expert_max_batch or s.max_batch,
+        expert_max_wait_s=(s.max_wait_ms if s.expert_max_wait_ms is None else s.expert_max_wait_ms) / 1e3,
+        max_queue=s.max_queue,
+        max_sessions=s.max_sessions,
+        preprocess_workers=s.preprocess_workers,
+        deadline_s=s.deadline_ms / 1e3,
+        reasoning=ReasoningPolicy(every_n=s.reasoning_every_n, every_seconds=s.reasoning_every_seconds),
+    )
+
+
+class ServerApp:
+    """One serving process. `engine` may be given directly (tests, benchmarks); otherwise it is
+    loaded from `settings.model` / `settings.engine`."""
+
+    def __init__(self, settings: ServerSettings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = Metrics()
+        self.config = pipeline_config(settings)
+        tokens = TokenStore.from_file(settings.tokens_file) if settings.tokens_file else None
+        self.state = ServerState(self.metrics, settings.limits, self.config.reasoning, tokens=tokens)
+        self.grpc: GrpcServer | None = None
+        self.http: HttpServer | None = None
+        self._shut_down: asyncio.Future | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        assert self.grpc is not None
+        host = self.settings.host
+        return f"[{host}]:{self.grpc.port}" if ":" in host else f"{host}:{self.grpc.port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.http is not None
+        host = self.settings.http_host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.settings.tls else 'http'}://{host}:{self.http.port}"
+
+    def ready_line(self) -> str:
+        info = self.state.model_info
+        model = f" model={info.model_id} engine={info.engine} profile={info.profile.name}" if info else ""
+        return f"{READY_PREFIX} grpc={self.grpc_address} http={self.http_url}{model}"
+
+    async def start(self) -> None:
+        """Bind, load, warm up, turn readiness on. Raises on any failure (after cleaning up)."""
+        s = self.settings
+        if not s.http_is_loopback and self.state.tokens is None:
+            log.warning("HTTP listens on %s without tokens: anyone who can reach it can drive the model", s.http_host)
+        try:
+            tls_grpc = (s.tls_key.read_bytes(), s.tls_cert.read_bytes()) if s.tls_key and s.tls_cert else None
+            self.grpc = await start_grpc(self.state, s.host, s.grpc_port, tls=tls_grpc)
+            tls_http = (s.tls_cert, s.tls_key) if s.tls_key and s.tls_cert else None
+            self.http = await start_http(self.state, s.http_host, s.http_port, tls=tls_http, drain_s=s.drain_timeout_s)
+            if self.engine is None:
+                t0 = time.perf_counter()
+                self.engine = await asyncio.to_thread(load_engine, s.model, s.engine, **s.engine_options)
+                log.info("engine %s loaded %s in %.1f s", s.engine, s.model, time.perf_counter() - t0)
+            if s.warmup:
+                await asyncio.to_thread(self.engine.warmup)
+            pipeline = Pipeline(self.engine, self.config, self.metrics)
+            await pipeline.start()
+            self.state.pipeline = pipeline
+            self.state.model_info = model_info_proto(self.engine.info, s.limits, self.config.reasoning)
+            await self.state.set_ready(True)
+        except BaseException:
+            await self._close_transports(grace=0)
+            raise
+
+    async def shutdown(self) -> bool:
+        """Drain and stop. True if every admitted observation was answered within the timeout."""
+        if self._shut_down is not None:
+            return await self._shut_down  # a second call waits for the first
+        self._shut_down = asyncio.get_running_loop().create_future()
+        drained = await self._shutdown()
+        self._shut_down.set_result(drained)
+        return drained
+
+    async def _shutdown(self) -> bool:
+        s = self.settings
+        self.state.draining = True
+        await self.state.set_ready(False)
+        drained = True
+        pipeline = self.state.pipeline
+        t0 = time.monotonic()
+        if pipeline is not None:
+            pipeline.stop_accepting()
+            drained = await pipeline.drain(s.drain_timeout_s)
+            log.info("drained in %.2f s (complete: %s)", time.monotonic() - t0, drained)
+        if self.grpc is not None:
+            self.grpc.servicer.end_streams(ServeError(Code.UNAVAILABLE, "server is shutting down; reconnect"))
+        await self._close_transports(grace=max(1.0, s.drain_timeout_s - (time.monotonic() - t0)))
+        if pipeline is not None:
+            await pipeline.close()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
+        return drained
+
+    async def _close_transports(self, grace: float) -> None:
+        if self.grpc is not None:
+            await self.grpc.server.stop(grace)
+        if self.http is not None:
+            await self.http.stop()
+
+
+async def serve(settings: ServerSettings, *, engine: Engine | None = None, out: TextIO = sys.stdout) -> int:
+    """Run until SIGTERM/SIGINT; the exit code of `chatvla serve`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            os._exit(1)  # second signal: the operator does not want to wait for the drain
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        app = ServerApp(settings, engine)
+        await app.start()
+    except (EngineLoadError, TokenFileError, OSError, RuntimeError) as e:
+        print(f"chatvla serve: {e}", file=sys.stderr)
+        return 1
+    print(app.ready_line(), file=out, flush=True)
+    await stop.wait()
+    log.info("signal received: draining")
+    drained = await app.shutdown()
+    if not drained:
+        log.warning("drain timeout: some observations were not answered")
+    return 0
+
+
+def run(settings: ServerSettings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(serve(settings))

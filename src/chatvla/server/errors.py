@@ -1,0 +1,77 @@
+"""One error type for everything the pipeline refuses, with its mapping to each transport.
+
+Transports never invent status codes: a `ServeError` carries a `Code`, and the tables below give the
+gRPC status, the in-stream `ErrorCode` and the HTTP status for it, so the three transports always
+agree on what a given refusal means.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import grpc
+
+from chatvla.v1 import policy_pb2 as pb
+
+
+class Code(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    ABORTED = "aborted"
+    INTERNAL = "internal"
+    UNAVAILABLE = "unavailable"
+    UNAUTHENTICATED = "unauthenticated"
+
+
+GRPC_STATUS: dict[Code, grpc.StatusCode] = {
+    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.ABORTED: grpc.StatusCode.ABORTED,
+    Code.INTERNAL: grpc.StatusCode.INTERNAL,
+    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+STREAM_CODE: dict[Code, int] = {
+    Code.INVALID_ARGUMENT: pb.INVALID_ARGUMENT,
+    Code.DEADLINE_EXCEEDED: pb.DEADLINE_EXCEEDED,
+    Code.RESOURCE_EXHAUSTED: pb.RESOURCE_EXHAUSTED,
+    Code.ABORTED: pb.ABORTED,
+    Code.INTERNAL: pb.INTERNAL,
+    Code.UNAVAILABLE: pb.UNAVAILABLE,
+    Code.UNAUTHENTICATED: pb.ERROR_CODE_UNSPECIFIED,  # never sent in-stream: auth fails the whole call
+}
+
+HTTP_STATUS: dict[Code, int] = {
+    Code.INVALID_ARGUMENT: 422,
+    Code.DEADLINE_EXCEEDED: 504,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.ABORTED: 409,
+    Code.INTERNAL: 500,
+    Code.UNAVAILABLE: 503,
+    Code.UNAUTHENTICATED: 401,
+}
+
+# gRPC trailing-metadata key that carries the offending field of an INVALID_ARGUMENT, so clients do
+# not have to parse it out of the message.
+FIELD_METADATA_KEY = "chatvla-field"
+
+
+class ServeError(Exception):
+    """A request the server refuses or could not complete. `field` names the input at fault, if any."""
+
+    def __init__(self, code: Code, message: str, field: str = "", *, reason: str = "") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.code = code
+        self.message = message
+        self.field = field
+        # `chatvla_rejected_total{reason}` label: finer than the code where it helps operators
+        # (e.g. "superseded" vs "sessions_limit"); defaults to the code's name.
+        self.reason = reason or code.value
+
+    @property
+    def outcome(self) -> str:
+        """The `chatvla_requests_total{outcome}` label value."""
+        return self.code.value

@@ -1,0 +1,54 @@
+"""The model description every transport serves (gRPC GetModelInfo, SessionInfo, HTTP /v1/model)."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format
+
+import chatvla
+from chatvla.engines.base import EngineInfo
+from chatvla.profiles import RobotProfile
+from chatvla.server.messages import ChunkResult, ReasoningPolicy
+from chatvla.v1 import policy_pb2 as pb
+from chatvla.wire import Limits, tensor_to_proto
+
+
+def profile_proto(p: RobotProfile) -> pb.RobotProfile:
+    return pb.RobotProfile(
+        name=p.name, action_space=p.action_space, action_dim=p.action_dim, state_dim=p.state_dim,
+        chunk_size=p.chunk_size, control_rate_hz=p.control_rate_hz,
+        cameras=[pb.CameraSpec(name=c.name, height=c.height, width=c.width) for c in p.cameras],
+        action_names=list(p.action_names), state_names=list(p.state_names),
+    )
+
+
+def reasoning_proto(r: ReasoningPolicy) -> pb.ReasoningPolicy:
+    return pb.ReasoningPolicy(every_n=r.every_n, every_seconds=r.every_seconds)
+
+
+def model_info_proto(info: EngineInfo, limits: Limits, reasoning: ReasoningPolicy) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model_id=info.model_id, engine=info.engine, profile=profile_proto(info.profile),
+        robot_profiles=[info.profile.name], max_reasoning_tokens=info.max_reasoning_tokens,
+        limits=pb.Limits(**limits.to_proto_fields()), default_reasoning=reasoning_proto(reasoning),
+        server_version=chatvla.__version__,
+    )
+
+
+def to_json(message: object) -> dict:
+    """A protobuf message as the JSON the HTTP API serves (proto field names, defaults included)."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def chunk_proto(r: ChunkResult) -> pb.ActionChunk:
+    t = r.timings
+    return pb.ActionChunk(
+        seq=r.seq, tick=r.tick, actions=tensor_to_proto(r.actions), reasoning=r.reasoning,
+        reasoning_refreshed=r.reasoning_refreshed, reasoning_tokens=r.reasoning_tokens,
+        timings=pb.Timings(
+            queue_ms=t.queue_ms, preprocess_ms=t.preprocess_ms, reasoning_ms=t.reasoning_ms,
+            expert_ms=t.expert_ms, total_ms=t.total_ms, reasoning_batch_size=t.reasoning_batch_size,
+            expert_batch_size=t.expert_batch_size,
+        ),
+    )

@@ -1,0 +1,72 @@
+"""Transport-neutral messages between the transports and the pipeline (frozen: shared across tasks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chatvla.engines.base import EngineObservation
+
+
+@dataclass(frozen=True)
+class ReasoningPolicy:
+    """When a session writes new reasoning: every `every_n` observations or after `every_seconds`
+    (0 = never by time); an instruction change or `force_reasoning` always does."""
+
+    every_n: int = 1
+    every_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """A validated SessionStart."""
+
+    cameras: tuple[str, ...]
+    instruction: str
+    robot_id: str
+    reasoning: ReasoningPolicy
+    default_deadline_ms: int = 0
+    control_rate_hz: float = 0.0
+
+
+@dataclass(frozen=True)
+class ObservationRequest:
+    """A validated observation plus what the pipeline needs to schedule it."""
+
+    obs: EngineObservation
+    seq: int = 0
+    tick: int = 0
+    seed: int = 0  # 0 = the server picks one
+    deadline_ms: int = 0  # 0 = session / server default
+    force_reasoning: bool = False
+    reasoning: str | None = None  # stateless calls only: pre-fill this text instead of decoding
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Server-side time of one observation in milliseconds (mirrors proto `Timings`)."""
+
+    queue_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    reasoning_ms: float = 0.0
+    expert_ms: float = 0.0
+    total_ms: float = 0.0
+    reasoning_batch_size: int = 0
+    expert_batch_size: int = 0
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """The answer to one observation: actions [chunk_size, action_dim] in robot units."""
+
+    seq: int
+    tick: int
+    actions: np.ndarray = field(repr=False)
+    reasoning: str
+    reasoning_refreshed: bool
+    reasoning_tokens: int
+    timings: StageTimings

@@ -1,0 +1,57 @@
+"""What the transports share while the process runs: the pipeline (once loaded), readiness, auth.
+
+The transports start before the model finishes loading so that liveness probes answer during a
+long load; until then `require()` refuses work with UNAVAILABLE, and readiness stays off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from chatvla.server.auth import TokenStore
+from chatvla.server.errors import Code, ServeError
+from chatvla.server.messages import ReasoningPolicy
+from chatvla.server.metrics import Metrics
+from chatvla.server.pipeline import Pipeline
+from chatvla.v1 import policy_pb2 as pb
+from chatvla.wire import Limits
+
+
+@dataclass
+class ServerState:
+    metrics: Metrics
+    limits: Limits
+    reasoning: ReasoningPolicy
+    tokens: TokenStore | None = None
+    pipeline: Pipeline | None = None
+    model_info: pb.ModelInfo | None = None
+    ready: bool = False
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        self._readiness_hooks: list[Callable[[bool], Awaitable[None]]] = []
+
+    def require(self) -> Pipeline:
+        """The pipeline, or UNAVAILABLE while loading or draining."""
+        if self.draining:
+            raise ServeError(Code.UNAVAILABLE, "server is draining; reconnect to another replica", reason="draining")
+        if self.pipeline is None or not self.ready:
+            raise ServeError(Code.UNAVAILABLE, "model is loading", reason="not_ready")
+        return self.pipeline
+
+    def refuse(self, transport: str, err: ServeError) -> None:
+        """Count a call refused before it reached the pipeline (which counts its own)."""
+        self.metrics.requests.labels(transport=transport, outcome=err.outcome).inc()
+        self.metrics.rejected.labels(reason=err.reason).inc()
+
+    def robot_for(self, token: str | None) -> str | None:
+        return self.tokens.robot_for(token) if self.tokens is not None else None
+
+    def on_readiness(self, hook: Callable[[bool], Awaitable[None]]) -> None:
+        self._readiness_hooks.append(hook)
+
+    async def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        await asyncio.gather(*(h(ready) for h in self._readiness_hooks))

@@ -1,0 +1,1 @@
+"""Network front-ends of the pipeline: gRPC (the robot API) and HTTP (debug, probes, metrics)."""

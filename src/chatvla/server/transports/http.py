@@ -1,0 +1,222 @@
+"""HTTP transport (FastAPI + uvicorn on its own port): probes, metrics, model info, stateless infer
+and a self-contained debug page.
+
+It shares the pipeline with gRPC, so an HTTP request is batched with robot traffic and obeys the
+same admission limits. Request bodies are read with a size cap before any parsing, and JSON and
+multipart bodies are parsed inside the pipeline's preprocessing pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import UploadFile
+
+from chatvla.server.auth import bearer
+from chatvla.server.errors import HTTP_STATUS, Code, ServeError
+from chatvla.server.info import to_json
+from chatvla.server.messages import ChunkResult
+from chatvla.server.state import ServerState
+from chatvla.server.validation import infer_from_form, infer_from_json
+
+TRANSPORT = "http"
+
+
+def error_response(e: ServeError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.code is Code.RESOURCE_EXHAUSTED else None
+    if e.code is Code.UNAUTHENTICATED:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(
+        {"error": {"code": e.code.name, "field": e.field, "message": e.message}},
+        status_code=HTTP_STATUS[e.code], headers=headers,
+    )
+
+
+def chunk_json(r: ChunkResult, action_names: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "seq": r.seq, "tick": r.tick, "actions": r.actions.tolist(), "action_names": list(action_names),
+        "reasoning": r.reasoning, "reasoning_refreshed": r.reasoning_refreshed,
+        "reasoning_tokens": r.reasoning_tokens, "timing": r.timings.to_dict(),
+    }
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = ServeError(Code.INVALID_ARGUMENT, f"request body exceeds {limit} bytes", "body")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _form(request: Request, body: bytes, state: ServerState) -> tuple[dict[str, str], dict[str, bytes]]:
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    limits = state.limits
+    try:
+        form = await Request(request.scope, replay).form(
+            max_files=limits.max_images, max_fields=16, max_part_size=64 * 1024
+        )
+    except Exception as e:  # starlette raises its own error types for malformed multipart
+        raise ServeError(Code.INVALID_ARGUMENT, f"malformed multipart body: {e}", "body") from None
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key in files:
+                    raise ServeError(Code.INVALID_ARGUMENT, "camera sent twice", f"images[{key[:64]}]")
+                files[key] = await value.read(limits.max_image_bytes + 1)
+            else:
+                fields[key] = str(value)
+    finally:
+        await form.close()
+    return fields, files
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The HTTP API. Auth (when configured) guards everything but probes and the static page."""
+    app = FastAPI(title="chatvla-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(_request: Request, e: ServeError) -> JSONResponse:
+        return error_response(e)
+
+    def authenticated(request: Request) -> str | None:
+        if state.tokens is None:
+            return None
+        robot = state.robot_for(bearer(request.headers.get("authorization")))
+        if robot is None:
+            state.metrics.rejected.labels(reason="unauthenticated").inc()
+            raise ServeError(Code.UNAUTHENTICATED, "missing or invalid bearer token")
+        return robot
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if state.ready and not state.draining:
+            return JSONResponse({"ready": True})
+        reason = "draining" if state.draining else "loading"
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+
+    @app.get("/metrics", dependencies=[Depends(authenticated)])
+    async def metrics() -> Response:
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model", dependencies=[Depends(authenticated)])
+    async def model() -> JSONResponse:
+        if state.model_info is None:
+            raise ServeError(Code.UNAVAILABLE, "model is loading")
+        return JSONResponse(to_json(state.model_info))
+
+    @app.post("/v1/infer", dependencies=[Depends(authenticated)])
+    async def infer(request: Request) -> JSONResponse:
+        try:
+            pipeline = state.require()
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            body = await _read_body(request, state.limits.max_message_bytes)
+            spec = pipeline.spec
+            if ctype == "multipart/form-data":
+                fields, files = await _form(request, body, state)
+
+                def decode() -> Any:
+                    return infer_from_form(fields, files, spec)
+            elif ctype in ("application/json", ""):
+
+                def decode() -> Any:
+                    try:
+                        parsed = json.loads(body)
+                    except (ValueError, UnicodeDecodeError) as e:
+                        raise ServeError(Code.INVALID_ARGUMENT, f"not valid JSON: {e}", "body") from None
+                    return infer_from_json(parsed, spec)
+            else:
+                raise ServeError(
+                    Code.INVALID_ARGUMENT, "send application/json or multipart/form-data", "content-type"
+                )
+        except ServeError as e:
+            state.refuse(TRANSPORT, e)
+            raise
+        result = await pipeline.infer(decode, TRANSPORT)
+        return JSONResponse(chunk_json(result, spec.profile.action_names))
+
+    page = resources.files("chatvla.server.transports").joinpath("debug_page.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def debug_page() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our event loop: the app owns the signals (SIGTERM means *drain*, not exit)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class HttpServer:
+    server: uvicorn.Server
+    task: asyncio.Task
+    port: int
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+async def start_http(
+    state: ServerState, host: str, port: int, *, tls: tuple[Path, Path] | None = None, drain_s: float = 30.0
+) -> HttpServer:
+    """Bind (port 0 = OS picks) and serve until `stop()`. `tls` is (certificate, key) paths."""
+    sock = _bind(host, port)
+    config = uvicorn.Config(
+        create_app(state), lifespan="off", access_log=False, log_level="warning",
+        timeout_graceful_shutdown=max(1, int(drain_s)),
+        ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
+    )
+    server = _EmbeddedUvicorn(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="http-server")
+    while not server.started:
+        if task.done():
+            task.result()  # re-raise the start-up failure
+            raise RuntimeError("HTTP server stopped during start-up")
+        await asyncio.sleep(0.01)
+    return HttpServer(server=server, task=task, port=sock.getsockname()[1])

@@ -1,0 +1,291 @@
+"""Turn untrusted input (protobuf or JSON/multipart) into validated pipeline requests.
+
+Every field is checked before anything is trusted, and every refusal is a `ServeError` with code
+INVALID_ARGUMENT that names the field in the caller's own vocabulary ("observation.state" on a
+Stream, "state" on Infer and HTTP). Image pixels are decoded here, so callers run these functions
+in the preprocessing thread pool, never on the event loop. Nothing here can unpickle: tensors are
+raw little-endian bytes, images go through PIL's JPEG/PNG decoders only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from chatvla.engines.base import EngineObservation
+from chatvla.profiles import RobotProfile
+from chatvla.server.errors import Code, ServeError
+from chatvla.server.messages import ObservationRequest, ReasoningPolicy, SessionConfig
+from chatvla.v1 import policy_pb2 as pb
+from chatvla.wire import Limits, WireError, decode_image, tensor_from_proto
+from chatvla.wire.codec import decode_image_bytes
+
+MAX_DEADLINE_MS = 600_000
+_MAX_NAME_CHARS = 64  # camera names, robot ids: echoed in messages, so bounded
+_JSON_KEYS = frozenset({"images", "state", "instruction", "seed", "deadline_ms", "reasoning", "tick"})
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the hosted model accepts: its profile (dims, cameras) and the wire limits."""
+
+    profile: RobotProfile
+    limits: Limits
+
+
+def invalid(field: str, message: str) -> ServeError:
+    return ServeError(Code.INVALID_ARGUMENT, message, field)
+
+
+def _name(raw: str) -> str:
+    return raw if len(raw) <= _MAX_NAME_CHARS else raw[:_MAX_NAME_CHARS] + "…"
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def check_instruction(text: str, field: str, limits: Limits, *, required: bool) -> str:
+    """An instruction is non-empty (when required), bounded, and free of control characters."""
+    if not isinstance(text, str):
+        raise invalid(field, "must be a string")
+    text = text.strip()
+    if not text:
+        if required:
+            raise invalid(field, "must not be empty")
+        return ""
+    if len(text) > limits.max_instruction_chars:
+        raise invalid(field, f"{len(text)} characters exceed the limit of {limits.max_instruction_chars}")
+    if any(ord(c) < 32 and c not in "\t\n" for c in text):
+        raise invalid(field, "contains control characters")
+    return text
+
+
+def check_deadline(ms: int, field: str) -> int:
+    if ms < 0 or ms > MAX_DEADLINE_MS:
+        raise invalid(field, f"must be between 0 and {MAX_DEADLINE_MS} ms")
+    return int(ms)
+
+
+def _check_cameras(names: Sequence[str], field: str, spec: InputSpec, wanted: Sequence[str] | None) -> None:
+    known = spec.profile.camera_names
+    if len(names) > spec.limits.max_images:
+        raise invalid(field, f"{len(names)} images exceed the limit of {spec.limits.max_images}")
+    if not names:
+        raise invalid(field, "at least one image is required")
+    seen: set[str] = set()
+    for cam in names:
+        cf = f"{field}[{_name(cam)}]"
+        if cam not in known:
+            raise invalid(cf, f"unknown camera; this model knows {', '.join(known)}")
+        if wanted is not None and cam not in wanted:
+            raise invalid(cf, f"camera not declared at session start ({', '.join(wanted)})")
+        if cam in seen:
+            raise invalid(cf, "camera sent twice")
+        seen.add(cam)
+    if wanted is not None:
+        missing = [c for c in wanted if c not in seen]
+        if missing:
+            raise invalid(f"{field}[{missing[0]}]", "missing; every camera declared at session start is required")
+
+
+def decode_proto_images(
+    images: Sequence[pb.Image], field: str, spec: InputSpec, wanted: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    _check_cameras([im.camera for im in images], field, spec, wanted)
+    out: dict[str, np.ndarray] = {}
+    for im in images:
+        cf = f"{field}[{_name(im.camera)}]"
+        try:
+            out[im.camera] = decode_image(im, field=cf, limits=spec.limits)
+        except WireError as e:
+            raise invalid(e.field, e.message) from None
+    return out
+
+
+def decode_proto_state(t: pb.Tensor, field: str, spec: InputSpec, present: bool) -> np.ndarray:
+    if not present:
+        raise invalid(field, f"required: float32 [{spec.profile.state_dim}]")
+    try:
+        return tensor_from_proto(
+            t, field=field, dtype=np.float32, shape=(spec.profile.state_dim,),
+            max_elements=spec.limits.max_state_dim,
+        )
+    except WireError as e:
+        raise invalid(e.field, e.message) from None
+
+
+def session_from_proto(start: pb.SessionStart, spec: InputSpec, defaults: ReasoningPolicy) -> SessionConfig:
+    """Validate the first message of a Stream. Field names are prefixed with "start."."""
+    p = spec.profile
+    if start.robot_profile and start.robot_profile != p.name:
+        raise invalid("start.robot_profile", f"{_name(start.robot_profile)!r} is not served here; use {p.name!r}")
+    cams = tuple(start.cameras) or p.camera_names
+    _check_cameras(list(cams), "start.cameras", spec, None)
+    instruction = check_instruction(start.instruction, "start.instruction", spec.limits, required=True)
+    if not math.isfinite(start.control_rate_hz) or start.control_rate_hz < 0:
+        raise invalid("start.control_rate_hz", "must be a finite, non-negative rate")
+    every_s = start.reasoning.every_seconds
+    if not math.isfinite(every_s) or every_s < 0:
+        raise invalid("start.reasoning.every_seconds", "must be finite and >= 0")
+    policy = ReasoningPolicy(
+        every_n=int(start.reasoning.every_n) or defaults.every_n,
+        every_seconds=float(every_s) or defaults.every_seconds,
+    )
+    if len(start.robot_id) > _MAX_NAME_CHARS:
+        raise invalid("start.robot_id", f"longer than {_MAX_NAME_CHARS} characters")
+    return SessionConfig(
+        cameras=cams,
+        instruction=instruction,
+        robot_id=start.robot_id,
+        reasoning=policy,
+        default_deadline_ms=check_deadline(start.default_deadline_ms, "start.default_deadline_ms"),
+        control_rate_hz=float(start.control_rate_hz),
+    )
+
+
+def observation_from_proto(
+    obs: pb.Observation, spec: InputSpec, cameras: Sequence[str], session_instruction: str
+) -> ObservationRequest:
+    """Validate a Stream observation; an empty instruction keeps the session's."""
+    instruction = check_instruction(obs.instruction, "observation.instruction", spec.limits, required=False)
+    deadline = check_deadline(obs.deadline_ms, "observation.deadline_ms")
+    state = decode_proto_state(obs.state, "observation.state", spec, obs.HasField("state"))
+    images = decode_proto_images(obs.images, "observation.images", spec, cameras)
+    return ObservationRequest(
+        obs=EngineObservation(images=images, state=state, instruction=instruction or session_instruction),
+        seq=int(obs.seq), tick=int(obs.tick), seed=int(obs.seed), deadline_ms=deadline,
+        force_reasoning=bool(obs.force_reasoning),
+    )
+
+
+def infer_from_proto(req: pb.InferRequest, spec: InputSpec) -> ObservationRequest:
+    """Validate a unary Infer request (stateless: instruction required, any subset of cameras)."""
+    if req.robot_profile and req.robot_profile != spec.profile.name:
+        raise invalid("robot_profile", f"{_name(req.robot_profile)!r} is not served here; use {spec.profile.name!r}")
+    instruction = check_instruction(req.instruction, "instruction", spec.limits, required=True)
+    deadline = check_deadline(req.deadline_ms, "deadline_ms")
+    reasoning = _check_reasoning(req.reasoning, spec.limits) if req.reasoning else None
+    state = decode_proto_state(req.state, "state", spec, req.HasField("state"))
+    images = decode_proto_images(req.images, "images", spec)
+    return ObservationRequest(
+        obs=EngineObservation(images=images, state=state, instruction=instruction),
+        tick=int(req.tick), seed=int(req.seed), deadline_ms=deadline, reasoning=reasoning,
+    )
+
+
+def _check_reasoning(text: str, limits: Limits) -> str:
+    # Cached reasoning may be longer than an instruction; bound it by the same order of magnitude.
+    if len(text) > 8 * limits.max_instruction_chars:
+        raise invalid("reasoning", f"longer than {8 * limits.max_instruction_chars} characters")
+    return text
+
+
+# --- HTTP (JSON / multipart) ---------------------------------------------------------------------
+
+
+def _b64_image(value: Any, field: str, spec: InputSpec) -> np.ndarray:
+    if not isinstance(value, str):
+        raise invalid(field, "must be a base64 string of a PNG or JPEG file")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    if len(value) * 3 // 4 > spec.limits.max_image_bytes + 3:
+        raise invalid(field, f"image exceeds the limit of {spec.limits.max_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field, "is not valid base64") from None
+    return _image_bytes(raw, field, spec)
+
+
+def _image_bytes(raw: bytes, field: str, spec: InputSpec) -> np.ndarray:
+    try:
+        return decode_image_bytes(raw, field=field, limits=spec.limits)
+    except WireError as e:
+        raise invalid(e.field, e.message) from None
+
+
+def _state_list(value: Any, spec: InputSpec) -> np.ndarray:
+    d = spec.profile.state_dim
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value):
+        raise invalid("state", f"must be a list of {d} numbers")
+    if len(value) != d:
+        raise invalid("state", f"must have {d} values, got {len(value)}")
+    with np.errstate(over="ignore"):
+        arr = np.asarray(value, dtype=np.float64).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise invalid("state", "contains NaN or inf (or a value beyond float32)")
+    return arr
+
+
+def _int_field(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    v = body.get(key, 0)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise invalid(key, f"must be an integer between {lo} and {hi}")
+    return v
+
+
+def _common_http(body: Mapping[str, Any], spec: InputSpec) -> dict[str, Any]:
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise invalid("reasoning", "must be a string")
+    return {
+        "seed": _int_field(body, "seed", 0, 2**64 - 1),
+        "deadline_ms": _int_field(body, "deadline_ms", 0, MAX_DEADLINE_MS),
+        "tick": _int_field(body, "tick", -(2**63), 2**63 - 1),
+        "reasoning": _check_reasoning(reasoning, spec.limits) if reasoning else None,
+    }
+
+
+def infer_from_json(body: Any, spec: InputSpec) -> ObservationRequest:
+    """`{"images": {camera: base64}, "state": [..], "instruction": str, ...}` -> request."""
+    if not isinstance(body, dict):
+        raise invalid("body", "must be a JSON object")
+    unknown = sorted(set(body) - _JSON_KEYS)
+    if unknown:
+        raise invalid(str(unknown[0])[:_MAX_NAME_CHARS], f"unknown field; accepted: {', '.join(sorted(_JSON_KEYS))}")
+    instruction = check_instruction(body.get("instruction", ""), "instruction", spec.limits, required=True)
+    common = _common_http(body, spec)
+    state = _state_list(body.get("state"), spec)
+    images = body.get("images")
+    if not isinstance(images, dict):
+        raise invalid("images", "must be an object mapping camera name to a base64 PNG/JPEG")
+    _check_cameras([str(k) for k in images], "images", spec, None)
+    decoded = {cam: _b64_image(v, f"images[{cam}]", spec) for cam, v in images.items()}
+    return ObservationRequest(
+        obs=EngineObservation(images=decoded, state=state, instruction=instruction), **common
+    )
+
+
+def infer_from_form(fields: Mapping[str, str], files: Mapping[str, bytes], spec: InputSpec) -> ObservationRequest:
+    """Multipart: one file part per camera (part name = camera), text parts for the rest.
+
+    `state` is a JSON list or comma/space separated numbers.
+    """
+    unknown = sorted(set(fields) - _JSON_KEYS - {"images"})
+    if unknown:
+        raise invalid(str(unknown[0])[:_MAX_NAME_CHARS], "unknown form field")
+    instruction = check_instruction(fields.get("instruction", ""), "instruction", spec.limits, required=True)
+    common = _common_http(fields, spec)
+    raw_state = fields.get("state", "").strip()
+    try:
+        parsed = json.loads(raw_state) if raw_state.startswith("[") else [
+            float(x) for x in raw_state.replace(",", " ").split()
+        ]
+    except ValueError:
+        raise invalid("state", "must be a JSON list or comma-separated numbers") from None
+    state = _state_list(parsed, spec)
+    _check_cameras(list(files), "images", spec, None)
+    decoded = {cam: _image_bytes(data, f"images[{cam}]", spec) for cam, data in files.items()}
+    return ObservationRequest(
+        obs=EngineObservation(images=decoded, state=state, instruction=instruction), **common
+    )

@@ -1,0 +1,390 @@
+"""Policy.Stream end to end on the NullEngine: session info, chunks echoing seq/tick, in-stream
+errors that leave the stream usable, supersede, batching across sessions, dual-rate reasoning."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from serverkit import CAMERAS, PROFILE, GatedEngine, eventually, obs_req, observation, start, state_vec
+
+from chatvla.engines.null import NullEngine
+from chatvla.v1 import policy_pb2 as pb
+from chatvla.wire import encode_image, tensor_from_proto, tensor_to_proto
+
+
+async def test_stream_answers_each_seq_with_a_chunk(serve):
+    srv = await serve()
+    call, info = await srv.open_stream()
+    assert info.model.profile.name == PROFILE.name
+    assert info.model.profile.action_dim == PROFILE.action_dim
+    assert info.session_id
+    for seq in (1, 2, 3):
+        await call.write(obs_req(seq, tick=100 + seq, seed=5))
+        resp = await call.read()
+        assert resp.WhichOneof("msg") == "chunk", resp
+        chunk = resp.chunk
+        assert (chunk.seq, chunk.tick) == (seq, 100 + seq)
+        actions = tensor_from_proto(chunk.actions, field="a", dtype=np.float32)
+        assert actions.shape == (PROFILE.chunk_size, PROFILE.action_dim)
+        np.testing.assert_array_equal(actions, srv.engine.actions_for(state_vec(), 5))
+        assert "pick up the red block" in chunk.reasoning
+        t = chunk.timings
+        assert t.total_ms > 0 and t.reasoning_batch_size >= 1 and t.expert_batch_size >= 1
+        assert t.total_ms + 1e-6 >= t.reasoning_ms + t.expert_ms + t.preprocess_ms
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    assert srv.sample("chatvla_requests_total", transport="grpc_stream", outcome="ok") == 3
+
+
+BAD_OBSERVATIONS = [
+    ("wrong dtype", lambda o: o.state.CopyFrom(tensor_to_proto(state_vec().astype(np.float64))),
+     "observation.state"),
+    ("wrong shape", lambda o: o.state.CopyFrom(tensor_to_proto(np.zeros(3, np.float32))), "observation.state"),
+    ("bytes/shape mismatch", lambda o: setattr(o.state, "data", b"\0" * 5), "observation.state"),
+    ("NaN state", lambda o: o.state.CopyFrom(tensor_to_proto(np.full(PROFILE.state_dim, np.nan, np.float32))),
+     "observation.state"),
+    ("inf state", lambda o: o.state.CopyFrom(tensor_to_proto(np.full(PROFILE.state_dim, np.inf, np.float32))),
+     "observation.state"),
+    ("missing state", lambda o: o.ClearField("state"), "observation.state"),
+    ("unknown camera", lambda o: o.images.append(encode_image(np.zeros((4, 4, 3), np.uint8), "thermal")),
+     "observation.images[thermal]"),
+    ("missing camera", lambda o: o.images.pop(), f"observation.images[{CAMERAS[1]}]"),
+    ("undecodable image", lambda o: o.images[0].CopyFrom(
+        pb.Image(camera=CAMERAS[0], encoding=pb.PNG, data=b"\x89PNG not really")), f"observation.images[{CAMERAS[0]}]"),
+    ("RGB8 size mismatch", lambda o: setattr(o.images[0], "height", 31), f"observation.images[{CAMERAS[0]}]"),
+    ("oversize image side", lambda o: o.images[0].CopyFrom(
+        pb.Image(camera=CAMERAS[0], encoding=pb.RGB8, height=5000, width=1, data=b"\0" * 15000)),
+     f"observation.images[{CAMERAS[0]}]"),
+    ("over-long instruction", lambda o: setattr(o, "instruction", "x" * 5000), "observation.instruction"),
+    ("unset encoding", lambda o: setattr(o.images[0], "encoding", pb.IMAGE_ENCODING_UNSPECIFIED),
+     f"observation.images[{CAMERAS[0]}]"),
+]
+
+
+async def test_every_bad_observation_is_an_in_stream_error_and_the_stream_carries_on(serve):
+    srv = await serve()
+    call, _ = await srv.open_stream()
+    seq = 0
+    for what, mutate, field in BAD_OBSERVATIONS:
+        seq += 1
+        bad = observation(seq)
+        mutate(bad)
+        await call.write(pb.StreamRequest(observation=bad))
+        resp = await call.read()
+        assert resp.WhichOneof("msg") == "error", (what, resp)
+        assert (resp.error.code, resp.error.field, resp.error.seq) == (pb.INVALID_ARGUMENT, field, seq), what
+        seq += 1
+        await call.write(obs_req(seq))
+        resp = await call.read()
+        assert resp.WhichOneof("msg") == "chunk" and resp.chunk.seq == seq, what
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+    n = len(BAD_OBSERVATIONS)
+    assert srv.sample("chatvla_requests_total", transport="grpc_stream", outcome="invalid_argument") == n
+    assert srv.sample("chatvla_rejected_total", reason="invalid_argument") == n
+
+
+async def test_non_increasing_seq_and_second_start_are_in_stream_errors(serve):
+    srv = await serve()
+    call, _ = await srv.open_stream()
+    await call.write(obs_req(5))
+    assert (await call.read()).chunk.seq == 5
+    await call.write(obs_req(5))
+    err = (await call.read()).error
+    assert (err.code, err.field, err.seq) == (pb.INVALID_ARGUMENT, "observation.seq", 5)
+    await call.write(pb.StreamRequest(start=pb.SessionStart(instruction="again")))
+    err = (await call.read()).error
+    assert (err.code, err.field) == (pb.INVALID_ARGUMENT, "start")
+    await call.write(obs_req(6))
+    assert (await call.read()).chunk.seq == 6
+    call.cancel()
+
+
+BAD_STARTS = [
+    ({"instruction": ""}, "start.instruction"),
+    ({"robot_profile": "kuka"}, "start.robot_profile"),
+    ({"cameras": ["front", "thermal"]}, "start.cameras[thermal]"),
+    ({"control_rate_hz": float("nan")}, "start.control_rate_hz"),
+    ({"reasoning": pb.ReasoningPolicy(every_seconds=-1)}, "start.reasoning.every_seconds"),
+    ({"default_deadline_ms": 10**9}, "start.default_deadline_ms"),
+]
+
+
+async def test_bad_session_start_is_refused_with_the_field(serve):
+    srv = await serve()
+    for start_kw, field in BAD_STARTS:
+        call = srv.stub.Stream()
+        kw = {"robot_profile": PROFILE.name, "instruction": "go"}
+        kw.update(start_kw)
+        await call.write(pb.StreamRequest(start=pb.SessionStart(**kw)))
+        resp = await call.read()
+        assert resp.error.code == pb.INVALID_ARGUMENT and resp.error.field == field, (field, resp)
+        assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    call2, _ = await srv.open_stream()  # the server is fine
+    await call2.write(obs_req(1))
+    assert (await call2.read()).chunk.seq == 1
+    call2.cancel()
+
+
+async def test_first_message_must_be_start(serve):
+    srv = await serve()
+    call = srv.stub.Stream()
+    await call.write(obs_req(1))
+    resp = await call.read()
+    assert resp.error.field == "start"
+    assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_oversize_message_gets_a_clean_error_and_server_lives(serve):
+    srv = await serve(max_message_bytes=64 * 1024)
+    call, _ = await srv.open_stream()
+    big = observation(1, cameras=[])
+    big.images.append(pb.Image(camera=CAMERAS[0], encoding=pb.RGB8, height=200, width=200, data=b"\0" * 120000))
+    await call.write(pb.StreamRequest(observation=big))
+    assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    call2, _ = await srv.open_stream()
+    await call2.write(obs_req(1))
+    assert (await call2.read()).chunk.seq == 1
+    call2.cancel()
+
+
+async def test_sixteen_sessions_are_batched_and_get_their_own_seq(serve):
+    engine = GatedEngine()
+    srv = await serve(engine=engine, max_batch=16, max_wait_ms=1)
+    n, rounds = 16, 3
+    streams = [await srv.open_stream(instruction=f"task {i}") for i in range(n)]
+    # Hold the first reasoning batch so the rest of the fleet queues behind it.
+    engine.hold()
+    first_call = streams[0][0]
+    await first_call.write(obs_req(1, seed=1))
+    await engine.wait_entered()
+    for i, (call, _) in enumerate(streams[1:], 1):
+        await call.write(obs_req(1, seed=i + 1))
+    await eventually(lambda: srv.sample("chatvla_queue_depth", stage="reasoning") == n - 1)
+    engine.release()
+
+    async def run(i: int, call) -> list[int]:
+        seen = []
+        for r in range(rounds):
+            if r > 0:
+                await call.write(obs_req(r + 1, seed=i + 1))
+            resp = await call.read()
+            assert resp.WhichOneof("msg") == "chunk", resp
+            assert f"task {i}" in resp.chunk.reasoning
+            expected = srv.engine.actions_for(state_vec(), i + 1)
+            np.testing.assert_array_equal(tensor_from_proto(resp.chunk.actions, field="a"), expected)
+            seen.append(resp.chunk.seq)
+        return seen
+
+    results = await asyncio.gather(*(run(i, c) for i, (c, _) in enumerate(streams)))
+    assert all(seen == [1, 2, 3] for seen in results)
+    assert engine.batches["reasoning"][:2] == [1, n - 1]
+    count = srv.sample("chatvla_batch_size_count", stage="reasoning")
+    singles = srv.sample("chatvla_batch_size_bucket", stage="reasoning", le="1.0")
+    assert count > singles  # the histogram shows batches larger than one
+    assert srv.sample("chatvla_active_sessions") == n
+    for call, _ in streams:
+        call.cancel()
+    await eventually(lambda: srv.sample("chatvla_active_sessions") == 0)
+
+
+async def test_newer_observation_supersedes_pending_one(serve):
+    engine = GatedEngine()
+    srv = await serve(engine=engine)
+    call, _ = await srv.open_stream()
+    engine.hold()
+    await call.write(obs_req(1))
+    await engine.wait_entered()  # seq 1 is computing: it cannot be withdrawn
+    await call.write(obs_req(2))  # waits in the pending slot
+    await eventually(lambda: srv.app.state.pipeline.admitted == 2)
+    await call.write(obs_req(3))  # replaces seq 2
+    resp = await call.read()
+    assert resp.WhichOneof("msg") == "error" and resp.error.seq == 2 and resp.error.code == pb.ABORTED
+    engine.release()
+    assert (await call.read()).chunk.seq == 1
+    assert (await call.read()).chunk.seq == 3
+    assert srv.sample("chatvla_rejected_total", reason="superseded") == 1
+    call.cancel()
+
+
+async def test_newer_observation_supersedes_queued_one(serve):
+    engine = GatedEngine()
+    srv = await serve(engine=engine, max_batch=1)
+    blocker, _ = await srv.open_stream()
+    call, _ = await srv.open_stream()
+    engine.hold()
+    await blocker.write(obs_req(1))
+    await engine.wait_entered()  # the reasoning worker is busy with the other robot
+    await call.write(obs_req(1))
+    await eventually(lambda: srv.sample("chatvla_queue_depth", stage="reasoning") == 1)
+    await call.write(obs_req(2))  # seq 1 is still queued: it is withdrawn
+    resp = await call.read()
+    assert resp.error.seq == 1 and resp.error.code == pb.ABORTED
+    await eventually(lambda: srv.sample("chatvla_queue_depth", stage="reasoning") == 1)
+    engine.release()
+    assert (await blocker.read()).chunk.seq == 1
+    assert (await call.read()).chunk.seq == 2
+    assert engine.batches["reasoning"] == [1, 1]  # seq 1 of the second robot never ran
+    blocker.cancel()
+    call.cancel()
+
+
+async def test_overload_is_refused_at_once(serve):
+    engine = GatedEngine()
+    srv = await serve(engine=engine, max_queue=2)
+    engine.hold()
+    a, _ = await srv.open_stream()
+    b, _ = await srv.open_stream()
+    c, _ = await srv.open_stream()
+    await a.write(obs_req(1))
+    await engine.wait_entered()
+    await b.write(obs_req(1))
+    await eventually(lambda: srv.app.state.pipeline.admitted == 2)
+    await c.write(obs_req(1))
+    resp = await c.read()
+    assert resp.error.code == pb.RESOURCE_EXHAUSTED and resp.error.seq == 1
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        from serverkit import infer_request
+        await srv.stub.Infer(infer_request())
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert srv.sample("chatvla_rejected_total", reason="overload") == 2
+    engine.release()
+    assert (await a.read()).chunk.seq == 1
+    assert (await b.read()).chunk.seq == 1
+    for s in (a, b, c):
+        s.cancel()
+
+
+async def test_dual_rate_reasoning_reuses_cached_text_between_refreshes(serve):
+    class Recording(NullEngine):
+        items: list = []
+
+        def reason_batch(self, items):
+            self.items.extend(items)
+            return super().reason_batch(items)
+
+    srv = await serve(engine=Recording(), warmup=False)
+    call, info = await srv.open_stream(reasoning=pb.ReasoningPolicy(every_n=3))
+    assert info.reasoning.every_n == 3
+    refreshed = []
+    for seq in range(1, 8):
+        kw = {"instruction": "now the blue one"} if seq == 6 else {}
+        await call.write(obs_req(seq, **kw))
+        chunk = (await call.read()).chunk
+        refreshed.append(chunk.reasoning_refreshed)
+        assert chunk.reasoning
+        assert (chunk.reasoning_tokens > 0) == chunk.reasoning_refreshed
+    # 1 first, 4 every_n, 6 instruction change, then 7 re-uses 6's text.
+    assert refreshed == [True, False, False, True, False, True, False]
+    assert srv.sample("chatvla_reasoning_refresh_total", reason="first") == 1
+    assert srv.sample("chatvla_reasoning_refresh_total", reason="every_n") == 1
+    assert srv.sample("chatvla_reasoning_refresh_total", reason="instruction") == 1
+    # System 1 steps pre-fill the cached text *and* its token ids (no re-tokenising).
+    items = srv.engine.items
+    assert items[1].reasoning == chunk.reasoning.replace("now the blue one", "pick up the red block")
+    assert items[1].reasoning_token_ids is not None and len(items[1].reasoning_token_ids) > 0
+    assert items[0].reasoning is None and items[0].reasoning_token_ids is None
+    await call.write(obs_req(8, force_reasoning=True))
+    assert (await call.read()).chunk.reasoning_refreshed
+    assert srv.sample("chatvla_reasoning_refresh_total", reason="forced") == 1
+    call.cancel()
+
+
+async def test_deadline_expired_in_queue_is_answered_deadline_exceeded(serve):
+    engine = GatedEngine()
+    srv = await serve(engine=engine, max_batch=1)
+    blocker, _ = await srv.open_stream()
+    call, _ = await srv.open_stream()
+    engine.hold()
+    await blocker.write(obs_req(1))
+    await engine.wait_entered()
+    await call.write(obs_req(1, deadline_ms=1))
+    # The 1 ms deadline passes while the worker is held (during preprocessing or in the queue).
+    await asyncio.sleep(0.01)
+    engine.release()
+    resp = await call.read()
+    assert resp.error.code == pb.DEADLINE_EXCEEDED and resp.error.seq == 1
+    await call.write(obs_req(2))
+    assert (await call.read()).chunk.seq == 2
+    blocker.cancel()
+    call.cancel()
+
+
+async def test_engine_failure_is_internal_and_the_stream_carries_on(serve):
+    class Flaky(NullEngine):
+        fail = False
+
+        def act_batch(self, items):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("boom")
+            return super().act_batch(items)
+
+    srv = await serve(engine=Flaky())
+    srv.engine.fail = True
+    call, _ = await srv.open_stream()
+    await call.write(obs_req(1))
+    err = (await call.read()).error
+    assert err.code == pb.INTERNAL and "boom" in err.message
+    await call.write(obs_req(2))
+    assert (await call.read()).chunk.seq == 2
+    call.cancel()
+
+
+async def test_non_finite_engine_actions_are_never_sent(serve):
+    class Broken(NullEngine):
+        def act_batch(self, items):
+            return [np.full((PROFILE.chunk_size, PROFILE.action_dim), np.nan, np.float32) for _ in items]
+
+    srv = await serve(engine=Broken(), warmup=False)
+    call, _ = await srv.open_stream()
+    await call.write(obs_req(1))
+    err = (await call.read()).error
+    assert err.code == pb.INTERNAL and "non-finite" in err.message
+    call.cancel()
+
+
+async def test_client_disconnect_closes_the_session(serve):
+    srv = await serve()
+    call, _ = await srv.open_stream()
+    assert srv.sample("chatvla_active_sessions") == 1
+    call.cancel()
+    await eventually(lambda: srv.sample("chatvla_active_sessions") == 0)
+
+
+async def test_disconnect_during_preprocessing_releases_the_slot(serve):
+    class SlowPreprocess(NullEngine):
+        gate = threading.Event()
+        entered = threading.Event()
+
+        def preprocess(self, obs):
+            self.entered.set()
+            self.gate.wait(10)
+            return super().preprocess(obs)
+
+    srv = await serve(engine=SlowPreprocess(), warmup=False)
+    call, _ = await srv.open_stream()
+    await call.write(obs_req(1))
+    await asyncio.to_thread(srv.engine.entered.wait, 10)
+    assert srv.app.state.pipeline.admitted == 1
+    call.cancel()
+    await eventually(lambda: srv.sample("chatvla_active_sessions") == 0)
+    srv.engine.gate.set()
+    await eventually(lambda: srv.app.state.pipeline.admitted == 0)
+
+
+async def test_session_limit(serve):
+    srv = await serve(max_sessions=1)
+    first, _ = await srv.open_stream()
+    call = srv.stub.Stream()
+    await call.write(start())
+    resp = await call.read()
+    assert resp.error.code == pb.RESOURCE_EXHAUSTED
+    assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert srv.sample("chatvla_rejected_total", reason="sessions_limit") == 1
+    first.cancel()

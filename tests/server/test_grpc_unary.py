@@ -1,0 +1,106 @@
+"""Policy.Infer and GetModelInfo, health and reflection on the NullEngine."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from serverkit import CAMERAS, PROFILE, infer_request, state_vec
+
+from chatvla.server.errors import FIELD_METADATA_KEY
+from chatvla.v1 import policy_pb2 as pb
+from chatvla.wire import encode_image, tensor_from_proto, tensor_to_proto
+
+
+async def test_infer_returns_a_chunk_for_the_state_and_seed(serve):
+    srv = await serve()
+    resp = await srv.stub.Infer(infer_request(seed=11, tick=42))
+    chunk = resp.chunk
+    assert chunk.tick == 42
+    actions = tensor_from_proto(chunk.actions, field="a", dtype=np.float32)
+    np.testing.assert_array_equal(actions, srv.engine.actions_for(state_vec(), 11))
+    assert chunk.reasoning_refreshed and chunk.reasoning_tokens > 0
+    assert srv.sample("chatvla_requests_total", transport="grpc_infer", outcome="ok") == 1
+    assert srv.sample("chatvla_reasoning_refresh_total", reason="stateless") == 1
+
+
+async def test_infer_with_given_reasoning_prefills_instead_of_decoding(serve):
+    srv = await serve()
+    resp = await srv.stub.Infer(infer_request(reasoning="The cup is left. Next action:"))
+    assert resp.chunk.reasoning == "The cup is left. Next action:"
+    assert not resp.chunk.reasoning_refreshed and resp.chunk.reasoning_tokens == 0
+    assert srv.sample("chatvla_reasoning_tokens_total") == 0
+
+
+BAD_INFER = [
+    ({"state": tensor_to_proto(np.zeros(PROFILE.state_dim, np.int32))}, "state"),
+    ({"state": tensor_to_proto(np.zeros((2, PROFILE.state_dim), np.float32))}, "state"),
+    ({"state": tensor_to_proto(np.full(PROFILE.state_dim, np.inf, np.float32))}, "state"),
+    ({"instruction": ""}, "instruction"),
+    ({"instruction": "y" * 1001}, "instruction"),
+    ({"images": [encode_image(np.zeros((8, 8, 3), np.uint8), "thermal")]}, "images[thermal]"),
+    ({"images": []}, "images"),
+    ({"images": [pb.Image(camera=CAMERAS[0], encoding=pb.JPEG, data=b"\xff\xd8garbage")]}, f"images[{CAMERAS[0]}]"),
+    ({"robot_profile": "arx_r5_bimanual"}, "robot_profile"),
+    ({"deadline_ms": 10_000_000}, "deadline_ms"),
+    ({"reasoning": "r" * 100_000}, "reasoning"),
+]
+
+
+async def test_infer_bad_input_is_invalid_argument_naming_the_field(serve):
+    srv = await serve()
+    for kw, field in BAD_INFER:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await srv.stub.Infer(infer_request(**kw))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert dict(e.value.trailing_metadata())[FIELD_METADATA_KEY] == field
+        assert e.value.details().startswith(field)
+        assert (await srv.stub.Infer(infer_request())).chunk.actions.data  # still serving
+
+
+async def test_oversize_image_is_refused_by_field(serve):
+    srv = await serve(max_image_bytes=1000)
+    img = encode_image(np.zeros((32, 32, 3), np.uint8), CAMERAS[0])  # 3072 bytes of RGB8
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await srv.stub.Infer(infer_request(images=[img]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(e.value.trailing_metadata())[FIELD_METADATA_KEY] == f"images[{CAMERAS[0]}]"
+
+
+async def test_jpeg_and_png_images_are_accepted(serve):
+    srv = await serve()
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    imgs = [encode_image(rgb, CAMERAS[0], "jpeg"), encode_image(rgb, CAMERAS[1], "png")]
+    resp = await srv.stub.Infer(infer_request(images=imgs))
+    assert resp.chunk.timings.total_ms > 0
+
+
+async def test_model_info(serve):
+    srv = await serve()
+    info = await srv.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.engine == "null"
+    assert info.profile.chunk_size == PROFILE.chunk_size
+    assert list(info.profile.action_names) == list(PROFILE.action_names)
+    assert [c.name for c in info.profile.cameras] == list(CAMERAS)
+    assert info.limits.max_message_bytes == srv.app.settings.max_message_bytes
+    assert info.default_reasoning.every_n == 1
+    assert list(info.robot_profiles) == [PROFILE.name]
+
+
+async def test_health_and_reflection_are_registered(serve):
+    srv = await serve()
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    for service in ("", "chatvla.v1.Policy"):
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+    call = refl.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    resp = await call.read()
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"chatvla.v1.Policy", "grpc.health.v1.Health"} <= names
+    await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="chatvla.v1.Policy"))
+    assert (await call.read()).file_descriptor_response.file_descriptor_proto
+    await call.done_writing()
