@@ -43,3 +43,14 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register_robots() -> None:
+    """Make the sims reachable by name (`make_robot("sim-panda")`) without importing MuJoCo yet."""
+    from chatvla.client.robots.registry import register_robot
+
+    register_robot("sim-panda", "chatvla.client.sim.robot:make_sim_panda", replace=True)
+    register_robot("sim-bimanual", "chatvla.client.sim.robot:make_sim_bimanual", replace=True)
+
+
+_register_robots()

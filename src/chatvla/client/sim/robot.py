@@ -198,3 +198,21 @@ def make_sim_robot(profile: str | RobotProfile, task: Task | None = None, *, ren
     """The simulated robot for a profile name ("franka_joint", "arx_r5_bimanual")."""
     name = profile if isinstance(profile, str) else profile.name
     return SimRobot(get_rig(name), task, render=render)
+
+
+def _make_for(profile: str, task: Task | None, task_kind: str, seed: int, split: str, render: bool) -> SimRobot:
+    from chatvla.client.sim.tasks import make_task
+
+    return make_sim_robot(profile, task or make_task(task_kind, seed=seed, split=split), render=render)
+
+
+def make_sim_panda(task: Task | None = None, *, task_kind: str = "math_matching", seed: int = 0,
+                   split: str = "train", render: bool = True) -> SimRobot:
+    """Registry factory for "sim-panda": the Franka joint profile on the tabletop scene."""
+    return _make_for("franka_joint", task, task_kind, seed, split, render)
+
+
+def make_sim_bimanual(task: Task | None = None, *, task_kind: str = "math_matching", seed: int = 0,
+                      split: str = "train", render: bool = True) -> SimRobot:
+    """Registry factory for "sim-bimanual": the ARX R5 bimanual profile on the tabletop scene."""
+    return _make_for("arx_r5_bimanual", task, task_kind, seed, split, render)

@@ -1,0 +1,225 @@
+"""`chatvla demo`: start a server on the embedded model and drive simulated robots through the paper's tasks.
+
+Everything is real: the server is `chatvla serve` in a child process, each robot is a MuJoCo sim
+behind the same client stack a real arm uses (gRPC policy client, chunk executor, safety filter,
+control loop at the profile's rate). Episodes alternate the two tasks (math matching, toy
+placement). The report gives, per robot, the control rate achieved, stall ticks, latency by stage,
+a sample of the reasoning and the success count. The embedded `tiny` model is untrained: it is
+expected to fail every task, and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SIM_FOR_PROFILE = {"franka_joint": "sim-panda", "arx_r5_bimanual": "sim-bimanual"}
+TASKS = ("math_matching", "toy_placement")
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("demo", help="start a server and drive simulated robots through episodes",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--robots", type=int, default=2, help="simulated robots running at once (default 2)")
+    p.add_argument("--episodes", type=int, default=2, help="episodes per robot, alternating the two tasks")
+    p.add_argument("--episode-seconds", type=float, default=6.0, help="length of one episode (default 6 s)")
+    p.add_argument("--model", default="tiny", help="model for the server (preset or checkpoint dir)")
+    p.add_argument("--engine", default="torch", help="server engine (torch, vllm, null)")
+    p.add_argument("--target", help="use a running server at HOST:PORT instead of starting one")
+    p.add_argument("--token", help="bearer token for --target")
+    p.add_argument("--split", choices=("train", "heldout"), default="train", help="task variants to draw")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record", metavar="DIR", help="write each episode to DIR (msgpack, see docs/recording.md)")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="log every safety intervention streak")
+    return p
+
+
+@dataclass
+class RobotReport:
+    name: str
+    episodes: int = 0
+    successes: int = 0
+    ticks: int = 0
+    seconds: float = 0.0
+    stalls: int = 0
+    missed_ticks: int = 0
+    holds: int = 0
+    interventions: int = 0
+    chunks: int = 0
+    latency: dict[str, Any] = field(default_factory=dict)
+    reasoning_sample: str = ""
+    outcomes: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def rate_hz(self) -> float:
+        return self.ticks / self.seconds if self.seconds else 0.0
+
+
+def _robot_worker(idx: int, args: argparse.Namespace, address: str, profile_name: str, out: RobotReport) -> None:
+    from chatvla.client.episodes import EpisodeRecorder, LatencyObserver, episode_path, run_episode
+    from chatvla.client.recording import EpisodeWriter
+    from chatvla.client.robots.registry import make_robot
+    from chatvla.client.sim.tasks import make_task
+
+    robot = None
+    try:
+        lat = LatencyObserver()
+        robot = make_robot(SIM_FOR_PROFILE[profile_name], seed=args.seed + 1000 * idx)
+        ticks = max(1, round(args.episode_seconds * robot.profile.control_rate_hz))
+        for ep in range(args.episodes):
+            kind = TASKS[(idx + ep) % len(TASKS)]
+            task = make_task(kind, seed=args.seed + 1000 * idx + ep, split=args.split)
+            robot.reset(task)
+            observers: list[Any] = [lat]
+            writer = None
+            if args.record:
+                writer = EpisodeWriter(episode_path(args.record, out.name, ep), robot.profile,
+                                       instruction=task.instruction,
+                                       task={"kind": kind, "seed": task.seed, "split": task.split},
+                                       overwrite=True)
+                observers.append(EpisodeRecorder(writer))
+            res = run_episode(robot, [address], task.instruction, max_ticks=ticks, observers=observers,
+                              token=args.token, success=lambda r=robot: r.check_success().success)
+            if writer is not None:
+                writer.close({"success": bool(res.success)})
+            ex = res.summary.get("executor", {})
+            out.episodes += 1
+            out.successes += int(bool(res.success))
+            out.ticks += res.ticks
+            out.seconds += res.seconds
+            out.stalls += int(ex.get("stalls", 0))
+            out.missed_ticks += int(res.summary.get("missed_ticks", 0))
+            out.holds += int(res.summary.get("holds", 0))
+            out.interventions += sum(int(v) for v in dict(res.summary.get("safety", {})).values())
+            out.outcomes.append(f"{kind}:{'ok' if res.success else 'fail'}")
+            print(f"[demo] {out.name} episode {ep + 1}/{args.episodes} ({kind}): "
+                  f"{'success' if res.success else 'no success'}, {res.ticks} ticks in {res.seconds:.1f} s, "
+                  f"{ex.get('stalls', 0)} stalls", file=sys.stderr, flush=True)
+        out.chunks = lat.chunks
+        out.latency = lat.percentiles()
+        out.reasoning_sample = lat.reasoning[-1] if lat.reasoning else ""
+    except Exception as e:  # reported per robot; the other robots carry on
+        out.error = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    finally:
+        if robot is not None:
+            robot.close()
+
+
+def _model_profile(address: str, token: str | None) -> str:
+    import grpc
+
+    from chatvla.v1 import policy_pb2 as pb
+    from chatvla.v1 import policy_pb2_grpc as pbg
+
+    with grpc.insecure_channel(address) as ch:
+        md = (("authorization", f"Bearer {token}"),) if token else None
+        info = pbg.PolicyStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=md)
+    return info.profile.name
+
+
+def _fmt_ms(d: dict[str, Any]) -> str:
+    return f"{d['p50']:.0f}/{d['p99']:.0f}" if d.get("n") else "-"
+
+
+def print_report(reports: list[RobotReport], model: str) -> None:
+    head = (f"{'robot':<10} {'rate Hz':>8} {'ticks':>6} {'stalls':>6} {'missed':>6} {'safety':>6} {'chunks':>6} "
+            f"{'rtt p50/p99':>12} {'reason p50/p99':>15} {'expert p50/p99':>15} {'success':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in reports:
+        lat = r.latency
+        print(f"{r.name:<10} {r.rate_hz:>8.2f} {r.ticks:>6} {r.stalls:>6} {r.missed_ticks:>6} {r.interventions:>6} "
+              f"{r.chunks:>6} "
+              f"{_fmt_ms(lat.get('round_trip_ms', {})):>12} {_fmt_ms(lat.get('reasoning_ms', {})):>15} "
+              f"{_fmt_ms(lat.get('expert_ms', {})):>15} {f'{r.successes}/{r.episodes}':>8}")
+    for r in reports:
+        if r.error:
+            print(f"{r.name}: ERROR {r.error}")
+        elif r.reasoning_sample:
+            print(f"{r.name} reasoning sample: {r.reasoning_sample!r}")
+    print("latency columns are p50/p99 in ms: rtt = client round trip, reason/expert = server stages; "
+          "safety = interventions of the safety filter (limits, holds, stops)")
+    total = sum(r.successes for r in reports)
+    n = sum(r.episodes for r in reports)
+    note = (" The embedded tiny model is untrained (random weights): failing every task is the expected "
+            "result; serve a trained checkpoint with --model to see successes.") if model.startswith("tiny") else ""
+    print(f"tasks solved: {total}/{n}.{note}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.robots < 1 or args.episodes < 1 or args.episode_seconds <= 0:
+        print("chatvla demo: --robots, --episodes and --episode-seconds must be positive", file=sys.stderr)
+        return 2
+    try:
+        import chatvla.client.sim  # noqa: F401 - registers the sim robots
+        from chatvla.client.sim.render import rendering_available
+    except ImportError as e:
+        print(f"chatvla demo: the simulator is not installed ({e}); pip install 'chatvla-serve[sim]'",
+              file=sys.stderr)
+        return 2
+    if not rendering_available():
+        print("chatvla demo: MuJoCo cannot render headless here (need EGL or OSMesa; see docs/robots.md)",
+              file=sys.stderr)
+        return 2
+    if args.record:
+        Path(args.record).mkdir(parents=True, exist_ok=True)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # an untrained model trips the limits constantly; the table counts them
+        logging.getLogger("chatvla.client.safety").setLevel(logging.ERROR)
+
+    server = None
+    address = args.target
+    if address is None:
+        from chatvla.cli.server_process import ServerStartError, start_server
+
+        print(f"[demo] starting chatvla serve --model {args.model} --engine {args.engine} ...", file=sys.stderr,
+              flush=True)
+        t0 = time.monotonic()
+        try:
+            server = start_server(["--model", args.model, "--engine", args.engine, *args.server_arg])
+        except ServerStartError as e:
+            print(f"chatvla demo: {e}", file=sys.stderr)
+            return 1
+        address = server.grpc_address
+        print(f"[demo] server ready in {time.monotonic() - t0:.1f} s: grpc={server.grpc_address} "
+              f"http={server.http_url}", file=sys.stderr, flush=True)
+    code = 0
+    try:
+        profile = _model_profile(address, args.token)
+        if profile not in SIM_FOR_PROFILE:
+            print(f"chatvla demo: no simulator for the model's profile {profile!r}", file=sys.stderr)
+            return 2
+        reports = [RobotReport(name=f"robot{i}") for i in range(args.robots)]
+        threads = [threading.Thread(target=_robot_worker, args=(i, args, address, profile, reports[i]),
+                                    name=f"demo-robot{i}", daemon=True) for i in range(args.robots)]
+        print(f"[demo] {args.robots} x {SIM_FOR_PROFILE[profile]} ({profile}), {args.episodes} episodes of "
+              f"{args.episode_seconds:g} s each", file=sys.stderr, flush=True)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print_report(reports, args.model)
+        if args.json:
+            Path(args.json).write_text(json.dumps([{**vars(r), "rate_hz": r.rate_hz} for r in reports], indent=2))
+        code = 1 if any(r.error for r in reports) else 0
+    finally:
+        if server is not None:
+            rc = server.stop()
+            print(f"[demo] server stopped (exit code {rc})", file=sys.stderr)
+            if rc != 0:
+                print(server.log_tail(), file=sys.stderr)
+                code = code or 1
+    return code

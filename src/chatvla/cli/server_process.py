@@ -1,0 +1,88 @@
+"""Run `chatvla serve` in a child process and wait for its ready line (for `demo` and tests).
+
+The child is the real server, exactly as a user would start it; the parent only reads the one line
+it prints when ready (`chatvla-serve ready: grpc=HOST:PORT http=URL ...`) and sends SIGTERM to stop it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_PREFIX = "chatvla-serve ready:"  # must match chatvla.server.app.READY_PREFIX (a test checks)
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or stayed silent; the message carries the tail of its log."""
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    grpc_address: str
+    http_url: str
+    log_path: Path
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def parse_ready_line(line: str) -> tuple[str, str]:
+    """(grpc address, http url) from the server's ready line."""
+    if not line.startswith(READY_PREFIX):
+        raise ValueError(f"not a ready line: {line!r}")
+    fields = dict(part.split("=", 1) for part in line[len(READY_PREFIX):].split() if "=" in part)
+    return fields["grpc"], fields["http"]
+
+
+def start_server(args: Sequence[str], *, timeout_s: float = 180.0, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start `chatvla serve ARGS...` (ports default to 0: the OS picks free ones) and wait until ready."""
+    argv = [sys.executable, "-m", "chatvla.cli.main", "serve", "--grpc-port", "0", "--http-port", "0", *args]
+    log = Path(tempfile.mkstemp(prefix="chatvla-serve-", suffix=".log")[1])
+    stderr = log.open("w")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            env={**os.environ, **(env or {})})
+    stderr.close()
+    found: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(READY_PREFIX) and not found:
+                found.append(line.strip())
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not found:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            why = "exited" if proc.returncode not in (None, -9) else f"was not ready within {timeout_s:.0f} s"
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise ServerStartError(f"the server {why} (log {log}):\n{tail}")
+        time.sleep(0.05)
+    grpc_address, http_url = parse_ready_line(found[0])
+    return ServerProcess(proc, grpc_address, http_url, log)
