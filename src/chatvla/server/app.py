@@ -29,6 +29,7 @@ from chatvla.server.settings import ServerSettings
 from chatvla.server.state import ServerState
 from chatvla.server.transports.grpc_service import GrpcServer, start_grpc
 from chatvla.server.transports.http import HttpServer, start_http
+from chatvla.server.transports.openpi_ws import OpenpiServer, start_openpi
 
 log = logging.getLogger("chatvla.server")
 
@@ -63,6 +64,7 @@ class ServerApp:
         self.state = ServerState(self.metrics, settings.limits, self.config.reasoning, tokens=tokens)
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
+        self.openpi: OpenpiServer | None = None
         self._shut_down: asyncio.Future | None = None
 
     @property
@@ -78,10 +80,18 @@ class ServerApp:
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.settings.tls else 'http'}://{host}:{self.http.port}"
 
+    @property
+    def openpi_url(self) -> str:
+        assert self.openpi is not None
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'wss' if self.settings.tls else 'ws'}://{host}:{self.openpi.port}"
+
     def ready_line(self) -> str:
         info = self.state.model_info
         model = f" model={info.model_id} engine={info.engine} profile={info.profile.name}" if info else ""
-        return f"{READY_PREFIX} grpc={self.grpc_address} http={self.http_url}{model}"
+        openpi = f" openpi={self.openpi_url}" if self.openpi is not None else ""
+        return f"{READY_PREFIX} grpc={self.grpc_address} http={self.http_url}{openpi}{model}"
 
     async def start(self) -> None:
         """Bind, load, warm up, turn readiness on. Raises on any failure (after cleaning up)."""
@@ -93,10 +103,16 @@ class ServerApp:
             self.grpc = await start_grpc(self.state, s.host, s.grpc_port, tls=tls_grpc)
             tls_http = (s.tls_cert, s.tls_key) if s.tls_key and s.tls_cert else None
             self.http = await start_http(self.state, s.http_host, s.http_port, tls=tls_http, drain_s=s.drain_timeout_s)
+            if s.openpi_port is not None:
+                self.openpi = await start_openpi(
+                    self.state, s.host, s.openpi_port, mapping=s.openpi_mapping, tls=tls_http
+                )
             if self.engine is None:
                 t0 = time.perf_counter()
                 self.engine = await asyncio.to_thread(load_engine, s.model, s.engine, **s.engine_options)
                 log.info("engine %s loaded %s in %.1f s", s.engine, s.model, time.perf_counter() - t0)
+            if self.openpi is not None:
+                self.openpi.bind(self.engine.info)  # MappingError (a RuntimeError) if the mapping does not fit
             if s.warmup:
                 await asyncio.to_thread(self.engine.warmup)
             pipeline = Pipeline(self.engine, self.config, self.metrics)
@@ -142,6 +158,8 @@ class ServerApp:
             await self.grpc.server.stop(grace)
         if self.http is not None:
             await self.http.stop()
+        if self.openpi is not None:
+            await self.openpi.stop()
 
 
 async def serve(settings: ServerSettings, *, engine: Engine | None = None, out: TextIO = sys.stdout) -> int:

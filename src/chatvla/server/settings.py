@@ -46,6 +46,14 @@ class ServerSettings(BaseModel):
         "127.0.0.1", description="HTTP bind address. Loopback unless set explicitly, even if `host` is not."
     )
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP debug/metrics port; 0 lets the OS pick.")
+    openpi_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="openpi-compatible websocket port (binds on `host`); unset = off, 0 lets the OS pick.",
+    )
+    openpi_mapping: str | None = Field(
+        None, description="openpi observation keys -> our cameras/state: `droid`, `aloha`, `native` or a YAML "
+        "file; unset = by profile (docs/openpi.md).",
+    )
     max_batch: int = Field(8, ge=1, le=1024, description="Reasoning stage: largest batch.")
     max_wait_ms: float = Field(
         5.0, ge=0, le=10_000, description="Reasoning stage: longest wait for a batch to fill."
