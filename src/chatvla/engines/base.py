@@ -18,7 +18,7 @@ This module is torch-free so the pipeline can be exercised with a numpy fake eng
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,9 @@ class Engine(ABC):
     """A loaded model ready to serve. Subclasses: TorchEngine, VllmEngine."""
 
     continuous_batching: bool = False
+    # Continuous-batching engines call this with the number of requests in each forward pass they run
+    # (the server points it at its batch-size histogram).
+    on_step: Callable[[int], None] | None = None
 
     @property
     @abstractmethod

@@ -92,6 +92,9 @@ class Pipeline:
             self._reasoning = self._batcher(
                 "reasoning", self.engine.reason_batch, c.max_batch, c.max_wait_s, lambda: self._preparing > 0
             )
+        elif hasattr(self.engine, "on_step"):
+            # The engine forms its own batches: it reports the size of every forward pass it runs.
+            self.engine.on_step = self.metrics.batch_size.labels(stage="reasoning").observe
         reasoning = self._reasoning
         self._expert = self._batcher(
             "expert", self.engine.act_batch, c.expert_max_batch, c.expert_max_wait_s,
@@ -368,8 +371,9 @@ class Pipeline:
             raise
         except Exception as e:
             raise ServeError(Code.INTERNAL, f"reasoning failed: {type(e).__name__}: {e}") from e
-        stats = BatchStats(size=1, seconds=time.perf_counter() - t0)
-        self.metrics.batch_size.labels(stage="reasoning").observe(1)
+        # The batch-size histogram is fed per engine step (`on_step`); the chunk reports the most
+        # requests that shared a forward pass with this one.
+        stats = BatchStats(size=int(getattr(res, "batch_size", 1)), seconds=time.perf_counter() - t0)
         return res, stats
 
     def _check_actions(self, actions: Any) -> np.ndarray:
