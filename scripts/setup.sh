@@ -21,7 +21,7 @@ fi
 PIP="$VENV/bin/pip"
 echo "[setup] installing $TORCH_SPEC"
 "$PIP" install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
-"$VENV/bin/python" -c "import torch" || { echo "[setup] torch failed to install" >&2; exit 1; }
+"$VENV/bin/python" -W ignore -c "import torch" || { echo "[setup] torch failed to install" >&2; exit 1; }
 echo "[setup] installing chatvla-serve with extras server, sim, plot, dev"
 "$PIP" install -q -c requirements/constraints.txt -e ".[server,sim,plot,dev]" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import chatvla.model, chatvla.v1.policy_pb2" || { echo "[setup] install incomplete" >&2; exit 1; }
