@@ -106,7 +106,16 @@ class Engine(ABC):
         raise NotImplementedError
 
     def warmup(self) -> None:
-        """Run the stages once so the first real request does not pay one-off costs."""
+        """Run one blank observation through both stages, so the first real request does not pay
+        one-off costs (lazy initialisation, allocator growth, kernel selection)."""
+        p = self.info.profile
+        obs = EngineObservation(
+            images={c.name: np.zeros((c.height, c.width, 3), np.uint8) for c in p.cameras},
+            state=np.zeros(p.state_dim, np.float32),
+            instruction="warm up",
+        )
+        r = self.reason_batch([ReasonItem(self.preprocess(obs))])[0]
+        self.act_batch([ActItem(r, obs.state, seed=1)])
 
     def close(self) -> None:
         """Release engine resources (threads, subprocesses)."""

@@ -101,14 +101,8 @@ class NullEngine(Engine):
         return np.clip(start + walk, lo, hi).astype(np.float32)
 
     def warmup(self) -> None:
-        p = self._info.profile
-        obs = EngineObservation(
-            images={c.name: np.zeros((c.height, c.width, 3), np.uint8) for c in p.cameras},
-            state=np.zeros(p.state_dim, np.float32), instruction="warm up",
-        )
-        r = self.reason_batch([ReasonItem(self.preprocess(obs))])
-        self.act_batch([ActItem(r[0], obs.state, 1)])
-        self.batches = {"reasoning": [], "expert": []}
+        super().warmup()
+        self.batches = {"reasoning": [], "expert": []}  # warm-up batches are not traffic
 
     def _compute(self, base_s: float, n: int) -> None:
         t = base_s + self.per_item_s * n

@@ -90,15 +90,3 @@ class TorchEngine(Engine):
         acts = self.model.sample_actions([it.reasoning.features for it in items], states,
                                          seeds=[it.seed for it in items])
         return [a.astype(np.float32) for a in acts]
-
-    def warmup(self) -> None:
-        """One observation through both stages, so first-call costs are not paid by a robot."""
-        p = self.info.profile
-        obs = EngineObservation(
-            images={c.name: np.zeros((c.height, c.width, 3), np.uint8) for c in p.cameras},
-            state=np.zeros(p.state_dim, np.float32),
-            instruction="warm up",
-        )
-        prepared = self.preprocess(obs)
-        r = self.reason_batch([ReasonItem(prepared)])[0]
-        self.act_batch([ActItem(r, obs.state, seed=0)])

@@ -62,7 +62,7 @@ from chatvla.engines.base import (
     ReasonItem,
 )
 from chatvla.engines.vllm_plugin import ARCHITECTURE, CAPTURE_ARCHITECTURE, WORKER_EXTENSION
-from chatvla.model.action_expert import ActionExpert, mean_pool
+from chatvla.model.action_expert import mean_pool
 from chatvla.model.processor import PreparedPrompt, PromptBuilder
 
 if importlib.util.find_spec("vllm") is None:  # fail at import, so the engine loader reports it clearly
@@ -357,24 +357,9 @@ class VllmEngine(Engine):
     def act_batch(self, items: Sequence[ActItem]) -> list[np.ndarray]:
         if not items:
             return []
-        c = self.cfg.expert
-        prompt = torch.stack([it.reasoning.features[0] for it in items])
-        reas = torch.stack([it.reasoning.features[1] for it in items])
-        states = torch.as_tensor(np.stack([np.asarray(it.state, np.float32) for it in items])).reshape(
-            len(items), c.state_dim)
-        noise = ActionExpert.noise([it.seed for it in items], c.chunk_size, c.action_dim)
-        acts = self.expert.sample(prompt, reas, states, noise).cpu().numpy()
+        states = np.stack([np.asarray(it.state, np.float32) for it in items])
+        acts = self.expert.sample_pooled([it.reasoning.features for it in items], states, [it.seed for it in items])
         return [a.astype(np.float32) for a in acts]
-
-    def warmup(self) -> None:
-        p = self.info.profile
-        obs = EngineObservation(
-            images={c.name: np.zeros((c.height, c.width, 3), np.uint8) for c in p.cameras},
-            state=np.zeros(p.state_dim, np.float32),
-            instruction="warm up",
-        )
-        r = self.reason_batch([ReasonItem(self.preprocess(obs))])[0]
-        self.act_batch([ActItem(r, obs.state, seed=0)])
 
     def close(self) -> None:
         if not self._thread.is_alive():

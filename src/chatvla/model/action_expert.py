@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -211,6 +212,21 @@ class ActionExpert(nn.Module):
     def noise(seeds: Sequence[int], chunk: int, dim: int) -> torch.Tensor:
         """Per-sample initial noise: sample i depends only on seeds[i], so batching changes nothing."""
         return torch.stack([torch.randn(chunk, dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+    @torch.no_grad()
+    def sample_pooled(
+        self, pooled: Sequence[tuple[torch.Tensor, torch.Tensor]], states: np.ndarray | torch.Tensor,
+        seeds: Sequence[int],
+    ) -> np.ndarray:
+        """Chunks [B, H, A] (robot units) from per-sample (prompt mean, reasoning mean) pairs, states in
+        robot units and one noise seed per sample: what every engine's expert stage computes."""
+        c = self.cfg
+        if len(pooled) != len(seeds):
+            raise ValueError("sample_pooled needs one seed per sample")
+        prompt = torch.stack([p for p, _ in pooled])
+        reas = torch.stack([r for _, r in pooled])
+        st = torch.as_tensor(np.asarray(states, dtype=np.float32)).reshape(len(pooled), c.state_dim)
+        return self.sample(prompt, reas, st, self.noise(seeds, c.chunk_size, c.action_dim)).cpu().numpy()
 
     @torch.no_grad()
     def sample(

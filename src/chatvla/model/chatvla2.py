@@ -258,9 +258,9 @@ class ChatVLA2(nn.Module):
         b = len(pairs)
         c = self.cfg.expert
         if noise is None:
-            if seeds is None or len(seeds) != b:
+            if seeds is None:
                 raise ValueError("sample_actions needs one seed per sample (or explicit noise)")
-            noise = ActionExpert.noise(seeds, c.chunk_size, c.action_dim)
+            return self.expert.sample_pooled(pairs, states, seeds)
         prompt = torch.stack([p for p, _ in pairs])
         reas = torch.stack([r for _, r in pairs])
         st = torch.as_tensor(np.asarray(states, dtype=np.float32)).reshape(b, c.state_dim)
