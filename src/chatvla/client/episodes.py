@@ -109,13 +109,16 @@ def run_episode(
     success: Callable[[], bool] | None = None,
     connect_timeout_s: float = 30.0,
     image_encoding: str = "rgb8",
+    robot_id: str = "",
 ) -> EpisodeResult:
-    """Drive `robot` for `max_ticks` control ticks with chunks from the server at `addresses`."""
+    """Drive `robot` for `max_ticks` control ticks with chunks from the server at `addresses` (several
+    replicas, or a `dns:///` name: the episode's session opens on the one `robot_id` ranks first that is
+    healthy, see chatvla.client.balancing)."""
     import time
 
     profile = robot.profile
     client = GrpcPolicyClient(
-        ClientConfig(addresses=tuple(addresses), token=token, image_encoding=image_encoding),
+        ClientConfig(addresses=tuple(addresses), token=token, image_encoding=image_encoding, robot_id=robot_id),
         SessionConfig(profile=profile, instruction=instruction),
     )
     client.start()

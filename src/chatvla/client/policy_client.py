@@ -13,8 +13,14 @@ Why it is built like this:
   Several overdue replies in a row mean a silently dead link (no RST), so the stream is torn down and
   re-established rather than trusted.
 * Reconnects use exponential backoff with jitter (so a fleet does not reconnect in lockstep after a
-  server restart), rotate through the configured addresses, and stop after a fatal error (bad token,
-  session refused): retrying those only hides the problem.
+  server restart) and stop after a fatal error (bad token, session refused): retrying those only
+  hides the problem.
+* Several replicas (several addresses, or a `dns:///name:port` resolving to several): each session
+  opens on the replica `chatvla.client.balancing` picks for this robot (spread over the fleet, the
+  same one every time while it is healthy) and stays there; when its stream ends (the replica died,
+  drained, refused the session or stopped answering) the next session opens on another replica,
+  with DNS re-resolved. Each session is a new stream, and every reply is matched to its observation
+  by a seq that is never reused, so nothing of a dead session can land on the new one's ticks.
 * Server errors become typed `PolicyError`s carrying the server's own message (and the offending field
   for INVALID_ARGUMENT), delivered as `RequestFailed` events, or raised from the synchronous helpers.
 """
@@ -33,6 +39,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from chatvla.client.balancing import BALANCE_POLICIES, Balancer, Endpoint, Resolver, parse_target
 from chatvla.client.runtime import (
     Aborted,
     ChunkReply,
@@ -162,7 +169,10 @@ class BackoffConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """How to reach the server. Several addresses are tried in turn on reconnect."""
+    """How to reach the server. `addresses` are replicas: `host:port`, or `dns:///name:port` for every
+    address a name resolves to. `balance="spread"` spreads robots over them by `robot_id` (rendezvous
+    hashing), `"ordered"` tries them in the given order (a primary and its backups). See
+    chatvla.client.balancing."""
 
     addresses: tuple[str, ...]
     token: str | None = None  # sent as `authorization: Bearer <token>`
@@ -177,6 +187,11 @@ class ClientConfig:
     limits: Limits = field(default_factory=Limits)
     keepalive_ms: int = 0  # 0 = off; the server must permit pings at this interval
     robot_id: str = ""
+    balance: str = "spread"  # spread | ordered
+    failover_cooldown_s: float = 10.0  # a replica whose stream failed is avoided this long
+    # Bound on opening a connection (TCP + TLS). gRPC's own is 20 s, far too long to find out that a
+    # replica's address has gone dark (no RST) while the arm holds.
+    connect_timeout_ms: int = 3000
 
     def __post_init__(self) -> None:
         if not self.addresses:
@@ -185,6 +200,12 @@ class ClientConfig:
             raise TypeError("addresses must be a tuple of strings, not one string")
         if self.deadline_ms <= 0:
             raise ValueError("deadline_ms must be positive")
+        for address in self.addresses:
+            parse_target(address)
+        if self.balance not in BALANCE_POLICIES:
+            raise ValueError(f"balance must be one of {BALANCE_POLICIES}, got {self.balance!r}")
+        if self.failover_cooldown_s < 0 or self.connect_timeout_ms <= 0:
+            raise ValueError("failover_cooldown_s must be >= 0 and connect_timeout_ms positive")
 
 
 @dataclass(frozen=True)
@@ -244,6 +265,7 @@ class GrpcPolicyClient(PolicyConnection):
         *,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.config = config
         self.session = session
@@ -261,7 +283,14 @@ class GrpcPolicyClient(PolicyConnection):
         self._connected = threading.Event()
         self._attempt: _Attempt | None = None
         self._thread: threading.Thread | None = None
-        self._address_index = 0
+        self.balancer = Balancer(
+            config.addresses,
+            config.robot_id,
+            policy=config.balance,  # type: ignore[arg-type]
+            cooldown_s=config.failover_cooldown_s,
+            resolver=resolver,
+        )
+        self._endpoint: Endpoint | None = None
         self.session_info: pb.SessionInfo | None = None
         self.fatal_error: PolicyError | None = None
         self.reconnects = 0
@@ -274,7 +303,8 @@ class GrpcPolicyClient(PolicyConnection):
 
     @property
     def address(self) -> str:
-        return self.config.addresses[self._address_index % len(self.config.addresses)]
+        """The replica of the current (or last) session, as dialled."""
+        return self._endpoint.address if self._endpoint is not None else self.config.addresses[0]
 
     def start(self) -> None:
         if self._thread is None:
@@ -338,10 +368,10 @@ class GrpcPolicyClient(PolicyConnection):
         self._instruction = text
 
     def get_model_info(self, timeout: float = 5.0) -> pb.ModelInfo:
-        """Unary GetModelInfo on the first reachable address; raises a typed PolicyError."""
+        """Unary GetModelInfo on the first reachable replica; raises a typed PolicyError."""
         last: PolicyError | None = None
-        for addr in self.config.addresses:
-            channel = self._channel(addr)
+        for ep in self.balancer.failover_order():
+            channel = self._channel(ep)
             try:
                 stub = pb_grpc.PolicyStub(channel)
                 return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata())
@@ -386,12 +416,15 @@ class GrpcPolicyClient(PolicyConnection):
         return (request.deadline_ms or self.config.deadline_ms) / 1000.0
 
     # ---- connection thread ---------------------------------------------------------------------
-    def _channel(self, address: str) -> grpc.Channel:
+    def _channel(self, endpoint: Endpoint) -> grpc.Channel:
         c = self.config
+        address = endpoint.address
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", c.limits.max_message_bytes),
             ("grpc.max_send_message_length", c.limits.max_message_bytes),
             ("grpc.enable_retries", 0),  # we retry ourselves, with fresh observations
+            # gRPC's minimum connect deadline (a fresh channel per attempt, so nothing else changes).
+            ("grpc.min_reconnect_backoff_ms", c.connect_timeout_ms),
         ]
         if c.keepalive_ms > 0:
             options += [
@@ -401,8 +434,9 @@ class GrpcPolicyClient(PolicyConnection):
             ]
         if c.tls is None:
             return grpc.insecure_channel(address, options=options)
-        if c.tls.server_name:
-            options.append(("grpc.ssl_target_name_override", c.tls.server_name))
+        server_name = c.tls.server_name or endpoint.server_name  # a resolved IP: check the DNS name
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         creds = grpc.ssl_channel_credentials(c.tls.root_certificates, c.tls.private_key, c.tls.certificate_chain)
         return grpc.secure_channel(address, creds, options=options)
 
@@ -417,10 +451,12 @@ class GrpcPolicyClient(PolicyConnection):
     def _run(self) -> None:
         failures = 0
         while not self._closed.is_set():
-            address = self.address
-            error = self._stream_once(address)
+            endpoint = self._endpoint = self.balancer.pick()
+            address = endpoint.address
+            error = self._stream_once(endpoint)
             if self._closed.is_set():
                 break
+            self.balancer.failed(endpoint)
             if error is not None and error.fatal:
                 self.fatal_error = error
                 log.error("policy client giving up on %s: %s", address, error)
@@ -435,19 +471,19 @@ class GrpcPolicyClient(PolicyConnection):
                 )
                 self._fail_everything(self.fatal_error)
                 break
-            self._address_index += 1
             delay = self.config.backoff.delay(failures - 1, self._rng)
-            log.info("reconnecting to %s in %.2f s (%s)", self.address, delay, error)
+            log.info("stream to %s ended (%s); reconnecting in %.2f s", address, error, delay)
             self.reconnects += 1
             self._closed.wait(delay)
         self._connected.clear()
 
-    def _stream_once(self, address: str) -> PolicyError | None:
+    def _stream_once(self, endpoint: Endpoint) -> PolicyError | None:
         """Open one stream and serve it until it ends; return why it ended."""
+        address = endpoint.address
         att = _Attempt()
         self._attempt = att
         self._last_attempt_had_session = False
-        channel = self._channel(address)
+        channel = self._channel(endpoint)
         error: PolicyError | None = None
         try:
             call = pb_grpc.PolicyStub(channel).Stream(self._requests(att), metadata=self._metadata())
@@ -492,6 +528,8 @@ class GrpcPolicyClient(PolicyConnection):
         now = self.clock.now()
         if kind == "session":
             att.session = True
+            if self._endpoint is not None:
+                self.balancer.succeeded(self._endpoint)
             self.session_info = resp.session
             self._connected.set()
             self._events.append(ConnectionChanged(True, address, now, session_id=resp.session.session_id))
@@ -510,6 +548,11 @@ class GrpcPolicyClient(PolicyConnection):
             with self._lock:
                 self._in_flight.pop(e.seq, None)
             self._events.append(RequestFailed(e.seq, err, now))
+            if isinstance(err, Unavailable):
+                # In-band UNAVAILABLE means this replica is draining or shutting down: every further
+                # observation would be refused too, so move to another replica now rather than when
+                # it finally ends the stream.
+                return err
         return None
 
     def _on_chunk(self, chunk: pb.ActionChunk, now: float) -> None:
@@ -567,8 +610,25 @@ class GrpcPolicyClient(PolicyConnection):
             if msg is None:
                 continue
             now = self.clock.now()
+            superseded = False
             with self._lock:
-                self._in_flight[p.seq] = _InFlight(p.request.tick, now, p.submitted_at + self._deadline_s(p.request))
+                gone = att.done.is_set()
+                if gone:
+                    # The stream ended while this was being encoded: it was never sent. Keep it for the
+                    # next session (unless a newer one is already waiting) instead of tracking it as in
+                    # flight on a stream that no longer exists.
+                    superseded = self._pending is not None
+                    if not superseded:
+                        self._pending = p
+                else:
+                    self._in_flight[p.seq] = _InFlight(
+                        p.request.tick, now, p.submitted_at + self._deadline_s(p.request)
+                    )
+            if gone:
+                if superseded:
+                    err = Aborted("superseded by a newer observation before it was sent")
+                    self._events.append(RequestFailed(p.seq, err, now))
+                return
             yield msg
 
     def _encode(self, p: _Pending) -> pb.StreamRequest | None:
