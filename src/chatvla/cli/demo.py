@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--episode-seconds", type=float, default=6.0, help="length of one episode (default 6 s)")
     p.add_argument("--model", default="tiny", help="model for the server (preset or checkpoint dir)")
     p.add_argument("--engine", default="torch", help="server engine (torch, vllm, null)")
-    p.add_argument("--target", help="use a running server at HOST:PORT instead of starting one")
+    p.add_argument("--target", help="use running servers instead of starting one: HOST:PORT, several "
+                   "separated by commas, or dns:///NAME:PORT (robots are spread over the replicas)")
     p.add_argument("--token", help="bearer token for --target")
     p.add_argument("--split", choices=("train", "heldout"), default="train", help="task variants to draw")
     p.add_argument("--seed", type=int, default=0)
@@ -65,7 +66,8 @@ class RobotReport:
         return self.ticks / self.seconds if self.seconds else 0.0
 
 
-def _robot_worker(idx: int, args: argparse.Namespace, address: str, profile_name: str, out: RobotReport) -> None:
+def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], profile_name: str,
+                  out: RobotReport) -> None:
     from chatvla.client.episodes import EpisodeRecorder, LatencyObserver, episode_path, run_episode
     from chatvla.client.recording import EpisodeWriter
     from chatvla.client.robots.registry import make_robot
@@ -88,8 +90,9 @@ def _robot_worker(idx: int, args: argparse.Namespace, address: str, profile_name
                                        task={"kind": kind, "seed": task.seed, "split": task.split},
                                        overwrite=True)
                 observers.append(EpisodeRecorder(writer))
-            res = run_episode(robot, [address], task.instruction, max_ticks=ticks, observers=observers,
-                              token=args.token, success=lambda r=robot: r.check_success().success)
+            res = run_episode(robot, addresses, task.instruction, max_ticks=ticks, observers=observers,
+                              token=args.token, robot_id=out.name,
+                              success=lambda r=robot: r.check_success().success)
             if writer is not None:
                 writer.close({"success": bool(res.success)})
             ex = res.summary.get("executor", {})
@@ -181,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("chatvla.client.safety").setLevel(logging.ERROR)
 
     server = None
-    address = args.target
-    if address is None:
+    addresses = [a.strip() for a in args.target.split(",") if a.strip()] if args.target else []
+    if not addresses:
         from chatvla.cli.server_process import ServerStartError, start_server
 
         print(f"[demo] starting chatvla serve --model {args.model} --engine {args.engine} ...", file=sys.stderr,
@@ -193,17 +196,17 @@ def run(args: argparse.Namespace) -> int:
         except ServerStartError as e:
             print(f"chatvla demo: {e}", file=sys.stderr)
             return 1
-        address = server.grpc_address
+        addresses = [server.grpc_address]
         print(f"[demo] server ready in {time.monotonic() - t0:.1f} s: grpc={server.grpc_address} "
               f"http={server.http_url}", file=sys.stderr, flush=True)
     code = 0
     try:
-        profile = _model_profile(address, args.token)
+        profile = _model_profile(addresses[0], args.token)
         if profile not in SIM_FOR_PROFILE:
             print(f"chatvla demo: no simulator for the model's profile {profile!r}", file=sys.stderr)
             return 2
         reports = [RobotReport(name=f"robot{i}") for i in range(args.robots)]
-        threads = [threading.Thread(target=_robot_worker, args=(i, args, address, profile, reports[i]),
+        threads = [threading.Thread(target=_robot_worker, args=(i, args, addresses, profile, reports[i]),
                                     name=f"demo-robot{i}", daemon=True) for i in range(args.robots)]
         print(f"[demo] {args.robots} x {SIM_FOR_PROFILE[profile]} ({profile}), {args.episodes} episodes of "
               f"{args.episode_seconds:g} s each", file=sys.stderr, flush=True)

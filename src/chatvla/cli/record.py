@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="constructor option of the robot adapter (repeatable)")
     p.add_argument("--out", required=True, help="directory for the episode files")
     p.add_argument("--policy", choices=("server", "oracle"), default="server")
-    p.add_argument("--target", help="policy server HOST:PORT (policy server)")
+    p.add_argument("--target", help="policy server HOST:PORT, several separated by commas, or dns:///NAME:PORT")
     p.add_argument("--token", help="bearer token for the server")
+    p.add_argument("--robot-id", help="name for logs and replica choice (default: the robot name)")
     p.add_argument("--episodes", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0, help="episode length with the server policy")
     p.add_argument("--task", choices=(*TASKS, "both"), default="both", help="sim task (alternates if both)")
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             if args.policy == "oracle":
                 success: bool | None = _record_oracle(robot, writer)
             else:
-                res = run_episode(robot, [args.target], instruction,
+                res = run_episode(robot, [a.strip() for a in args.target.split(",")], instruction,
+                                  robot_id=args.robot_id or args.robot,
                                   max_ticks=max(1, round(args.seconds * robot.profile.control_rate_hz)),
                                   observers=[EpisodeRecorder(writer, images_every=args.images_every)],
                                   token=args.token,
