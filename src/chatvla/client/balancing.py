@@ -69,7 +69,7 @@ class _Target:
     port: int = 0
 
 
-def _host_port(address: str) -> tuple[str, int]:
+def split_host_port(address: str) -> tuple[str, int]:
     """Split `host:port` / `[v6]:port`; the port is required (there is no sensible default)."""
     if address.startswith("["):
         host, sep, rest = address[1:].partition("]")
@@ -98,7 +98,7 @@ def parse_target(text: str) -> _Target:
         _authority, slash, rest = rest[2:].partition("/")
         if not slash:
             raise ValueError(f"bad target {text!r}: expected dns:///host:port")
-    host, port = _host_port(rest)
+    host, port = split_host_port(rest)
     return _Target(text, host, port)
 
 

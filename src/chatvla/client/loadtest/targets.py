@@ -10,26 +10,25 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
+from chatvla.client import balancing
+
 
 class TargetError(ValueError):
     """A target the load test refuses (malformed, or not loopback without --allow-remote)."""
 
 
 def split_host_port(target: str) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` -> (host, port)."""
+    """`host:port`, `[v6]:port` -> (host, port), with the client's address parser; an unbracketed IPv6
+    address is refused here (its last group would be taken for the port)."""
     t = target.strip()
-    if t.startswith("["):
-        host, sep, rest = t[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise TargetError(f"{target!r}: expected [IPv6]:PORT")
-        port_s = rest[1:]
-    else:
-        host, sep, port_s = t.rpartition(":")
-        if not sep or not host or ":" in host:
-            raise TargetError(f"{target!r}: expected HOST:PORT (IPv6 as [addr]:PORT)")
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise TargetError(f"{target!r}: the port must be a number between 1 and 65535")
-    return host, int(port_s)
+    try:
+        host, port = balancing.split_host_port(t)
+    except ValueError as e:
+        why = f"{target!r}: expected HOST:PORT with a port in 1..65535 (IPv6 as [addr]:PORT); {e}"
+        raise TargetError(why) from None
+    if ":" in host and not t.startswith("["):
+        raise TargetError(f"{target!r}: expected HOST:PORT (IPv6 as [addr]:PORT)")
+    return host, port
 
 
 def is_loopback_host(host: str) -> bool:
