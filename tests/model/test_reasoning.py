@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chatvla.model import build_model
-from chatvla.model.chatvla2 import _reasoning_length
+from chatvla.model.chatvla2 import StopRule
 from chatvla.model.presets import tiny, tiny_chatvla1
 
 from .conftest import random_images
@@ -83,9 +83,16 @@ def test_reasoning_length_replays_the_stop_rule(tiny_model):
     tok = tiny_model.prompts.tokenizer
     eos = tiny_model.prompts.eos_id
     ids = tok.encode("so 3+4=7. Next action:", add_special_tokens=False).ids
-    assert _reasoning_length([*ids, 5, 6], {eos}, "Next action:", tok, 12) == len(ids)
-    assert _reasoning_length([7, 8, eos, 9], {eos}, "Next action:", tok, 12) == 3
-    assert _reasoning_length([7, 8, 9], {eos}, "Next action:", tok, 12) == 3
+    rule = StopRule(tok, {eos}, "Next action:")
+    assert rule.tail == 12
+
+    def _reasoning_length(row):  # how `reason` trims a decoded row
+        return rule.length(row) or len(row)
+
+    assert _reasoning_length([*ids, 5, 6]) == len(ids)
+    assert _reasoning_length([7, 8, eos, 9]) == 3
+    assert _reasoning_length([7, 8, 9]) == 3
+    assert rule.ended([7, eos, 9]) and rule.ended(ids) and not rule.ended([7, 8, 9]) and not rule.ended([])
 
 
 def test_one_to_three_cameras(tiny_model):

@@ -61,13 +61,14 @@ def stop_rule(torch_engine, vllm_engine, *, marker: str | None = None, extra_sto
     from chatvla.engines.vllm_engine import StopRule
 
     m = torch_engine.model
-    saved = (m.cfg, m.prompts.reasoning, set(m._stop_ids), torch_engine.max_new_tokens,
+    saved = (m.cfg, m.prompts.reasoning, m.stop_rule, torch_engine.max_new_tokens,
              vllm_engine.stop, vllm_engine.prompts.reasoning, vllm_engine.max_new_tokens)
     reasoning = m.cfg.reasoning if marker is None else replace(m.cfg.reasoning, end_marker=marker)
     try:
         m.cfg = m.cfg.with_updates(reasoning=reasoning)
         m.prompts.reasoning = reasoning
-        m._stop_ids = set(m._stop_ids) | set(extra_stop_ids)
+        m.stop_rule = StopRule(m.prompts.tokenizer, set(m.stop_rule.stop_ids) | set(extra_stop_ids),
+                               reasoning.end_marker)
         vllm_engine.prompts.reasoning = reasoning
         vllm_engine.stop = StopRule(vllm_engine.tokenizer, set(vllm_engine.stop.stop_ids) | set(extra_stop_ids),
                                     reasoning.end_marker)
@@ -75,5 +76,5 @@ def stop_rule(torch_engine, vllm_engine, *, marker: str | None = None, extra_sto
             torch_engine.max_new_tokens = vllm_engine.max_new_tokens = max_new_tokens
         yield
     finally:
-        (m.cfg, m.prompts.reasoning, m._stop_ids, torch_engine.max_new_tokens,
+        (m.cfg, m.prompts.reasoning, m.stop_rule, torch_engine.max_new_tokens,
          vllm_engine.stop, vllm_engine.prompts.reasoning, vllm_engine.max_new_tokens) = saved

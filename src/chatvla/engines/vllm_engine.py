@@ -63,6 +63,7 @@ from chatvla.engines.base import (
 )
 from chatvla.engines.vllm_plugin import ARCHITECTURE, CAPTURE_ARCHITECTURE, WORKER_EXTENSION
 from chatvla.model.action_expert import mean_pool
+from chatvla.model.chatvla2 import StopRule
 from chatvla.model.processor import PreparedPrompt, PromptBuilder
 
 if importlib.util.find_spec("vllm") is None:  # fail at import, so the engine loader reports it clearly
@@ -93,27 +94,6 @@ class VllmReasoningResult(ReasoningResult):
     hidden_source: str = "capture"  # "capture" or "pooling"
     seconds: float = 0.0
     hidden: torch.Tensor | None = field(repr=False, default=None)  # [prompt + fed-back, H] if keep_hidden
-
-
-class StopRule:
-    """The torch engine's stop rule (chatvla.model.chatvla2): a stop token ends the reasoning (inclusive),
-    or the decoded tail ending with the end marker (inclusive of the token that completes it)."""
-
-    def __init__(self, tokenizer, stop_ids: set[int], marker: str) -> None:
-        self.tokenizer = tokenizer
-        self.stop_ids = stop_ids
-        self.marker = marker
-        self.tail = max(4, len(marker))
-
-    def length(self, ids: Sequence[int], start: int = 1) -> int | None:
-        """Where generation ended (checking prefixes of length >= start), or None if it has not."""
-        for n in range(max(1, start), len(ids) + 1):
-            if ids[n - 1] in self.stop_ids:
-                return n
-            if self.marker and self.tokenizer.decode(list(ids[max(0, n - self.tail):n]),
-                                                     skip_special_tokens=True).endswith(self.marker):
-                return n
-        return None
 
 
 class VllmEngine(Engine):

@@ -42,43 +42,46 @@ class ReasoningOutput:
         return mean_pool(self.prompt_hidden), mean_pool(self.reasoning_hidden)
 
 
-class _StopCriteria(StoppingCriteria):
-    """Per-row stop at an end-of-turn token or once the decoded tail ends with the end marker."""
+class StopRule:
+    """Where reasoning ends: at a stop token (inclusive), or once the decoded tail ends with the end
+    marker (inclusive of the token that completes it). One definition for every engine: the torch
+    engine applies it while decoding, the vLLM engine to the ids it streams."""
 
-    def __init__(self, prompt_len: int, stop_ids: set[int], marker: str, tokenizer: Tokenizer) -> None:
-        self.prompt_len = prompt_len
+    def __init__(self, tokenizer: Tokenizer, stop_ids: set[int], marker: str) -> None:
+        self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.marker = marker
-        self.tokenizer = tokenizer
         self.tail = max(4, len(marker))  # a marker spans at most one token per character
+
+    def _marker_at(self, ids: Sequence[int], n: int) -> bool:
+        tail = list(ids[max(0, n - self.tail):n])
+        return bool(self.marker) and self.tokenizer.decode(tail, skip_special_tokens=True).endswith(self.marker)
+
+    def length(self, ids: Sequence[int], start: int = 1) -> int | None:
+        """Where generation ended (checking prefixes of length >= start), or None if it has not."""
+        for n in range(max(1, start), len(ids) + 1):
+            if ids[n - 1] in self.stop_ids or self._marker_at(ids, n):
+                return n
+        return None
+
+    def ended(self, ids: Sequence[int]) -> bool:
+        """Has this row ended? Cheap enough to call after every decoding step: stop tokens anywhere,
+        the marker only at the newest token (earlier steps already checked earlier prefixes)."""
+        return bool(ids) and (any(t in self.stop_ids for t in ids) or self._marker_at(ids, len(ids)))
+
+
+class _StopCriteria(StoppingCriteria):
+    """transformers' per-row stopping hook around `StopRule`."""
+
+    def __init__(self, prompt_len: int, rule: StopRule) -> None:
+        self.prompt_len = prompt_len
+        self.rule = rule
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i, row in enumerate(input_ids[:, self.prompt_len:].tolist()):
-            done[i] = _stopped_at(row, self.stop_ids, self.marker, self.tokenizer, self.tail) is not None
+            done[i] = self.rule.ended(row)
         return done
-
-
-def _stopped_at(row: Sequence[int], stop_ids: set[int], marker: str, tok: Tokenizer, tail: int) -> int | None:
-    """Length of `row` up to and including the token that ended it, or None if it has not ended."""
-    if not row:
-        return None
-    for j, t in enumerate(row):
-        if t in stop_ids:
-            return j + 1
-    if marker and tok.decode(list(row[-tail:]), skip_special_tokens=True).endswith(marker):
-        return len(row)
-    return None
-
-
-def _reasoning_length(row: Sequence[int], stop_ids: set[int], marker: str, tok: Tokenizer, tail: int) -> int:
-    """Replay the stop rule token by token: where generation of this row really ended."""
-    for n in range(1, len(row) + 1):
-        if row[n - 1] in stop_ids:
-            return n
-        if marker and tok.decode(list(row[max(0, n - tail):n]), skip_special_tokens=True).endswith(marker):
-            return n
-    return len(row)
 
 
 class ChatVLA2(nn.Module):
@@ -108,7 +111,8 @@ class ChatVLA2(nn.Module):
         self.stats = stats
         self._moe = moe_blocks(self.vlm)
         tok = tokenizer
-        self._stop_ids = {self.prompts.eos_id, self.prompts.pad_id}
+        self.stop_rule = StopRule(tokenizer, {self.prompts.eos_id, self.prompts.pad_id},
+                                  cfg.reasoning.end_marker)
         self._pad_id = tok.token_to_id(PAD_TOKEN)
         self.eval()
 
@@ -170,8 +174,7 @@ class ChatVLA2(nn.Module):
         hook = self.vlm.model.language_model.norm.register_forward_hook(
             lambda _m, _i, out: captured.append(out.detach())
         )
-        marker = self.cfg.reasoning.end_marker
-        stop = _StopCriteria(width, self._stop_ids, marker, self.prompts.tokenizer)
+        stop = _StopCriteria(width, self.stop_rule)
         self._set_routes(self._task_routes(prepared))
         try:
             out = self.vlm.generate(
@@ -184,7 +187,7 @@ class ChatVLA2(nn.Module):
                 min_new_tokens=1,
                 do_sample=False,
                 num_beams=1,
-                eos_token_id=sorted(self._stop_ids),
+                eos_token_id=sorted(self.stop_rule.stop_ids),
                 pad_token_id=self._pad_id,
                 stopping_criteria=StoppingCriteriaList([stop]),
                 return_dict_in_generate=True,
@@ -197,7 +200,7 @@ class ChatVLA2(nn.Module):
         steps = torch.cat(captured[1:], dim=1) if len(captured) > 1 else prefill[:, :0]
         results = []
         for i, p in enumerate(prepared):
-            n = _reasoning_length(seqs[i], self._stop_ids, marker, self.prompts.tokenizer, stop.tail)
+            n = self.stop_rule.length(seqs[i]) or len(seqs[i])
             toks = seqs[i][:n]
             results.append(
                 ReasoningOutput(
