@@ -4,6 +4,7 @@ Time limits here only stop a hung test; nothing asserts how fast something was."
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import subprocess
@@ -126,6 +127,34 @@ def test_in_band_errors_become_typed_failures_with_the_servers_message(toy, grpc
     grpc_server.servicer.script = lambda o: h.Reply()
     client.submit(obs(toy, 1))
     h.wait_for(lambda: ev.of(ChunkReply), what="a chunk after the error")
+
+
+def test_reasoning_override_goes_on_the_wire_per_observation(toy, grpc_server, client_factory, h):
+    client = client_factory([grpc_server.address])
+    client.wait_connected(5)
+    ev = Events(client)
+    client.submit(dataclasses.replace(obs(toy, 0), reasoning="Pick card 49."))
+    h.wait_for(lambda: len(ev.of(ChunkReply)) == 1, what="the first chunk")
+    client.submit(obs(toy, 1))
+    h.wait_for(lambda: len(ev.of(ChunkReply)) == 2, what="the second chunk")
+    sent = grpc_server.servicer.log.observations
+    assert [o.reasoning for o in sent] == ["Pick card 49.", ""]  # empty = not set: the model decodes
+
+
+def test_run_episode_sends_the_override_with_every_observation(toy, h):
+    from chatvla.client.episodes import run_episode
+    from chatvla.client.fakes import FakeRobot
+
+    fast = type(toy)(**{**toy.__dict__, "control_rate_hz": 100.0})
+    server = h.FakeServer(h.ScriptedPolicy(fast)).start()
+    try:
+        res = run_episode(FakeRobot(fast), [server.address], "stack the cups", max_ticks=30,
+                          connect_timeout_s=5, reasoning_override="Pick card 49.")
+    finally:
+        server.kill()
+    assert res.ticks == 30
+    sent = server.servicer.log.observations
+    assert sent and all(o.reasoning == "Pick card 49." for o in sent)
 
 
 def test_overdue_reply_is_reported_and_still_delivered_late(toy, grpc_server, client_factory, h):

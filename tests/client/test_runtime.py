@@ -159,6 +159,30 @@ def test_instruction_changes_ride_on_the_next_request_only(counter, clock):
     assert carried == ["put the 7 card on the target"]
 
 
+def test_reasoning_override_rides_on_every_request_until_cleared(counter, clock):
+    robot = FakeRobot(counter, clock=clock)
+    conn = FakePolicyConnection(clock, tick_policy(counter), latency=0.1)
+    loop = ControlLoop(robot, conn, ChunkExecutor(counter), SafetyFilter(counter), clock=clock,
+                       reasoning_override="Pick card 49.")
+    assert loop.reasoning_override == "Pick card 49."
+    loop.run(max_ticks=30)
+    first = len(conn.requests)
+    assert first > 1 and all(r.reasoning == "Pick card 49." for r in conn.requests)
+    assert loop.stats.last_reasoning == "Pick card 49."  # the fake echoes it, as the server does
+    loop.set_reasoning_override(None)
+    loop.run(max_ticks=30)
+    cleared = len(conn.requests)
+    assert cleared > first and all(r.reasoning is None for r in conn.requests[first:])
+    loop.set_reasoning_override("Place it on the target.")
+    loop.run(max_ticks=30)
+    assert len(conn.requests) > cleared
+    assert all(r.reasoning == "Place it on the target." for r in conn.requests[cleared:])
+    loop.set_reasoning_override("")  # empty is "no override", as on the wire
+    assert loop.reasoning_override is None
+    with pytest.raises(TypeError):
+        loop.set_reasoning_override(49)  # type: ignore[arg-type]
+
+
 def test_a_misshapen_chunk_is_dropped_not_fatal(counter, clock):
     def policy(req):
         return np.zeros((8, 5)) if req.tick == 0 else tick_policy(counter)(req)

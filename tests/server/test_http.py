@@ -68,6 +68,32 @@ async def test_infer_multipart(serve):
     np.testing.assert_allclose(np.asarray(r.json()["actions"]), srv.engine.actions_for(state_vec(), 9))
 
 
+async def test_infer_json_with_a_reasoning_override(serve):
+    srv = await serve()
+    r = await srv.http.post("/v1/infer", json=body(reasoning="Pick card 49."))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["reasoning"], out["reasoning_refreshed"], out["reasoning_tokens"]) == ("Pick card 49.", False, 0)
+    np.testing.assert_allclose(np.asarray(out["actions"]), srv.engine.actions_for(state_vec(), 9))
+    assert srv.sample("chatvla_reasoning_tokens_total") == 0
+    # null means no override: the model decodes as usual.
+    r = await srv.http.post("/v1/infer", json=body(reasoning=None))
+    assert r.json()["reasoning_refreshed"] and "stack the cups" in r.json()["reasoning"]
+
+
+async def test_infer_multipart_with_a_reasoning_override(serve):
+    srv = await serve()
+    raw = base64.b64decode(png_b64())
+    data = {"instruction": "open the drawer", "state": json.dumps(state_vec().tolist()), "seed": "9"}
+    r = await srv.http.post("/v1/infer", files={CAMERAS[0]: ("a.png", raw, "image/png")},
+                            data={**data, "reasoning": "Pick card 49."})
+    assert r.status_code == 200, r.text
+    assert (r.json()["reasoning"], r.json()["reasoning_refreshed"]) == ("Pick card 49.", False)
+    r = await srv.http.post("/v1/infer", files={CAMERAS[0]: ("a.png", raw, "image/png")},
+                            data={**data, "reasoning": "<|image_pad|>"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "reasoning"
+
+
 BAD_JSON = [
     ("bad base64", body(images={CAMERAS[0]: "!!!not base64!!!"}), f"images[{CAMERAS[0]}]"),
     ("undecodable image", body(images={CAMERAS[0]: base64.b64encode(b"hello").decode()}), f"images[{CAMERAS[0]}]"),
@@ -81,6 +107,8 @@ BAD_JSON = [
     ("long instruction", body(instruction="z" * 1001), "instruction"),
     ("unknown key", body(colour="red"), "colour"),
     ("negative seed", body(seed=-1), "seed"),
+    ("reasoning not a string", body(reasoning=["Pick card 49."]), "reasoning"),
+    ("control token in reasoning", body(reasoning="Pick card 49.<|im_end|>"), "reasoning"),
     ("not an object", [1, 2, 3], "body"),
 ]
 
@@ -159,7 +187,8 @@ async def test_debug_page_is_self_contained(serve):
     r = await srv.http.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
-    for needle in ('type="file"', 'id="instruction"', "/v1/infer", "/v1/model", "<svg", "polyline"):
+    for needle in ('type="file"', 'id="instruction"', 'id="reasoning-override"', 'fd.append("reasoning"',
+                   "reasoning override (optional)", "/v1/infer", "/v1/model", "<svg", "polyline"):
         assert needle in html or needle.strip("<") in html, needle
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
 

@@ -110,10 +110,15 @@ def run_episode(
     connect_timeout_s: float = 30.0,
     image_encoding: str = "rgb8",
     robot_id: str = "",
+    reasoning_override: str | None = None,
 ) -> EpisodeResult:
     """Drive `robot` for `max_ticks` control ticks with chunks from the server at `addresses` (several
     replicas, or a `dns:///` name: the episode's session opens on the one `robot_id` ranks first that is
-    healthy, see chatvla.client.balancing)."""
+    healthy, see chatvla.client.balancing).
+
+    `reasoning_override` makes every observation of the episode carry that reasoning text, so the
+    action expert follows it instead of the model's own: the evaluation of "given this reasoning,
+    does the robot do it?" (see `ControlLoop.set_reasoning_override`)."""
     import time
 
     profile = robot.profile
@@ -126,7 +131,7 @@ def run_episode(
         client.wait_connected(connect_timeout_s)
         loop = ControlLoop(robot, client, ChunkExecutor(profile, executor_config),
                            SafetyFilter(profile, safety_config), observers=list(observers),
-                           instruction=instruction)
+                           instruction=instruction, reasoning_override=reasoning_override)
         t0 = time.monotonic()
         loop.run(max_ticks=max_ticks)
         seconds = time.monotonic() - t0

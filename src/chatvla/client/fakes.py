@@ -113,7 +113,8 @@ class FakePolicyConnection(PolicyConnection):
     `latency(seq, request)` returns the round trip in seconds, or None to lose the request (no reply,
     no error: only the executor's timeout notices). `errors(seq, request)` may return a PolicyError to
     answer with instead of a chunk. The chunk is computed from the observation when it is submitted,
-    as a server would, and becomes visible to `poll` once its round trip has elapsed."""
+    as a server would, and becomes visible to `poll` once its round trip has elapsed. A request's
+    reasoning override comes back as the chunk's reasoning (not refreshed), as from a real server."""
 
     def __init__(
         self,
@@ -162,7 +163,9 @@ class FakePolicyConnection(PolicyConnection):
             self._schedule(now + lat, RequestFailed(seq, err, now + lat))
         else:
             actions = np.asarray(self.policy(request), dtype=np.float32)
-            self._schedule(now + lat, ChunkReply(seq, request.tick, actions, received_at=now + lat))
+            # Like the server: a supplied reasoning override is echoed and nothing was decoded.
+            reply = ChunkReply(seq, request.tick, actions, received_at=now + lat, reasoning=request.reasoning or "")
+            self._schedule(now + lat, reply)
         return seq
 
     def _schedule(self, due: float, event: PolicyEvent) -> None:

@@ -655,6 +655,7 @@ class GrpcPolicyClient(PolicyConnection):
                 deadline_ms=max(1, int(remaining_ms)),
                 force_reasoning=r.force_reasoning,
                 seed=r.seed,
+                reasoning=r.reasoning or "",
             )
         except (WireError, ValueError, TypeError) as e:
             field_name = e.field if isinstance(e, WireError) else "observation"

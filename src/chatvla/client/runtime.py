@@ -131,6 +131,10 @@ class ObservationRequest:
     force_reasoning: bool = False
     deadline_ms: int | None = None  # None: the connection's default
     seed: int = 0
+    # Reasoning override: the server pre-fills this text instead of decoding its own, for this
+    # observation only (operators steering the robot, evaluations asking "does it follow this?").
+    # None: the model's own reasoning, decoded or cached as the session's policy says.
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,13 @@ class ActionQueue(Protocol):
 
 
 # ---- the loop ------------------------------------------------------------------------------------
+def _override(text: str | None) -> str | None:
+    """An empty override means none: on the wire an empty `reasoning` is "not set" anyway."""
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"reasoning override must be a string or None, not {type(text).__name__}")
+    return text or None
+
+
 @dataclass(frozen=True)
 class TickRecord:
     """Everything that happened on one tick: what recording and live plots subscribe to."""
@@ -261,6 +272,7 @@ class ControlLoop:
         clock: Clock | None = None,
         observers: Sequence[TickObserver] = (),
         instruction: str | None = None,
+        reasoning_override: str | None = None,
     ) -> None:
         self.robot = robot
         self.connection = connection
@@ -272,6 +284,7 @@ class ControlLoop:
         self.stats = LoopStats()
         self.error: BaseException | None = None
         self._pending_instruction = instruction
+        self._reasoning_override = _override(reasoning_override)
         self._lock = threading.Lock()
         self._t0: float | None = None
         self._tick = 0
@@ -289,6 +302,19 @@ class ControlLoop:
         with self._lock:
             self._pending_instruction = text
 
+    def set_reasoning_override(self, text: str | None) -> None:
+        """Make the model follow `text` instead of its own reasoning; None (or "") goes back to the
+        model's. Unlike an instruction it persists: every observation sent carries it until cleared,
+        because the server applies an override to its own observation only. Thread-safe."""
+        with self._lock:
+            self._reasoning_override = _override(text)
+
+    @property
+    def reasoning_override(self) -> str | None:
+        """The override every observation currently carries, or None."""
+        with self._lock:
+            return self._reasoning_override
+
     # ---- one tick --------------------------------------------------------------------------------
     def step(self) -> TickRecord:
         """Run the current tick now. Public so tests and benchmarks can drive the loop tick by tick."""
@@ -304,7 +330,10 @@ class ControlLoop:
         if self.executor.should_request(tick, now):
             with self._lock:
                 instruction, self._pending_instruction = self._pending_instruction, None
-            req = ObservationRequest(tick=tick, images=obs.images, state=obs.state, instruction=instruction)
+                reasoning = self._reasoning_override
+            req = ObservationRequest(
+                tick=tick, images=obs.images, state=obs.state, instruction=instruction, reasoning=reasoning
+            )
             sent = self.connection.submit(req)
             self.executor.on_request_sent(sent, tick, now)
             # A reply that is already there (a local or very fast server) can still serve this tick.

@@ -40,7 +40,9 @@ class ObservationRequest:
     seed: int = 0  # 0 = the server picks one
     deadline_ms: int = 0  # 0 = session / server default
     force_reasoning: bool = False
-    reasoning: str | None = None  # stateless calls only: pre-fill this text instead of decoding
+    # Supplied reasoning: pre-fill this text instead of decoding. On a session it applies to this
+    # observation only and leaves the session's cached reasoning alone.
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)

@@ -327,20 +327,27 @@ class Pipeline:
     async def _run(self, job: Job) -> ChunkResult:
         req, session = job.request, job.session
         now = time.monotonic()
-        if session is not None:
+        if req.reasoning is not None:
+            # Supplied reasoning (Infer's `reasoning`, a Stream observation's override): pre-fill it,
+            # whatever the session's policy says, so an operator or an evaluation decides what the
+            # action expert follows.
+            reason, cached, cached_ids = None, req.reasoning, None
+        elif session is not None:
             reason = session.refresh_reason(job, now)
             cached = None if reason else session.cache.text
             cached_ids = None if reason else session.cache.token_ids
         else:
-            reason = "stateless" if req.reasoning is None else None
-            cached, cached_ids = req.reasoning, None
+            reason, cached, cached_ids = "stateless", None, None
         item = ReasonItem(prepared=job.prepared, reasoning=cached, reasoning_token_ids=cached_ids)
         rres, rstats = await self._reason(item, job)
         if rres.decoded:
             self.metrics.reasoning_tokens.inc(len(rres.token_ids))
             self.metrics.reasoning_refresh.labels(reason=reason or "stateless").inc()
         if session is not None:
-            session.record_reasoning(rres.text, rres.token_ids, rres.decoded, req.obs.instruction, now)
+            if req.reasoning is None:
+                session.record_reasoning(rres.text, rres.token_ids, rres.decoded, req.obs.instruction, now)
+            else:
+                session.record_override()
         assert self._expert is not None
         fut = self._expert.submit(ActItem(rres, req.obs.state, job.seed), deadline=job.deadline)
         actions, estats = await fut
@@ -354,7 +361,9 @@ class Pipeline:
         )
         self._observe(timings)
         return ChunkResult(
-            seq=req.seq, tick=req.tick, actions=actions, reasoning=rres.text,
+            # Supplied text is echoed as sent (the engine's version may be re-decoded from tokens).
+            seq=req.seq, tick=req.tick, actions=actions,
+            reasoning=req.reasoning if req.reasoning is not None else rres.text,
             reasoning_refreshed=rres.decoded, reasoning_tokens=len(rres.token_ids) if rres.decoded else 0,
             timings=timings,
         )

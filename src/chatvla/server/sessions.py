@@ -8,7 +8,8 @@ computing waits in a single pending slot, where a newer one replaces it again. R
 are answered ABORTED so the client knows their fate.
 
 The reasoning cache implements the dual-rate policy: System 2 (decode new text) when the policy says
-so, System 1 (pre-fill the cached text with the new observation) in between.
+so, System 1 (pre-fill the cached text with the new observation) in between. An observation that
+supplies its own reasoning (an override) is pre-filled with that text and never replaces the cache.
 """
 
 from __future__ import annotations
@@ -155,3 +156,9 @@ class Session:
             )
         else:
             self.cache.since_refresh += 1
+
+    def record_override(self) -> None:
+        """An observation ran on supplied reasoning. The cached decoded text stays (the override is for
+        that observation only), but it ages like a System 1 step: `every_n` counts observations since
+        the text was decoded, so a long run of overrides is followed by fresh reasoning, not stale."""
+        self.cache.since_refresh += 1

@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,13 @@ from chatvla.wire.codec import decode_image_bytes
 MAX_DEADLINE_MS = 600_000
 _MAX_NAME_CHARS = 64  # camera names, robot ids: echoed in messages, so bounded
 _JSON_KEYS = frozenset({"images", "state", "instruction", "seed", "deadline_ms", "reasoning", "tick"})
+# Chat-template control tokens (`<|im_end|>`, `<|image_pad|>`, ...: the Qwen2 special tokens, and the
+# same `<|name|>` shape any other chat template uses). Supplied reasoning is tokenized (the tokenizer
+# recognises special tokens inside text) and pre-filled after the prompt, so such a token would end the
+# turn early or add an image placeholder without an image, which fails the whole reasoning batch for
+# every robot in it.
+# Refusing the `<|...|>` shape outright is simpler and safer than mirroring one tokenizer's list.
+_CONTROL_TOKEN = re.compile(r"<\|[^|]*\|>")
 
 
 @dataclass(frozen=True)
@@ -154,15 +162,17 @@ def session_from_proto(start: pb.SessionStart, spec: InputSpec, defaults: Reason
 def observation_from_proto(
     obs: pb.Observation, spec: InputSpec, cameras: Sequence[str], session_instruction: str
 ) -> ObservationRequest:
-    """Validate a Stream observation; an empty instruction keeps the session's."""
+    """Validate a Stream observation; an empty instruction keeps the session's, an empty
+    reasoning lets the session's policy decide between decoding and its cached text."""
     instruction = check_instruction(obs.instruction, "observation.instruction", spec.limits, required=False)
     deadline = check_deadline(obs.deadline_ms, "observation.deadline_ms")
+    reasoning = check_reasoning(obs.reasoning, "observation.reasoning", spec.limits) if obs.reasoning else None
     state = decode_proto_state(obs.state, "observation.state", spec, obs.HasField("state"))
     images = decode_proto_images(obs.images, "observation.images", spec, cameras)
     return ObservationRequest(
         obs=EngineObservation(images=images, state=state, instruction=instruction or session_instruction),
         seq=int(obs.seq), tick=int(obs.tick), seed=int(obs.seed), deadline_ms=deadline,
-        force_reasoning=bool(obs.force_reasoning),
+        force_reasoning=bool(obs.force_reasoning), reasoning=reasoning,
     )
 
 
@@ -172,7 +182,7 @@ def infer_from_proto(req: pb.InferRequest, spec: InputSpec) -> ObservationReques
         raise invalid("robot_profile", f"{_name(req.robot_profile)!r} is not served here; use {spec.profile.name!r}")
     instruction = check_instruction(req.instruction, "instruction", spec.limits, required=True)
     deadline = check_deadline(req.deadline_ms, "deadline_ms")
-    reasoning = _check_reasoning(req.reasoning, spec.limits) if req.reasoning else None
+    reasoning = check_reasoning(req.reasoning, "reasoning", spec.limits) if req.reasoning else None
     state = decode_proto_state(req.state, "state", spec, req.HasField("state"))
     images = decode_proto_images(req.images, "images", spec)
     return ObservationRequest(
@@ -181,10 +191,17 @@ def infer_from_proto(req: pb.InferRequest, spec: InputSpec) -> ObservationReques
     )
 
 
-def _check_reasoning(text: str, limits: Limits) -> str:
-    # Cached reasoning may be longer than an instruction; bound it by the same order of magnitude.
+def check_reasoning(text: str, field: str, limits: Limits) -> str:
+    """Supplied reasoning text (Infer, HTTP, a Stream observation's override) is pre-filled into the
+    model as-is, so it is bounded and must be plain text: no chat-template control tokens."""
+    if not isinstance(text, str):
+        raise invalid(field, "must be a string")
+    # Reasoning may be longer than an instruction; bound it by the same order of magnitude.
     if len(text) > 8 * limits.max_instruction_chars:
-        raise invalid("reasoning", f"longer than {8 * limits.max_instruction_chars} characters")
+        raise invalid(field, f"longer than {8 * limits.max_instruction_chars} characters")
+    token = _CONTROL_TOKEN.search(text)
+    if token is not None:
+        raise invalid(field, f"contains the chat-template control token {_name(token.group())!r}; send plain text")
     return text
 
 
@@ -242,7 +259,7 @@ def _common_http(body: Mapping[str, Any], spec: InputSpec) -> dict[str, Any]:
         "seed": _int_field(body, "seed", 0, 2**64 - 1),
         "deadline_ms": _int_field(body, "deadline_ms", 0, MAX_DEADLINE_MS),
         "tick": _int_field(body, "tick", -(2**63), 2**63 - 1),
-        "reasoning": _check_reasoning(reasoning, spec.limits) if reasoning else None,
+        "reasoning": check_reasoning(reasoning, "reasoning", spec.limits) if reasoning else None,
     }
 
 

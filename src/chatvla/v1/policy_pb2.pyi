@@ -173,7 +173,7 @@ class SessionStart(_message.Message):
     def __init__(self, robot_profile: _Optional[str] = ..., cameras: _Optional[_Iterable[str]] = ..., control_rate_hz: _Optional[float] = ..., instruction: _Optional[str] = ..., robot_id: _Optional[str] = ..., reasoning: _Optional[_Union[ReasoningPolicy, _Mapping]] = ..., default_deadline_ms: _Optional[int] = ...) -> None: ...
 
 class Observation(_message.Message):
-    __slots__ = ("seq", "tick", "images", "state", "instruction", "deadline_ms", "force_reasoning", "seed")
+    __slots__ = ("seq", "tick", "images", "state", "instruction", "deadline_ms", "force_reasoning", "seed", "reasoning")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TICK_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class Observation(_message.Message):
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     FORCE_REASONING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tick: int
     images: _containers.RepeatedCompositeFieldContainer[Image]
@@ -190,7 +191,8 @@ class Observation(_message.Message):
     deadline_ms: int
     force_reasoning: bool
     seed: int
-    def __init__(self, seq: _Optional[int] = ..., tick: _Optional[int] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., instruction: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., force_reasoning: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    reasoning: str
+    def __init__(self, seq: _Optional[int] = ..., tick: _Optional[int] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., instruction: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., force_reasoning: _Optional[bool] = ..., seed: _Optional[int] = ..., reasoning: _Optional[str] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("start", "observation")
