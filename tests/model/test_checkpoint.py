@@ -1,13 +1,15 @@
-"""Checkpoint directories: bit-exact round trips, clear errors, the authors' importer, conversion."""
+"""Checkpoint directories: bit-exact round trips, clear errors, dense -> MoE conversion.
+
+The authors' importer is tested in test_importer.py."""
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,8 @@ from safetensors.torch import load_file, save_file
 from chatvla.model import build_model, load_model
 from chatvla.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from chatvla.model.config import ChatVLAConfig, MoEConfig
-from chatvla.model.importer import ImportError_, import_authors_checkpoint
 from chatvla.model.presets import PRESETS, parameter_counts, tiny
 from chatvla.model.vlm import dense_to_moe_state_dict, vlm_state_dict
-from chatvla.profiles import FRANKA_JOINT
 
 from .conftest import random_images
 
@@ -49,12 +49,14 @@ def test_layout_is_what_vllm_loads(saved):
     names = set(load_file(str(saved / "model.safetensors")))
     assert "model.layers.0.mlp.experts.gate_up_proj" in names
     assert "model.layers.0.mlp.gate.weight" in names
+    assert "model.layers.0.mlp.gate.bias" in names  # the authors' router has a bias; so do the presets
     assert "model.layers.0.mlp.shared_expert.down_proj.weight" in names
     assert "visual.patch_embed.proj.weight" in names and "lm_head.weight" in names
     assert not any(n.startswith("policy_head") for n in names)
     cfg = json.loads((saved / "config.json").read_text())
     assert cfg["architectures"] == ["ChatVLA2ForConditionalGeneration"]
     assert cfg["text_config"]["num_experts"] == 4 and cfg["text_config"]["num_experts_per_tok"] == 2
+    assert cfg["text_config"]["router_bias"] is True  # the vLLM plugin builds its gate with a bias from this
     expert = set(load_file(str(saved / "expert" / "model.safetensors")))
     for n in ("policy_head.t_embedder.mlp.0.weight", "policy_head.norm_after_pool.weight",
               "policy_head.cond_obs_emb.weight", "policy_head.cond_reasoning_emb.weight",
@@ -128,84 +130,6 @@ def test_load_model_errors_are_clear(tmp_path):
         load_model("chatvla2-2b")
 
 
-# --- the authors' layout ------------------------------------------------------------------------------------
-
-def _authors_layout(model, root: Path) -> Path:
-    """Write `model` the way the authors' training code saves a ChatVLA-2 run (see importer docstring)."""
-    run = root / "run"
-    ck = run / "checkpoint-1000"
-    ck.mkdir(parents=True)
-    cfg = model.cfg
-    tc = cfg.vlm["text_config"]
-    flat = {k: v for k, v in tc.items() if k != "rope_parameters"}
-    flat.update(model_type="qwen2_vla", rope_theta=tc["rope_parameters"]["rope_theta"],
-                rope_scaling={"type": "mrope", "mrope_section": tc["rope_parameters"]["mrope_section"]},
-                vision_config=cfg.vlm["vision_config"], tie_word_embeddings=False,
-                policy_head_type="dit_diffusion_policy", routed_top_k=2, shared_expert_num=1,
-                policy_head_config={"num_heads": cfg.expert.num_heads},
-                **{k: cfg.vlm[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                          "vision_end_token_id")})
-    (ck / "config.json").write_text(json.dumps(flat))
-    tensors = {}
-    for k, v in vlm_state_dict(model.vlm).items():
-        if ".mlp.experts.gate_up_proj" in k:
-            pre = k[: -len("experts.gate_up_proj")]
-            inter = v.shape[1] // 2
-            for e in range(v.shape[0]):
-                tensors[f"{pre}experts.{e}.gate_proj.weight"] = v[e, :inter].clone()
-                tensors[f"{pre}experts.{e}.up_proj.weight"] = v[e, inter:].clone()
-        elif ".mlp.experts.down_proj" in k:
-            pre = k[: -len("experts.down_proj")]
-            for e in range(v.shape[0]):
-                tensors[f"{pre}experts.{e}.down_proj.weight"] = v[e].clone()
-        elif k.endswith(".mlp.gate.weight"):
-            tensors[k.replace(".mlp.gate.", ".mlp.router.topkroute_linear.")] = v
-        elif ".mlp.shared_expert." in k:
-            tensors[k.replace(".shared_expert.", ".shared_experts.0.")] = v
-        else:
-            tensors[k] = v
-    for k, v in model.expert.state_dict().items():
-        tensors[k] = v
-    tensors["policy_head.hidden_states_for_cosattn.weight"] = torch.zeros(4, 4)  # unused by ChatVLA-2
-    half = len(tensors) // 2
-    names = sorted(tensors)
-    save_file({k: tensors[k].contiguous() for k in names[:half]}, str(ck / "model-00001-of-00002.safetensors"))
-    save_file({k: tensors[k].contiguous() for k in names[half:]}, str(ck / "model-00002-of-00002.safetensors"))
-    shutil.copy(Path(__file__).resolve().parents[2] / "src/chatvla/model/assets/tiny_tokenizer/tokenizer.json", ck)
-    s = model.stats
-    with (run / "dataset_stats.pkl").open("wb") as f:
-        pickle.dump({"action_min": np.array(s.action_min), "action_max": np.array(s.action_max),
-                     "qpos_mean": np.array(s.state_mean), "qpos_std": np.array(s.state_std),
-                     "example_qpos": np.zeros(8)}, f)
-    return ck
-
-
-def test_importer_round_trips_an_authors_layout(tmp_path, tiny_model, prepared):
-    src = _authors_layout(tiny_model, tmp_path)
-    with pytest.raises(ImportError_, match="--trust-pickle"):
-        import_authors_checkpoint(src, tmp_path / "out", profile=FRANKA_JOINT)
-    out = import_authors_checkpoint(src, tmp_path / "out", profile=FRANKA_JOINT, trust_pickle=True)
-    m = load_checkpoint(out)
-    assert m.cfg.moe.kind == "dynamic" and m.cfg.moe.num_experts == 4 and m.cfg.moe.num_shared_experts == 1
-    assert m.cfg.expert.timestep_freq_dtype == "bfloat16"
-    a = tiny_model.reason(prepared[:2])
-    assert m.cfg.reasoning.max_new_tokens == 256  # the authors' bound
-    b = m.reason(prepared[:2], max_new_tokens=tiny_model.cfg.reasoning.max_new_tokens)
-    assert [x.token_ids for x in a] == [x.token_ids for x in b]
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.reasoning_hidden, y.reasoning_hidden)
-    # Identical weights; only the (documented) bf16 timestep rounding differs in the expert.
-    sd_a, sd_b = tiny_model.expert.state_dict(), m.expert.state_dict()
-    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
-    assert m.stats == tiny_model.stats
-
-
-def test_importer_rejects_other_models(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ImportError_, match="qwen2_vla"):
-        import_authors_checkpoint(tmp_path, tmp_path / "o", profile=FRANKA_JOINT, trust_pickle=True)
-
-
 def test_dense_conversion_starts_experts_as_copies_and_keeps_the_function():
     dense_cfg = tiny().with_updates(moe=MoEConfig(kind="dense"))
     dense = build_model(dense_cfg)
@@ -222,6 +146,27 @@ def test_dense_conversion_starts_experts_as_copies_and_keeps_the_function():
     p = dense.prepare(random_images(dense, 3), "convert me")
     a, b = dense.prefill([p], ["pick the card"])[0], moe.prefill([p], ["pick the card"])[0]
     torch.testing.assert_close(a.prompt_hidden, b.prompt_hidden, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_conversion_writes_a_zero_router_bias_when_the_config_has_one():
+    dense = build_model(tiny().with_updates(moe=MoEConfig(kind="dense")))
+    cfg = tiny().with_updates(moe=replace(tiny().moe, expert_intermediate_size=None))
+    assert cfg.moe.router_bias
+    sd = dense_to_moe_state_dict(vlm_state_dict(dense.vlm), cfg)
+    assert torch.equal(sd["model.layers.3.mlp.gate.bias"], torch.zeros(4))
+    from chatvla.model.vlm import module_name
+
+    build_model(cfg).vlm.load_state_dict({module_name(k): v for k, v in sd.items()}, strict=True)
+
+
+def test_seeded_router_bias_is_zero_and_leaves_the_other_weights_unchanged():
+    """Adding the bias to the presets must not re-draw the seeded weights (init skips biases)."""
+    with_bias, without = build_model(tiny()), build_model(tiny().with_updates(moe=replace(tiny().moe,
+                                                                                          router_bias=False)))
+    a, b = with_bias.vlm.state_dict(), without.vlm.state_dict()
+    assert set(a) - set(b) == {f"model.language_model.layers.{i}.mlp.gate.bias" for i in range(4)}
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert all(not a[k].any() for k in set(a) - set(b))
 
 
 def test_two_billion_preset_parameter_counts():

@@ -54,9 +54,13 @@ class MoEConfig:
         return self.kind != "dense" and (self.layers is None or layer in self.layers)
 
 
-# The three MoE variants the issue and papers name.
-MOE_PAPER = MoEConfig(kind="dynamic", num_routed_experts=8, top_k=2, num_shared_experts=0)
-MOE_AUTHORS_SCRIPTS = MoEConfig(kind="dynamic", num_routed_experts=4, top_k=2, num_shared_experts=1)
+# The three MoE variants the issue and papers name. The dynamic ones carry a router bias because the
+# authors' router (NoisyTopkRouter.topkroute_linear) is an nn.Linear with one, so their checkpoints
+# and our presets share a layout; a zero bias (what seeded init and dense conversion give) routes
+# exactly as no bias.
+MOE_PAPER = MoEConfig(kind="dynamic", num_routed_experts=8, top_k=2, num_shared_experts=0, router_bias=True)
+MOE_AUTHORS_SCRIPTS = MoEConfig(kind="dynamic", num_routed_experts=4, top_k=2, num_shared_experts=1,
+                                router_bias=True)
 MOE_CHATVLA_V1 = MoEConfig(kind="static", num_routed_experts=2, top_k=1, num_shared_experts=0)
 MOE_DENSE = MoEConfig(kind="dense", num_routed_experts=1, top_k=1, num_shared_experts=0)
 

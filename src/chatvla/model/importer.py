@@ -1,12 +1,23 @@
 """One-off, offline importer for the authors' ChatVLA-2 checkpoints (DexVLA-style layout).
 
 Their layout: an HF directory (`checkpoint-N/`) with a flat `config.json` (`model_type: qwen2_vla`,
-text fields at the top level, `vision_config`, `rope_scaling` with `mrope_section`), safetensors that
-hold the VLM (`model.layers.*`, `visual.*`, `lm_head.*`, per-expert MoE modules), the projectors
-(`input_action_proj.*`, `reasoning_action_proj.*`) and the DiT head (`policy_head.*`), plus
-`dataset_stats.pkl` one level up. The pickle is read only when the caller passes `trust_pickle=True`
-(`--trust-pickle` on the command line): unpickling runs arbitrary code, so this never happens in the
-server, only here, by explicit request, on a file the user vouches for.
+text fields at the top level, `vision_config`, `rope_scaling` with `mrope_section`, and their training
+flags: `using_moe`, `using_shared_routed_expert`, `using_static_expert`, `routed_expert_num`,
+`shared_expert_num`, `routed_top_k`, `using_film`, ...), safetensors that hold the VLM (`model.layers.*`,
+`visual.*`, `lm_head.*`, one module per expert), the projectors (`input_action_proj.*`,
+`reasoning_action_proj.*`) and the DiT head (`policy_head.*`), plus `dataset_stats.pkl` one level up.
+The pickle is read only when the caller passes `trust_pickle=True` (`--trust-pickle` on the command
+line): unpickling runs arbitrary code, so this never happens in the server, only here, by explicit
+request, on a file the user vouches for.
+
+Their MoE per decoder layer (`model.layers.N.`):
+    share_moe_expert.routed_experts.router.topkroute_linear.{weight,bias}   router (Linear with bias)
+    share_moe_expert.routed_experts.experts.E.{gate,up,down}_proj.weight    routed experts
+    share_moe_expert.shared_experts.J.{gate,up,down}_proj.weight            always-on, summed
+    static_expert.experts.{0,1}.{gate,up,down}_proj.weight                  ChatVLA v1 (0: VQA, 1: control)
+These are fused into our layout (`chatvla.model.moe`). Checkpoints that need computation this model
+does not do (FiLM, GR00T-like attention, DeepSeek / DeepSpeed MoE, static + routed averaged) are
+refused with an error naming the flag or tensor, never imported with the extra parts dropped.
 
 The output is our checkpoint format (safetensors + JSON), which the server loads without pickle.
 """
@@ -17,6 +28,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +41,28 @@ from chatvla.profiles import RobotProfile
 log = logging.getLogger(__name__)
 
 # Tensors of the authors' checkpoints that ChatVLA-2's inference path never uses.
-UNUSED_PREFIXES = ("policy_head.hidden_states_for_cosattn.", "reasoning_film.", "action_proj.", "reasoning_proj.")
+UNUSED_PREFIXES = ("policy_head.hidden_states_for_cosattn.", "action_proj.", "reasoning_proj.", "expert_traffic")
+# Top-level modules that become part of our model (everything else is either unused or refused).
+_KEPT_PREFIXES = ("model.", "visual.", "lm_head.", "policy_head.", "input_action_proj.", "reasoning_action_proj.")
 _TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
               "bos_token_id", "eos_token_id", "use_sliding_window", "sliding_window", "max_window_layers")
+
+# Training flags (their `model_args`, copied into config.json) for features this model does not compute.
+# Importing such a checkpoint without them would silently serve a different function, so it is refused.
+_REFUSED_FLAGS = {
+    "using_film": "FiLM modulation of the action condition by the reasoning (`reasoning_film.*`)",
+    "using_groot_like_attn": "GR00T-like attention from the action head into the VLM's layers",
+}
+# MoE flags, meaningful only with `using_moe`; each names a routing this model does not implement.
+_REFUSED_MOE_FLAGS = {
+    "using_deepseek_moe": "DeepSeek-style sigmoid routing (`deepseek_expert.*`: sigmoid gate scores, the gate "
+                          "bias only steers the selection, weights renormalised)",
+    "using_deepspeed_moe": "DeepSpeed MoE (`deepspeed_expert.*`: capacity-limited top-k gating)",
+}
+_REFUSED_MODULES = {"deepseek_expert": "using_deepseek_moe", "deepspeed_expert": "using_deepspeed_moe"}
+_STATIC_PLUS_ROUTED = ("static + routed averaged (`using_static_expert` with `using_shared_routed_expert`: the "
+                       "authors average the static expert's and the routed MoE's outputs)")
 
 
 class ImportError_(ValueError):
@@ -40,6 +70,7 @@ class ImportError_(ValueError):
 
 
 def read_authors_stats(path: Path, *, trust_pickle: bool) -> NormStats:
+    """Read `dataset_stats.pkl`; only on explicit request, because unpickling can run arbitrary code."""
     if not path.is_file():
         raise ImportError_(f"missing {path} (the authors keep dataset_stats.pkl next to the checkpoint folder)")
     if not trust_pickle:
@@ -92,55 +123,185 @@ def _read_all(src: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-_SHARED = re.compile(r"^model\.layers\.(\d+)\.mlp\.shared_experts?(?:\.(\d+))?\.(gate|up|down)_proj\.weight$")
-_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.(?:router\.topkroute_linear|gate)\.(weight|bias)$")
+def check_supported(raw: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse checkpoints whose config flags or tensors ask for computation this model does not do.
+
+    Without this, such a checkpoint would load (the extra modules simply dropped) and serve a
+    different function than the one it was trained as; refusing names the flag or tensor prefix.
+    """
+    for flag, what in _REFUSED_FLAGS.items():
+        if raw.get(flag):
+            raise ImportError_(f"config.json sets {flag}: {what} is not implemented by chatvla-serve; "
+                               "this checkpoint cannot be imported")
+    if raw.get("using_moe"):
+        for flag, what in _REFUSED_MOE_FLAGS.items():
+            if raw.get(flag):
+                raise ImportError_(f"config.json sets {flag}: MoE variant {what} is not implemented")
+        if raw.get("using_static_expert") and raw.get("using_shared_routed_expert"):
+            raise ImportError_(f"config.json: MoE variant {_STATIC_PLUS_ROUTED} is not implemented")
+    if tensors is None:
+        return
+    if film := sorted(k for k in tensors if k.startswith("reasoning_film.")):
+        raise ImportError_(f"the checkpoint holds reasoning_film.* ({len(film)} tensors): FiLM conditioning of "
+                           "the action head is not implemented by chatvla-serve (using_film)")
+    unknown = sorted({".".join(k.split(".")[:2]) for k in tensors
+                      if not k.startswith(_KEPT_PREFIXES) and not k.startswith(UNUSED_PREFIXES)})
+    if unknown:
+        raise ImportError_(f"unrecognised tensors {unknown}: not part of the ChatVLA-2 layout this importer "
+                           "knows, refusing rather than dropping them")
 
 
-def _convert_vlm(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Authors' per-module MoE tensors -> our fused layout; returns tensors and what was found."""
+# Where the authors' decoder layers keep their MLP (`Qwen2VLDecoderLayer` of their qwen2_vla code):
+#   mlp.{gate,up,down}_proj                                   dense (using_moe false)
+#   share_moe_expert.routed_experts.router.topkroute_linear   router, nn.Linear with bias (NoisyTopkRouter)
+#   share_moe_expert.routed_experts.experts.E.*               routed Qwen2 MLPs
+#   share_moe_expert.shared_experts.J.*                       always-on Qwen2 MLPs, summed
+#   static_expert.experts.{0,1}.*                             ChatVLA v1: 0 answers VQA, 1 controls the robot
+_ROUTED = re.compile(r"^share_moe_expert\.routed_experts\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_SHARED = re.compile(r"^share_moe_expert\.shared_experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_ROUTER = re.compile(r"^share_moe_expert\.routed_experts\.router\.topkroute_linear\.(weight|bias)$")
+_STATIC = re.compile(r"^static_expert\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(share_moe_expert|static_expert|deepseek_expert|deepspeed_expert)\.(.*)$")
+_PROJS = ("gate", "up", "down")
+
+
+@dataclass
+class _LayerMoE:
+    """One decoder layer's MoE tensors in the authors' layout, grouped by role."""
+
+    routed: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    shared: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    router: dict[str, torch.Tensor] = field(default_factory=dict)
+    static: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def kind(self, layer: int) -> str:
+        if self.static and (self.routed or self.shared or self.router):
+            raise ImportError_(f"model.layers.{layer}: MoE variant {_STATIC_PLUS_ROUTED} is not implemented")
+        if self.static:
+            return "static"
+        if not self.routed and self.shared:
+            raise ImportError_(f"model.layers.{layer}.share_moe_expert has shared experts but no routed experts "
+                               "(routed_expert_num 0): MoE variant 'shared experts only' is not implemented")
+        if not self.routed:
+            raise ImportError_(f"model.layers.{layer}.share_moe_expert has a router but no routed experts")
+        if "weight" not in self.router:
+            raise ImportError_(f"missing tensor model.layers.{layer}.share_moe_expert.routed_experts.router."
+                               "topkroute_linear.weight (the router)")
+        return "dynamic"
+
+
+def _experts(by_index: dict[int, dict[str, torch.Tensor]], where: str) -> list[dict[str, torch.Tensor]]:
+    """Experts 0..N-1 in order, each with gate/up/down, all of one intermediate size."""
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ImportError_(f"{where}: expert indices {sorted(by_index)} are not 0..{len(by_index) - 1}")
+    out = []
+    for i in range(len(by_index)):
+        e = by_index[i]
+        if missing := [p for p in _PROJS if p not in e]:
+            raise ImportError_(f"missing tensor {where}.{i}.{missing[0]}_proj.weight")
+        out.append(e)
+    if len({(e["gate"].shape, e["up"].shape, e["down"].shape) for e in out}) != 1:
+        raise ImportError_(f"{where}: experts of different shapes")
+    return out
+
+
+def _convert_vlm(t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, _LayerMoE]]:
+    """Authors' per-expert MoE tensors -> our fused layout (see chatvla.model.moe); returns the VLM
+    tensors under our on-disk names and, per MoE layer, what was found (for the config)."""
     out: dict[str, torch.Tensor] = {}
-    experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
-    shared: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
-    router_bias = False
+    layers: dict[int, _LayerMoE] = {}
     for k, v in t.items():
-        if m := _EXPERT.match(k):
-            experts.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = v
-        elif m := _SHARED.match(k):
-            shared.setdefault(int(m[1]), {}).setdefault(int(m[2] or 0), {})[m[3]] = v
-        elif m := _ROUTER.match(k):
-            out[f"model.layers.{m[1]}.mlp.gate.{m[2]}"] = v
-            router_bias |= m[2] == "bias"
-        elif k.startswith(("model.", "visual.", "lm_head.")):
+        if not k.startswith(("model.", "visual.", "lm_head.")):
+            continue
+        m = _LAYER.match(k)
+        if m is None:
             out[k] = v
-    for layer, by_e in experts.items():
-        es = [by_e[e] for e in sorted(by_e)]
+            continue
+        layer, module, rest = int(m[1]), m[2], m[3]
+        if module in _REFUSED_MODULES:
+            flag = _REFUSED_MODULES[module]
+            raise ImportError_(f"tensor {k}: MoE variant {_REFUSED_MOE_FLAGS[flag]} ({flag}) is not implemented")
+        lm = layers.setdefault(layer, _LayerMoE())
+        rest = f"{module}.{rest}"
+        if r := _ROUTED.match(rest):
+            lm.routed.setdefault(int(r[1]), {})[r[2]] = v
+        elif r := _SHARED.match(rest):
+            lm.shared.setdefault(int(r[1]), {})[r[2]] = v
+        elif r := _ROUTER.match(rest):
+            lm.router[r[1]] = v
+        elif r := _STATIC.match(rest):
+            lm.static.setdefault(int(r[1]), {})[r[2]] = v
+        elif ".router.noise_linear." in rest:
+            raise ImportError_(f"tensor {k}: a noisy top-k router (noise added to the routing logits at "
+                               "inference) is not implemented")
+        else:
+            raise ImportError_(f"unrecognised MoE tensor {k} (expected the ChatVLA-2 share_moe_expert / "
+                               "static_expert layout)")
+    for layer, lm in layers.items():
         pre = f"model.layers.{layer}.mlp."
-        out[pre + "experts.gate_up_proj"] = torch.stack([torch.cat([e["gate"], e["up"]], 0) for e in es]).contiguous()
-        out[pre + "experts.down_proj"] = torch.stack([e["down"] for e in es]).contiguous()
-    shared_counts = set()
-    for layer, by_j in shared.items():
-        js = [by_j[j] for j in sorted(by_j)]
-        pre = f"model.layers.{layer}.mlp.shared_expert."
-        out[pre + "gate_proj.weight"] = torch.cat([j["gate"] for j in js], 0).contiguous()
-        out[pre + "up_proj.weight"] = torch.cat([j["up"] for j in js], 0).contiguous()
-        out[pre + "down_proj.weight"] = torch.cat([j["down"] for j in js], 1).contiguous()
-        shared_counts.add(len(js) if len(js) > 1 else None)
-    info = {
-        "moe_layers": sorted(experts),
-        "num_experts": len(next(iter(experts.values()))) if experts else 0,
-        "shared_layers": sorted(shared),
-        "router_bias": router_bias,
-        "expert_intermediate": first["gate"].shape[0] if (first := _first_expert(experts)) else None,
-    }
-    return out, info
+        if lm.kind(layer) == "static":
+            experts = _experts(lm.static, f"model.layers.{layer}.static_expert.experts")
+        else:
+            experts = _experts(lm.routed, f"model.layers.{layer}.share_moe_expert.routed_experts.experts")
+            out[pre + "gate.weight"] = lm.router["weight"]
+            if "bias" in lm.router:
+                out[pre + "gate.bias"] = lm.router["bias"]
+            if lm.shared:
+                shared = _experts(lm.shared, f"model.layers.{layer}.share_moe_expert.shared_experts")
+                if shared[0]["gate"].shape != experts[0]["gate"].shape:
+                    raise ImportError_(f"model.layers.{layer}: shared experts are {shared[0]['gate'].shape[0]} "
+                                       f"wide, routed experts {experts[0]['gate'].shape[0]}; this model needs "
+                                       "one expert width")
+                # Summed shared MLPs == one MLP over their concatenated intermediate layers.
+                out[pre + "shared_expert.gate_proj.weight"] = torch.cat([j["gate"] for j in shared], 0).contiguous()
+                out[pre + "shared_expert.up_proj.weight"] = torch.cat([j["up"] for j in shared], 0).contiguous()
+                out[pre + "shared_expert.down_proj.weight"] = torch.cat([j["down"] for j in shared], 1).contiguous()
+        out[pre + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([e["gate"], e["up"]], 0) for e in experts]).contiguous()
+        out[pre + "experts.down_proj"] = torch.stack([e["down"] for e in experts]).contiguous()
+    return out, layers
 
 
-def _first_expert(experts: dict[int, dict[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor] | None:
-    for by_e in experts.values():
-        for e in by_e.values():
-            return e
-    return None
+def _moe_config(raw: dict[str, Any], layers: dict[int, _LayerMoE]) -> MoEConfig:
+    """Our MoEConfig from the tensors found, cross-checked with the authors' config keys
+    (`routed_expert_num`, `shared_expert_num`, `routed_top_k`; their training defaults top-k to
+    routed_expert_num // 2 when it is 0 or absent)."""
+    if not layers:
+        if raw.get("using_moe"):
+            raise ImportError_("config.json sets using_moe but no tensor is under model.layers.N.share_moe_expert "
+                               "or model.layers.N.static_expert")
+        return MoEConfig(kind="dense", num_routed_experts=1, top_k=1, num_shared_experts=0)
+    kinds = {lm.kind(i) for i, lm in layers.items()}
+    if len(kinds) > 1:
+        raise ImportError_(f"layers mix MoE kinds {sorted(kinds)}; this model has one MoE kind")
+    kind = kinds.pop()
+    num_layers = raw.get("num_hidden_layers")
+    if raw.get("using_moe") and num_layers and (plain := sorted(set(range(num_layers)) - set(layers))):
+        # Their decoder layers are all MoE when using_moe is set; a gap means missing tensors.
+        raise ImportError_(f"config.json sets using_moe but decoder layers {plain} have no "
+                           "share_moe_expert / static_expert tensors")
+    moe_layers = None if len(layers) == num_layers else tuple(sorted(layers))
+    first = layers[min(layers)]
+    if kind == "static":
+        if len(first.static) != 2:
+            raise ImportError_(f"static MoE with {len(first.static)} experts; ChatVLA v1 has two "
+                               "(0: understanding / VQA, 1: control)")
+        return MoEConfig(kind="static", num_routed_experts=2, top_k=1, num_shared_experts=0,
+                         expert_intermediate_size=first.static[0]["gate"].shape[0], layers=moe_layers)
+    shapes = {(len(lm.routed), len(lm.shared), "bias" in lm.router) for lm in layers.values()}
+    if len(shapes) > 1:
+        raise ImportError_(f"MoE layers differ in (routed experts, shared experts, router bias): {sorted(shapes)}")
+    n_routed, n_shared, bias = shapes.pop()
+    for key, found in (("routed_expert_num", n_routed), ("shared_expert_num", n_shared)):
+        if raw.get(key) is not None and int(raw[key]) != found:
+            raise ImportError_(f"config.json {key} is {raw[key]}, but the tensors hold {found} per layer")
+    top_k = int(raw.get("routed_top_k") or 0) or n_routed // 2
+    if not 1 <= top_k <= n_routed:
+        raise ImportError_(f"top-k {top_k} (config.json routed_top_k {raw.get('routed_top_k')!r}) is not in "
+                           f"1..{n_routed}; set routed_top_k in config.json")
+    return MoEConfig(kind="dynamic", num_routed_experts=n_routed, top_k=top_k, num_shared_experts=n_shared,
+                     expert_intermediate_size=first.routed[0]["gate"].shape[0], router_bias=bias,
+                     layers=moe_layers)
 
 
 def import_authors_checkpoint(
@@ -164,11 +325,15 @@ def import_authors_checkpoint(
     raw = json.loads(cfg_path.read_text())
     if raw.get("model_type") != "qwen2_vla":
         raise ImportError_(f"{cfg_path}: model_type is {raw.get('model_type')!r}, expected 'qwen2_vla'")
+    # Refusals come before the pickle: an unsupported checkpoint needs no --trust-pickle to find out.
+    check_supported(raw)
+    tensors = _read_all(src)
+    check_supported(raw, tensors)
+    vlm_t, moe_layers = _convert_vlm(tensors)
+    moe = _moe_config(raw, moe_layers)
     stats = read_authors_stats(Path(stats_path) if stats_path else src.parent / "dataset_stats.pkl",
                                trust_pickle=trust_pickle)
-    tensors = _read_all(src)
     dropped = sorted(k for k in tensors if k.startswith(UNUSED_PREFIXES))
-    vlm_t, info = _convert_vlm(tensors)
     head = {k[len("policy_head."):]: v for k, v in tensors.items()
             if k.startswith("policy_head.") and not k.startswith(UNUSED_PREFIXES)}
     if "x_embedder.weight" not in head:
@@ -188,19 +353,6 @@ def import_authors_checkpoint(
         reasoning_layer_id=phc.get("reasoning_layer_id"),
         timestep_freq_dtype="bfloat16",  # the authors' TimestepEmbedder rounds to bf16
     )
-    if info["num_experts"]:
-        static = not any(k.endswith("mlp.gate.weight") for k in vlm_t)
-        moe = MoEConfig(
-            kind="static" if static else "dynamic",
-            num_routed_experts=info["num_experts"],
-            top_k=1 if static else int(raw.get("routed_top_k") or max(1, info["num_experts"] // 2)),
-            num_shared_experts=int(raw.get("shared_expert_num", 1 if info["shared_layers"] else 0)),
-            expert_intermediate_size=info["expert_intermediate"],
-            router_bias=info["router_bias"],
-            layers=None if len(info["moe_layers"]) == raw.get("num_hidden_layers") else tuple(info["moe_layers"]),
-        )
-    else:
-        moe = MoEConfig(kind="dense", num_routed_experts=1, top_k=1, num_shared_experts=0)
     cfg = ChatVLAConfig(
         model_id=raw.get("_name_or_path") or src.name,
         vlm=_vlm_config(raw),

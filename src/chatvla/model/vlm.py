@@ -101,9 +101,10 @@ def dense_to_moe_state_dict(
     """Convert a dense Qwen2-VL checkpoint (on-disk names) to this MoE layout.
 
     Every routed (and shared) expert starts as a copy of the layer's dense MLP; routers start small
-    and random (seeded) so that routing is not a tie. With shared experts, the converted layer's MLP
-    output is (1 + num_shared) x the dense one until training adapts it; with routed experts only,
-    the converted model computes exactly what the dense one did.
+    and random (seeded) so that routing is not a tie, with a zero bias when `router_bias` is set.
+    With shared experts, the converted layer's MLP output is (1 + num_shared) x the dense one until
+    training adapts it; with routed experts only, the converted model computes exactly what the
+    dense one did.
     """
     tc = cfg.vlm["text_config"]
     hidden = tc["hidden_size"]
@@ -126,6 +127,8 @@ def dense_to_moe_state_dict(
         out[pre + "experts.down_proj"] = d.unsqueeze(0).repeat(e, 1, 1).contiguous()
         if cfg.moe.kind == "dynamic":
             out[pre + "gate.weight"] = torch.randn(e, hidden, generator=gen) * router_std
+            if cfg.moe.router_bias:  # zero: routing starts from the weights alone
+                out[pre + "gate.bias"] = torch.zeros(e, dtype=out[pre + "gate.weight"].dtype)
             n_sh = cfg.moe.num_shared_experts
             if n_sh:
                 out[pre + "shared_expert.gate_proj.weight"] = g.repeat(n_sh, 1).contiguous()
