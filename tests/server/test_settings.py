@@ -14,7 +14,8 @@ from chatvla.wire.limits import DEFAULT_LIMITS
 
 def test_defaults_match_the_contract():
     s = load_settings({}, env={})
-    assert (s.model, s.engine, s.host, s.grpc_port, s.http_port) == ("tiny", "torch", "127.0.0.1", 50051, 8080)
+    assert (s.model, s.engine, s.host, s.grpc_port, s.http_port) == (
+        "chatvla-tiny-mm", "torch", "127.0.0.1", 50051, 8080)
     assert s.http_host == "127.0.0.1" and s.http_is_loopback
     assert s.limits == DEFAULT_LIMITS
     assert s.tokens_file is None and not s.tls

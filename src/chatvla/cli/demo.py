@@ -2,10 +2,12 @@
 
 Everything is real: the server is `chatvla serve` in a child process, each robot is a MuJoCo sim
 behind the same client stack a real arm uses (gRPC policy client, chunk executor, safety filter,
-control loop at the profile's rate). Episodes alternate the two tasks (math matching, toy
-placement). The report gives, per robot, the control rate achieved, stall ticks, latency by stage,
-a sample of the reasoning and the success count. The embedded `tiny` model is untrained: it is
-expected to fail every task, and the report says so.
+control loop at the profile's rate). The default model, `chatvla-tiny-mm`, was trained on math
+matching (read the whiteboard, add, put the card with the answer on the green square), so that is the
+default task; `--task both` alternates it with toy placement, which that model was not trained on.
+The report gives, per robot, the control rate achieved, stall ticks, latency by stage, the reasoning
+of every episode and the success count. The seeded presets (`tiny`, ...) are untrained: they fail
+every task, and the report says so.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--robots", type=int, default=2, help="simulated robots running at once (default 2)")
     p.add_argument("--episodes", type=int, default=2, help="episodes per robot, alternating the two tasks")
-    p.add_argument("--episode-seconds", type=float, default=6.0, help="length of one episode (default 6 s)")
-    p.add_argument("--model", default="tiny", help="model for the server (preset or checkpoint dir)")
+    p.add_argument("--episode-seconds", type=float, default=15.0,
+                   help="length of one episode (default 15 s; the scripted expert needs about 11)")
+    p.add_argument("--task", choices=("math_matching", "toy_placement", "both"), default="math_matching",
+                   help="sim task (default math_matching, what the shipped model was trained on)")
+    p.add_argument("--model", default="chatvla-tiny-mm",
+                   help="model for the server: shipped model (default chatvla-tiny-mm, trained), preset or "
+                   "checkpoint directory")
     p.add_argument("--engine", default="torch", help="server engine (torch, vllm, null)")
     p.add_argument("--target", help="use running servers instead of starting one: HOST:PORT, several "
                    "separated by commas, or dns:///NAME:PORT (robots are spread over the replicas)")
@@ -66,6 +73,18 @@ class RobotReport:
         return self.ticks / self.seconds if self.seconds else 0.0
 
 
+class _FirstReasoning:
+    """The first reasoning text a robot received in an episode (what it read off the scene)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def on_tick(self, record: Any) -> None:
+        for r in record.replies:
+            if r.reasoning and not self.text:
+                self.text = r.reasoning
+
+
 def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], profile_name: str,
                   out: RobotReport) -> None:
     from chatvla.client.episodes import EpisodeRecorder, LatencyObserver, episode_path, run_episode
@@ -79,10 +98,11 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
         robot = make_robot(SIM_FOR_PROFILE[profile_name], seed=args.seed + 1000 * idx)
         ticks = max(1, round(args.episode_seconds * robot.profile.control_rate_hz))
         for ep in range(args.episodes):
-            kind = TASKS[(idx + ep) % len(TASKS)]
+            kind = TASKS[(idx + ep) % len(TASKS)] if args.task == "both" else args.task
             task = make_task(kind, seed=args.seed + 1000 * idx + ep, split=args.split)
             robot.reset(task)
-            observers: list[Any] = [lat]
+            first = _FirstReasoning()
+            observers: list[Any] = [lat, first]
             writer = None
             if args.record:
                 writer = EpisodeWriter(episode_path(args.record, out.name, ep), robot.profile,
@@ -107,7 +127,8 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
             out.outcomes.append(f"{kind}:{'ok' if res.success else 'fail'}")
             print(f"[demo] {out.name} episode {ep + 1}/{args.episodes} ({kind}): "
                   f"{'success' if res.success else 'no success'}, {res.ticks} ticks in {res.seconds:.1f} s, "
-                  f"{ex.get('stalls', 0)} stalls", file=sys.stderr, flush=True)
+                  f"{ex.get('stalls', 0)} stalls; board {getattr(task, 'a', '?')}+{getattr(task, 'b', '?')}, "
+                  f"reasoning: {first.text or '-'}", file=sys.stderr, flush=True)
         out.chunks = lat.chunks
         out.latency = lat.percentiles()
         out.reasoning_sample = lat.reasoning[-1] if lat.reasoning else ""
@@ -171,8 +192,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"chatvla demo: the simulator is not installed ({e}); pip install 'chatvla-serve[sim]'",
               file=sys.stderr)
         return 2
-    if not rendering_available():
-        print("chatvla demo: MuJoCo cannot render headless here (need EGL or OSMesa; see docs/robots.md)",
+    ok, detail = rendering_available()
+    if not ok:
+        print(f"chatvla demo: MuJoCo cannot render headless here (need EGL or OSMesa; see docs/robots.md): {detail}",
               file=sys.stderr)
         return 2
     if args.record:

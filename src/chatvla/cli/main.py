@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("chatvla.cli.record", "record episodes from a sim or a real robot"),
     "inspect": ("chatvla.cli.inspect", "summarise and plot a recorded episode file"),
     "loadtest": ("chatvla.cli.loadtest", "replay recordings from many virtual robots against a server"),
+    "train": ("chatvla.cli.train", "train a model on recorded episodes (two stages)"),
+    "eval": ("chatvla.cli.eval", "closed-loop evaluation of a model on the sim tasks"),
     "model": ("chatvla.cli.model", "build, save, convert and import model checkpoints"),
 }
 

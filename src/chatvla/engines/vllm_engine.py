@@ -200,11 +200,13 @@ class VllmEngine(Engine):
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str = "tiny", **options: Any) -> VllmEngine:
-        """`model`: a checkpoint directory, or a seeded preset name (written once to a cache directory)."""
-        path = Path(model)
+        """`model`: a checkpoint directory, a shipped checkpoint's name, or a seeded preset name (written
+        once to a cache directory)."""
+        from chatvla.model.presets import PRESETS, SHIPPED
+
+        path = SHIPPED.get(model, Path(model))
         if path.is_dir():
             return cls(path, **options)
-        from chatvla.model.presets import PRESETS
 
         if model not in PRESETS:
             raise FileNotFoundError(
@@ -375,7 +377,7 @@ class VllmEngine(Engine):
                                 output_kind=RequestOutputKind.CUMULATIVE)
         else:
             given = (list(item.reasoning_token_ids) if item.reasoning_token_ids is not None
-                     else self.prompts.encode_text(item.reasoning or ""))
+                     else self.prompts.encode_reasoning(item.reasoning or ""))
             sp = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         rid = f"chatvla-{uuid.uuid4().hex}"

@@ -27,9 +27,13 @@ def build_model(cfg: ChatVLAConfig, *, device: str | torch.device = "cpu") -> Ch
 def load_model(
     name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> ChatVLA2:
-    """A preset name (`tiny`, `tiny-bimanual`, `tiny-chatvla1`) or a checkpoint directory."""
+    """A shipped checkpoint (`chatvla-tiny-mm`, the trained default), a seeded preset (`tiny`,
+    `tiny-bimanual`, `tiny-chatvla1`, `tiny-sim`: untrained, for tests) or a checkpoint directory."""
     from chatvla.model.checkpoint import load_checkpoint
-    from chatvla.model.presets import PRESETS, SEEDED_PRESETS, get_preset
+    from chatvla.model.presets import PRESETS, SEEDED_PRESETS, SHIPPED, get_preset
+
+    if name_or_path in SHIPPED:
+        return load_checkpoint(SHIPPED[name_or_path], device=device, dtype=dtype)
 
     if name_or_path in PRESETS:
         if name_or_path not in SEEDED_PRESETS:
@@ -40,6 +44,7 @@ def load_model(
         return build_model(get_preset(name_or_path), device=device).to(dtype=dtype)
     if not Path(name_or_path).exists():
         raise FileNotFoundError(
-            f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory"
+            f"{name_or_path!r} is neither a shipped model ({', '.join(SHIPPED)}), a preset ({', '.join(PRESETS)}) "
+            "nor an existing checkpoint directory"
         )
     return load_checkpoint(name_or_path, device=device, dtype=dtype)

@@ -223,7 +223,7 @@ class ChatVLA2(nn.Module):
             raise ValueError("prefill needs one reasoning per prompt")
         if not prepared:
             return []
-        r_ids = [self.prompts.encode_text(r) if isinstance(r, str) else list(r) for r in reasoning]
+        r_ids = [self.prompts.encode_reasoning(r) if isinstance(r, str) else list(r) for r in reasoning]
         seqs = [list(p.input_ids) + r for p, r in zip(prepared, r_ids)]
         ids, mask, mm_types, pv, grid, pads = self._batch(seqs, prepared)
         self._set_routes(self._task_routes(prepared))

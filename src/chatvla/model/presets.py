@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from chatvla.model.config import (
     MOE_AUTHORS_SCRIPTS,
@@ -109,6 +110,21 @@ def tiny_chatvla1() -> ChatVLAConfig:
     return _tiny(FRANKA_JOINT, MOE_CHATVLA_V1, "chatvla1-tiny")
 
 
+def tiny_sim() -> ChatVLAConfig:
+    """The starting point of the trained default (`chatvla train`): the tiny model sized for the sim's
+    math-matching task. Cameras are read at their full 224x224 (64 tokens each) so the whiteboard and
+    the card labels are legible; a deeper, wider vision tower reads them; room for
+    the reasoning "24+12=36. Pick card 36. Next action:" (about 25 tokens)."""
+    base = _tiny(FRANKA_JOINT, replace(MOE_AUTHORS_SCRIPTS, expert_intermediate_size=128), "chatvla-tiny-sim")
+    vlm = tiny_vlm_dict()
+    vlm["vision_config"].update(depth=3, embed_dim=96, num_heads=4)
+    return replace(
+        base,
+        vlm=vlm,
+        reasoning=ReasoningConfig(max_new_tokens=32, min_pixels=56 * 56, max_pixels=224 * 224),
+    )
+
+
 def chatvla2_2b() -> ChatVLAConfig:
     """Qwen2-VL-2B sizes (hidden 1536, 28 layers, 12 heads / 2 KV heads, vision 32 x 1280) + DiT-L."""
     vlm = {
@@ -157,10 +173,16 @@ PRESETS: dict[str, Callable[[], ChatVLAConfig]] = {
     "tiny": tiny,
     "tiny-bimanual": tiny_bimanual,
     "tiny-chatvla1": tiny_chatvla1,
+    "tiny-sim": tiny_sim,
     "chatvla2-2b": chatvla2_2b,
 }
+# Trained checkpoints that ship inside the package, by name: `chatvla serve --model chatvla-tiny-mm`.
+SHIPPED_DIR = Path(__file__).parent / "assets" / "checkpoints"
+SHIPPED: dict[str, Path] = {"chatvla-tiny-mm": SHIPPED_DIR / "chatvla-tiny-mm"}
+DEFAULT_MODEL = "chatvla-tiny-mm"  # what `chatvla serve` and `chatvla demo` load without --model
+
 # Presets that are complete without a weights file (built from their seed).
-SEEDED_PRESETS = ("tiny", "tiny-bimanual", "tiny-chatvla1")
+SEEDED_PRESETS = ("tiny", "tiny-bimanual", "tiny-chatvla1", "tiny-sim")
 
 
 def get_preset(name: str) -> ChatVLAConfig:

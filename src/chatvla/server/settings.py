@@ -31,7 +31,11 @@ class ServerSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field("tiny", description="Checkpoint directory or preset name (e.g. `tiny`).")
+    model: str = Field(
+        "chatvla-tiny-mm",
+        description="Checkpoint directory, shipped model (`chatvla-tiny-mm`: trained on the sim's math matching) "
+        "or seeded preset (e.g. `tiny`: untrained, for tests).",
+    )
     engine: Literal["torch", "null", "vllm"] = Field(
         "torch", description="Model engine: `torch`, `vllm`, or `null` (no model; for transport tests)."
     )

@@ -1,0 +1,115 @@
+"""`chatvla train`: two-stage ChatVLA-2 training from recorded episodes into a servable checkpoint.
+
+    chatvla record --robot sim-panda --policy oracle --task math_matching --episodes 400 --out data/mm
+    chatvla train --data data/mm --out runs/mm            # stage 1, then stage 2; resumes if interrupted
+    chatvla serve --model runs/mm
+
+Stage 1 co-trains the VLM (reasoning text for every robot observation, image-text questions about
+rendered scenes, MoE load balancing) with the action expert's diffusion loss. Stage 2 freezes the VLM,
+caches its pooled hidden states once, and trains the action expert with its reasoning-following
+module. Normalisation statistics are computed from the episodes and saved as `stats.json`.
+Re-running the same command continues from `OUT/train/` (pass --restart to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from chatvla.training.stages import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a model on recorded episodes (two stages)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", action="append", required=True, metavar="DIR",
+                   help="directory of recorded episodes (*.chatvla), repeatable")
+    p.add_argument("--out", required=True, help="output checkpoint directory (resumable state in OUT/train/)")
+    p.add_argument("--preset", default="tiny-sim", help="model configuration to start from (default tiny-sim)")
+    p.add_argument("--model-id", help="model id the checkpoint reports to clients (default: the preset's)")
+    p.add_argument("--device", default=d.device, help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed for weights and batches (default {d.seed})")
+    p.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
+                   help=f"stage 1 optimiser steps (default {d.stage1_steps})")
+    p.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
+                   help=f"stage 2 optimiser steps (default {d.stage2_steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"stage 1 batch (default {d.batch_size})")
+    p.add_argument("--stage2-batch-size", type=int, default=d.stage2_batch_size,
+                   help=f"stage 2 batch (default {d.stage2_batch_size})")
+    p.add_argument("--scenes", type=int, default=1000,
+                   help="extra rendered scenes for image-text questions (default 1000; 0: the episodes' first "
+                   "frames only)")
+    p.add_argument("--stage2-tick-stride", type=int, default=d.stage2_tick_stride,
+                   help=f"cache every Nth tick for stage 2 (default {d.stage2_tick_stride})")
+    p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0 = all)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N stage-1 steps")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--restart", action="store_true", help="discard OUT/train/ and start from scratch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import torch
+
+        from chatvla.model.chatvla2 import ChatVLA2
+        from chatvla.model.presets import get_preset
+        from chatvla.model.tokenizer import load_tiny_tokenizer
+        from chatvla.training.data import DataError, Dataset, episode_scenes, load_episodes, render_scenes
+        from chatvla.training.stages import STATE_DIR, TrainConfig, Trainer
+    except ImportError as e:
+        print(f"chatvla train: needs the server and sim extras ({e}); pip install 'chatvla-serve[server,sim,plot]'",
+              file=sys.stderr)
+        return 2
+    if min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes) < 0 or args.batch_size < 1:
+        print("chatvla train: step counts, --scenes and --max-episodes must be >= 0, --batch-size >= 1",
+              file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    try:
+        cfg_model = get_preset(args.preset)
+    except KeyError as e:
+        print(f"chatvla train: {e.args[0]}", file=sys.stderr)
+        return 2
+    if cfg_model.profile is None:
+        print(f"chatvla train: preset {args.preset} names no robot profile", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.restart and (out / STATE_DIR).exists():
+        shutil.rmtree(out / STATE_DIR)
+    t0 = time.monotonic()
+    try:
+        episodes = load_episodes(args.data, cfg_model.profile, progress=not args.quiet)
+    except (DataError, OSError, ValueError) as e:
+        print(f"chatvla train: {e}", file=sys.stderr)
+        return 2
+    if args.max_episodes:
+        episodes = episodes[: args.max_episodes]
+    data = Dataset(cfg_model.profile, episodes)
+    data.scenes = episode_scenes(episodes, args.seed)
+    if args.scenes:
+        print(f"[train] rendering {args.scenes} scenes for image-text questions", file=sys.stderr, flush=True)
+        data.scenes += render_scenes(cfg_model.profile, args.scenes, seed=args.seed, progress=not args.quiet)
+    tcfg = TrainConfig(seed=args.seed, device=args.device, batch_size=args.batch_size,
+                       stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                       stage2_batch_size=args.stage2_batch_size, stage2_tick_stride=args.stage2_tick_stride,
+                       save_every=args.save_every)
+    if args.model_id:
+        cfg_model = cfg_model.with_updates(model_id=args.model_id)
+    model = ChatVLA2(cfg_model.with_updates(init_seed=cfg_model.init_seed + args.seed), load_tiny_tokenizer(),
+                     data.stats(), device=args.device)
+    trainer = Trainer(model, data, out, tcfg, progress_bars=not args.quiet)
+    if trainer.resume():
+        p = trainer.progress
+        print(f"[train] resuming at stage {p.stage}, step {p.step}", file=sys.stderr, flush=True)
+    print(f"[train] {len(episodes)} episodes ({data.ticks} ticks), {len(data.scenes)} scenes, "
+          f"device {args.device}, data ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    path = trainer.run()
+    print(f"wrote {path} (serve it: chatvla serve --model {path}); loss curve {path / 'loss_curve.png'}")
+    return 0

@@ -1,0 +1,125 @@
+"""Samples -> model inputs: prompt + target token ids, pixel patches, and where each part sits.
+
+Prompts are built exactly as the server builds them (`PromptBuilder`: cameras in profile order, then
+the instruction) and left-padded as the server pads them, so what the model learns is what it is
+served. Pixel patches come from `patchify`, a vectorised copy of the Qwen2-VL image processor for
+images already at the processor's size (a test checks it equals the processor); other sizes go
+through the processor itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from chatvla.model.chatvla2 import ChatVLA2
+from chatvla.model.processor import PreparedPrompt, PromptBuilder
+from chatvla.model.tokenizer import IMAGE_PAD
+
+
+def patchify(builder: PromptBuilder, image: np.ndarray) -> torch.Tensor | None:
+    """[H, W, 3] uint8 -> [patches, C*T*P*P] as the processor computes it, or None when the image needs
+    resizing (then the caller uses the processor)."""
+    ip = builder.image_processor
+    p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    h, w = image.shape[:2]
+    if h % (p * m) or w % (p * m) or not builder.reasoning.min_pixels <= h * w <= builder.reasoning.max_pixels:
+        return None
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(ip.image_mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(ip.image_std, dtype=torch.float32)[:, None, None]
+    x = (x - mean) / std
+    c, gh, gw = 3, h // p, w // p
+    x = x.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)
+    return x.reshape(gh * gw, c * t * p * p)
+
+
+def prepare_fast(model: ChatVLA2, images: Mapping[str, np.ndarray], text: str) -> PreparedPrompt:
+    """`model.prepare` with the vectorised patchifier when every image allows it."""
+    order = [c for c in (model.camera_order or tuple(images)) if c in images]
+    patches = [patchify(model.prompts, images[c]) for c in order]
+    if any(x is None for x in patches):
+        return model.prepare(images, text)
+    builder = model.prompts
+    grid = torch.tensor([[1, images[c].shape[0] // builder.image_processor.patch_size,
+                          images[c].shape[1] // builder.image_processor.patch_size] for c in order])
+    per_image = (grid.prod(dim=1) // builder.merge_size**2).tolist()
+    ids = builder.encode_text(builder.prompt_text(len(order), text))
+    pad = builder.image_pad_id
+    expanded: list[int] = []
+    k = 0
+    for tok in ids:
+        if tok == pad:
+            expanded.extend([pad] * int(per_image[k]))
+            k += 1
+        else:
+            expanded.append(tok)
+    assert builder.tokenizer.token_to_id(IMAGE_PAD) == pad
+    return PreparedPrompt(builder.prompt_text(len(order), text), expanded, torch.cat(patches, 0), grid,
+                          [images[c] for c in order], "control")
+
+
+@dataclass
+class Item:
+    """One training example: a prompt (images + text) and the text the model should write after it.
+    Robot items also carry the state and the action chunk the expert should produce."""
+
+    images: Mapping[str, np.ndarray]
+    prompt: str
+    target: str
+    state: np.ndarray | None = None
+    chunk: np.ndarray | None = None  # [H, A] robot units
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    labels: torch.Tensor  # -100 outside the targets
+    prompt_spans: list[tuple[int, int]]  # [start, end) of each row's prompt
+    reasoning_spans: list[tuple[int, int]]  # rows the expert pools: every target token but the last
+    robot_rows: list[int]
+    states: torch.Tensor | None  # [R, S] robot units, R = len(robot_rows)
+    chunks: torch.Tensor | None  # [R, H, A] robot units
+
+
+def target_ids(model: ChatVLA2, item: Item) -> list[int]:
+    """Robot targets end with the end marker (as the model's reasoning does); answers with <|im_end|>."""
+    if item.chunk is not None:
+        return model.prompts.encode_reasoning(item.target)
+    return [*model.prompts.encode_text(item.target), model.prompts.eos_id]
+
+
+def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
+    prepared = [prepare_fast(model, it.images, it.prompt) for it in items]
+    targets = [target_ids(model, it) for it in items]
+    seqs = [list(p.input_ids) + t for p, t in zip(prepared, targets)]
+    ids, mask, mm, pv, grid, pads = model._batch(seqs, prepared)
+    labels = torch.full_like(ids, -100)
+    pspans, rspans = [], []
+    for i, (p, t) in enumerate(zip(prepared, targets)):
+        start, lp = pads[i], len(p.input_ids)
+        labels[i, start + lp:start + lp + len(t)] = torch.tensor(t)
+        pspans.append((start, start + lp))
+        rspans.append((start + lp, start + lp + max(len(t) - 1, 0)))
+    robot = [i for i, it in enumerate(items) if it.chunk is not None]
+    states = chunks = None
+    if robot:
+        states = torch.from_numpy(np.stack([np.asarray(items[i].state, np.float32) for i in robot]))
+        chunks = torch.from_numpy(np.stack([np.asarray(items[i].chunk, np.float32) for i in robot]))
+    return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks)
+
+
+def pool_spans(hidden: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Mean of each row's span of `hidden` [B, L, D] -> [B, D]; an empty span gives zeros (as serving)."""
+    out = []
+    for i, (a, b) in enumerate(spans):
+        out.append(hidden[i, a:b].mean(0) if b > a else hidden.new_zeros(hidden.shape[-1]))
+    return torch.stack(out)

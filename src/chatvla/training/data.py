@@ -1,0 +1,168 @@
+"""Training data: recorded demonstrations (`chatvla record --policy oracle`) plus rendered scenes.
+
+Episodes keep their images JPEG/PNG-encoded in memory and are decoded per batch, so a few hundred
+episodes fit in RAM. Every episode's task is rebuilt from its header (kind, seed, split), which gives
+the reasoning label; an episode whose task is not from the training split, or that shows a held-out
+number anywhere, is refused: held-out numbers must appear nowhere in training.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from chatvla.client.recording import EncodedImage, read_episode
+from chatvla.client.sim.catalog import TRAIN_NUMBERS
+from chatvla.client.sim.tasks import MathMatchingTask, Task, make_task
+from chatvla.model.config import NormStats
+from chatvla.profiles import RobotProfile
+from chatvla.training.labels import image_text_pairs, reasoning_for
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class RobotEpisode:
+    path: str
+    task: Task
+    instruction: str
+    reasoning: str
+    images: list[dict[str, EncodedImage | np.ndarray]]  # per tick, camera -> image
+    states: np.ndarray  # [T, state_dim] float32
+    actions: np.ndarray  # [T, action_dim] float32
+
+    def chunk(self, t: int, horizon: int) -> np.ndarray:
+        """Actions for ticks t .. t+horizon-1; past the end the last action is held (the arm rests)."""
+        idx = np.minimum(np.arange(t, t + horizon), len(self.actions) - 1)
+        return self.actions[idx]
+
+
+@dataclass
+class Scene:
+    """A rendered scene at rest with questions about it (stage-1 image-text data)."""
+
+    images: dict[str, np.ndarray]
+    pairs: list[tuple[str, str]]
+
+
+@dataclass
+class Dataset:
+    profile: RobotProfile
+    episodes: list[RobotEpisode] = field(default_factory=list)
+    scenes: list[Scene] = field(default_factory=list)
+
+    @property
+    def ticks(self) -> int:
+        return sum(len(e.actions) for e in self.episodes)
+
+    def stats(self) -> NormStats:
+        """Min-max for actions (widened where a dimension barely moves), mean/std for states."""
+        acts = np.concatenate([e.actions for e in self.episodes]).astype(np.float64)
+        states = np.concatenate([e.states for e in self.episodes]).astype(np.float64)
+        lo, hi = acts.min(0), acts.max(0)
+        pad = np.maximum(0.05 * (hi - lo), 1e-3)
+        lo, hi = lo - pad, hi + pad
+        lower, upper = np.asarray(self.profile.action_lower), np.asarray(self.profile.action_upper)
+        lo, hi = np.maximum(lo, lower), np.minimum(hi, upper)
+        std = np.maximum(states.std(0), 1e-3)
+        return NormStats(tuple(map(float, lo)), tuple(map(float, hi)), tuple(map(float, states.mean(0))),
+                         tuple(map(float, std)))
+
+
+def decode(image: EncodedImage | np.ndarray) -> np.ndarray:
+    return image if isinstance(image, np.ndarray) else image.decode()
+
+
+def _check_train_only(task: Task, where: str) -> None:
+    if task.split != "train":
+        raise DataError(f"{where}: task split is {task.split!r}; training uses the train split only")
+    if isinstance(task, MathMatchingTask):
+        shown = {task.a, task.b, *task.card_numbers}
+        leaked = sorted(shown - set(TRAIN_NUMBERS))
+        if leaked:
+            raise DataError(f"{where}: shows held-out numbers {leaked}")
+
+
+def load_episodes(paths: Iterable[str | Path], profile: RobotProfile, *, kinds: Sequence[str] = ("math_matching",),
+                  progress: bool = True) -> list[RobotEpisode]:
+    """Successful sim episodes of the given task kinds, recorded for `profile`."""
+    files = sorted(p for d in paths for p in (Path(d).glob("*.chatvla") if Path(d).is_dir() else [Path(d)]))
+    if not files:
+        raise DataError(f"no episode files (*.chatvla) in {', '.join(map(str, paths))}")
+    out: list[RobotEpisode] = []
+    skipped = 0
+    for i, f in enumerate(files):
+        ep = read_episode(f)
+        h = ep.header
+        meta = dict(h.task)
+        if h.profile.name != profile.name:
+            raise DataError(f"{f}: recorded for profile {h.profile.name}, the model is {profile.name}")
+        if meta.get("kind") not in kinds or not (ep.footer and ep.footer.outcome.get("success")):
+            skipped += 1
+            continue
+        task = make_task(meta["kind"], seed=int(meta["seed"]), split=str(meta["split"]))
+        _check_train_only(task, str(f))
+        recs = [r for r in ep.records if r.action is not None]
+        missing = [r.tick for r in recs if set(r.images) != set(profile.camera_names)]
+        if missing:
+            raise DataError(f"{f}: ticks {missing[:3]} lack camera images (record with --images-every 1)")
+        out.append(RobotEpisode(
+            path=str(f), task=task, instruction=h.instruction, reasoning=reasoning_for(task),
+            images=[dict(r.images) for r in recs],
+            states=np.stack([r.state for r in recs]).astype(np.float32),
+            actions=np.stack([r.action for r in recs]).astype(np.float32),
+        ))
+        if progress and (i + 1) % 50 == 0:
+            print(f"[data] read {i + 1}/{len(files)} episode files", file=sys.stderr, flush=True)
+    if not out:
+        raise DataError(f"none of the {len(files)} episode files is a successful {'/'.join(kinds)} episode")
+    if progress:
+        print(f"[data] {len(out)} episodes, {sum(len(e.actions) for e in out)} ticks ({skipped} skipped: "
+              "other task or not successful)", file=sys.stderr, flush=True)
+    return out
+
+
+def episode_scenes(episodes: Sequence[RobotEpisode], seed: int) -> list[Scene]:
+    """Questions about each episode's first frame (the scene at rest, before the arm moves)."""
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for e in episodes:
+        if isinstance(e.task, MathMatchingTask):
+            poses = e.task.initial_poses()
+            out.append(Scene({k: decode(v) for k, v in e.images[0].items()},
+                             image_text_pairs(e.task, poses, rng, k=3)))
+    return out
+
+
+def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: int = 1_000_000,
+                  progress: bool = True) -> list[Scene]:
+    """`n` extra math-matching scenes (training split, task seeds from `first_task_seed`) rendered at rest
+    with the rig's cameras, each with three questions. Needs the `sim` extra."""
+    from chatvla.client.sim.robot import make_sim_robot
+
+    rng = np.random.default_rng([seed, 11])
+    robot = None
+    out: list[Scene] = []
+    try:
+        for i in range(n):
+            task = make_task("math_matching", seed=first_task_seed + i, split="train")
+            _check_train_only(task, f"scene {i}")
+            if robot is None:
+                robot = make_sim_robot(profile.name, task)
+                obs = robot.observe()
+            else:
+                obs = robot.reset(task)
+            assert isinstance(task, MathMatchingTask)
+            out.append(Scene(dict(obs.images), image_text_pairs(task, robot.object_poses(), rng, k=3)))
+            if progress and (i + 1) % 200 == 0:
+                print(f"[data] rendered {i + 1}/{n} scenes", file=sys.stderr, flush=True)
+    finally:
+        if robot is not None:
+            robot.close()
+    return out

@@ -1,0 +1,260 @@
+"""Closed-loop evaluation through the real stack: a `chatvla serve` process, the gRPC policy client,
+the chunk executor, the safety filter, and a MuJoCo robot, exactly as a user runs them.
+
+Three modes, each on its own episodes:
+- `train`: boards drawn from the training numbers (new layouts and seeds: no episode seen in training);
+- `heldout`: the answer is a held-out number never seen in training;
+- `override`: training-split boards, but every observation carries a supplied reasoning naming a wrong
+  card that lies on the table ("..=36. Pick card 28."): how often the robot places the card the text
+  names is the paper's reasoning-following claim as a number.
+
+Per episode: success (the task's own check at the end), time to first success, the reasoning texts of
+the chunks and whether they state the right sum and card, and (override) which card ended on the zone.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from chatvla.client.runtime import TickRecord
+from chatvla.client.sim.tasks import MathMatchingTask, make_task
+from chatvla.client.sim.tasks.base import resting
+from chatvla.client.sim.tasks.math_matching import CARD_HALF, FACE_UP_COS, card_name
+from chatvla.training.labels import judge_reasoning, override_text
+
+MODES = ("train", "heldout", "override")
+EVAL_SEED_BASE = 500_000  # task seeds for evaluation: far from the recorded training episodes' seeds
+FILM_EVERY_S = 1.5
+
+
+@dataclass
+class EpisodeOutcome:
+    mode: str
+    seed: int
+    board: str
+    answer: int
+    success: bool
+    seconds_to_success: float | None
+    ticks: int
+    reasoning_first: str
+    reasoning_correct_first: bool
+    reasoning_correct_fraction: float
+    stalls: int
+    override_card: int | None = None
+    override_followed: bool | None = None  # the named card lies on the zone
+    answer_card_placed: bool | None = None  # the true answer's card lies on the zone
+    error: str = ""
+
+
+@dataclass
+class _Watcher:
+    """Per-tick observer: reasoning texts, first success, filmstrip frames."""
+
+    robot: Any
+    task: MathMatchingTask
+    dt: float
+    film: bool
+    reasonings: list[str] = field(default_factory=list)
+    first_success_tick: int | None = None
+    frames: list[tuple[float, np.ndarray, str]] = field(default_factory=list)
+
+    def on_tick(self, record: TickRecord) -> None:
+        for r in record.replies:
+            if r.reasoning:
+                self.reasonings.append(r.reasoning)
+        if self.first_success_tick is None and record.tick % 5 == 0 and self.robot.check_success().success:
+            self.first_success_tick = record.tick
+        if self.film and record.tick % max(1, round(FILM_EVERY_S / self.dt)) == 0:
+            img = record.observation.images.get("front")
+            if img is not None:
+                self.frames.append((record.tick * self.dt, np.asarray(img).copy(),
+                                    self.reasonings[-1] if self.reasonings else ""))
+
+
+def card_on_zone(robot: Any, task: MathMatchingTask, number: int) -> bool:
+    """Card `number` lies face up, at rest, on the target zone (the success rule, for any card)."""
+    pose = robot.object_poses()[card_name(number)]
+    zone = next(f for f in task.fixtures if f.name == task.zone)
+    inside = abs(pose.pos[0] - zone.xy[0]) <= zone.half_size[0] and abs(pose.pos[1] - zone.xy[1]) <= zone.half_size[1]
+    return bool(inside and resting(pose, CARD_HALF[2]) and pose.rot[2, 2] >= FACE_UP_COS)
+
+
+def wrong_card(task: MathMatchingTask) -> int:
+    """The card an override names: a card on the table that is not the answer (deterministic)."""
+    others = sorted(n for n in task.card_numbers if n != task.answer)
+    return others[task.seed % len(others)]
+
+
+def episode_task(mode: str, index: int) -> MathMatchingTask:
+    split = "heldout" if mode == "heldout" else "train"
+    offset = {"train": 0, "heldout": 100_000, "override": 200_000}[mode]
+    task = make_task("math_matching", seed=EVAL_SEED_BASE + offset + index, split=split)
+    assert isinstance(task, MathMatchingTask)
+    return task
+
+
+def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds: float, *, film: bool = False,
+            token: str | None = None) -> tuple[EpisodeOutcome, list[tuple[float, np.ndarray, str]]]:
+    from chatvla.client.episodes import run_episode
+
+    task = episode_task(mode, index)
+    robot.reset(task)
+    dt = robot.profile.dt
+    watcher = _Watcher(robot, task, dt, film)
+    override = None
+    named = None
+    if mode == "override":
+        named = wrong_card(task)
+        override = override_text(task, named)
+    res = run_episode(robot, addresses, task.instruction, max_ticks=max(1, round(seconds / dt)),
+                      observers=[watcher], token=token, robot_id=f"eval-{mode}-{index}",
+                      reasoning_override=override)
+    result = robot.check_success()
+    judged = [judge_reasoning(task, t).correct for t in watcher.reasonings]
+    first = watcher.reasonings[0] if watcher.reasonings else ""
+    ex = dict(res.summary.get("executor", {}))
+    out = EpisodeOutcome(
+        mode=mode, seed=task.seed, board=f"{task.a}+{task.b}", answer=task.answer,
+        success=bool(result.success),
+        seconds_to_success=(watcher.first_success_tick * dt if result.success and watcher.first_success_tick
+                            is not None else None),
+        ticks=res.ticks, reasoning_first=first,
+        reasoning_correct_first=bool(judged and judged[0]),
+        reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0,
+        stalls=int(ex.get("stalls", 0)),
+    )
+    if named is not None:
+        out.override_card = named
+        out.override_followed = card_on_zone(robot, task, named)
+        out.answer_card_placed = card_on_zone(robot, task, task.answer)
+    return out, watcher.frames
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (round(max(0.0, c - h), 4), round(min(1.0, c + h), 4))
+
+
+def rate(flags: Sequence[bool]) -> dict[str, Any]:
+    k, n = int(sum(bool(f) for f in flags)), len(flags)
+    return {"k": k, "n": n, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n)}
+
+
+def summarise(outcomes: Sequence[EpisodeOutcome]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in MODES:
+        eps = [o for o in outcomes if o.mode == mode and not o.error]
+        if not eps:
+            continue
+        times = [o.seconds_to_success for o in eps if o.seconds_to_success is not None]
+        s: dict[str, Any] = {
+            "episodes": len(eps),
+            "errors": sum(1 for o in outcomes if o.mode == mode and o.error),
+            "success": rate([o.success for o in eps]),
+            "reasoning_correct_first": rate([o.reasoning_correct_first for o in eps]),
+            "reasoning_correct_all_chunks": round(float(np.mean([o.reasoning_correct_fraction for o in eps])), 4),
+            "seconds_to_success_median": round(float(np.median(times)), 2) if times else None,
+            "stall_ticks_mean": round(float(np.mean([o.stalls for o in eps])), 2),
+        }
+        if mode == "override":
+            s["override_followed"] = rate([bool(o.override_followed) for o in eps])
+            s["answer_card_placed_instead"] = rate([bool(o.answer_card_placed) for o in eps])
+        out[mode] = s
+    return out
+
+
+def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, robots: int = 2,
+             seconds: float = 20.0, film_episodes: int = 2, token: str | None = None,
+             progress: bool = True) -> tuple[list[EpisodeOutcome], dict[str, list]]:
+    """Run `episodes` per mode with `robots` simulated robots in parallel against the server(s)."""
+    from chatvla.client.sim.robot import make_sim_robot
+
+    jobs: queue.Queue[tuple[str, int]] = queue.Queue()
+    for mode in modes:
+        for i in range(episodes):
+            jobs.put((mode, i))
+    total = jobs.qsize()
+    outcomes: list[EpisodeOutcome] = []
+    films: dict[str, list] = {}
+    lock = threading.Lock()
+    t0 = time.monotonic()
+
+    def worker() -> None:
+        robot = None
+        try:
+            while True:
+                try:
+                    mode, i = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                if robot is None:
+                    robot = make_sim_robot("franka_joint", episode_task(mode, i))
+                film = i < film_episodes
+                try:
+                    o, frames = run_one(robot, addresses, mode, i, seconds, film=film, token=token)
+                except Exception as e:  # one broken episode is reported, the evaluation goes on
+                    task = episode_task(mode, i)
+                    o, frames = EpisodeOutcome(mode, task.seed, f"{task.a}+{task.b}", task.answer, False, None, 0,
+                                               "", False, 0.0, 0, error=f"{type(e).__name__}: {e}"), []
+                with lock:
+                    outcomes.append(o)
+                    if frames:
+                        films[f"{mode}-{i}"] = [(t, f, r, o.success) for t, f, r in frames]
+                    if progress:
+                        done = len(outcomes)
+                        eta = (time.monotonic() - t0) / done * (total - done)
+                        extra = ("" if o.override_card is None
+                                 else f"; override card {o.override_card} placed: {o.override_followed}")
+                        print(f"[eval] {done}/{total} {mode} #{i} {o.board}={o.answer}: "
+                              f"{'success' if o.success else 'fail'}; reasoning {o.reasoning_first!r}{extra}"
+                              f"{f'; ERROR {o.error}' if o.error else ''} (ETA {eta:.0f} s)",
+                              file=sys.stderr, flush=True)
+        finally:
+            if robot is not None:
+                robot.close()
+
+    threads = [threading.Thread(target=worker, name=f"eval-robot{k}", daemon=True) for k in range(robots)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outcomes.sort(key=lambda o: (MODES.index(o.mode), o.seed))
+    return outcomes, films
+
+
+def outcomes_json(outcomes: Sequence[EpisodeOutcome]) -> list[dict[str, Any]]:
+    return [asdict(o) for o in outcomes]
+
+
+def read_boards(model: Any, seeds: Sequence[int], split: str = "train") -> list[tuple[MathMatchingTask, str, bool]]:
+    """Open-loop reasoning check without a server: render each task's scene at rest with the rig's
+    cameras and let `model` (a ChatVLA2) write its reasoning; (task, text, correct) per seed."""
+    from chatvla.client.sim.robot import make_sim_robot
+
+    tasks = [make_task("math_matching", seed=s, split=split) for s in seeds]
+    robot = make_sim_robot("franka_joint", tasks[0])
+    out = []
+    try:
+        for task in tasks:
+            assert isinstance(task, MathMatchingTask)
+            obs = robot.reset(task)
+            text = model.reason([model.prepare(obs.images, task.instruction)])[0].text
+            out.append((task, text, judge_reasoning(task, text).correct))
+    finally:
+        robot.close()
+    return out

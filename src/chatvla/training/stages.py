@@ -1,0 +1,391 @@
+"""The two training stages of ChatVLA-2, with checkpoints that resume and a loss curve.
+
+Stage 1 co-trains everything: the VLM learns to write the reasoning for robot observations and to
+answer image-text questions (next-token loss), the routed MoE gets its load-balancing loss, and the
+action expert's diffusion loss flows back into the VLM so its hidden states learn to carry what the
+arm needs (where the card is). Stage 2 freezes the VLM, computes its pooled hidden states once per
+training tick (exactly what the server hands the expert), and trains only the expert: projectors,
+reasoning-following DiT, conditioning.
+
+Batches are drawn from a generator seeded by (seed, stage, step), so a resumed run sees the batches an
+uninterrupted one would have seen. Optimiser state is saved as safetensors + JSON: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from chatvla.model.chatvla2 import ChatVLA2
+from chatvla.model.checkpoint import load_checkpoint, save_checkpoint
+from chatvla.model.moe import MoEBlock
+from chatvla.training.batches import Batch, Item, collate, pool_spans
+from chatvla.training.data import Dataset, decode
+
+STATE_DIR = "train"  # inside the output directory: resumable state
+PROGRESS = "progress.json"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 16
+    stage1_steps: int = 3000
+    stage2_steps: int = 3000
+    stage2_batch_size: int = 64
+    lr_stage1: float = 5e-4
+    lr_stage2: float = 3e-4
+    warmup_steps: int = 100
+    qa_fraction: float = 0.25  # share of each stage-1 batch that is image-text questions
+    diffusion_weight: float = 1.0
+    balance_weight: float = 0.01
+    stage2_tick_stride: int = 3  # cache every Nth tick for stage 2 (neighbouring ticks look alike)
+    save_every: int = 200
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Progress:
+    stage: int = 1
+    step: int = 0
+    history: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[step, value], ...]
+    seconds: float = 0.0
+
+    def log(self, name: str, step: int, value: float) -> None:
+        self.history.setdefault(name, []).append([step, round(float(value), 6)])
+
+
+# --- losses ---------------------------------------------------------------------------------------------
+class BalanceTap:
+    """Collects each MoE router's logits during a forward pass for the load-balancing loss
+    (Switch Transformer: E * sum_e fraction_routed_e * mean_prob_e; 1.0 when perfectly balanced)."""
+
+    def __init__(self, model: ChatVLA2) -> None:
+        self.logits: list[tuple[torch.Tensor, int]] = []
+        self.handles = [b.gate.register_forward_hook(self._hook(b.top_k)) for b in model.vlm.modules()
+                        if isinstance(b, MoEBlock) and not b.static]
+
+    def _hook(self, k: int) -> Callable:
+        def hook(_m: torch.nn.Module, _i: object, out: torch.Tensor) -> None:
+            self.logits.append((out, k))
+        return hook
+
+    def loss(self) -> torch.Tensor | None:
+        if not self.logits:
+            return None
+        losses = []
+        for logits, k in self.logits:
+            probs = torch.softmax(logits.float(), -1)
+            e = probs.shape[-1]
+            chosen = F.one_hot(torch.topk(logits, k, -1).indices, e).sum(1).float()
+            losses.append(e * (chosen.mean(0) / k * probs.mean(0)).sum())
+        self.logits.clear()
+        return torch.stack(losses).mean()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def diffusion_loss(model: ChatVLA2, prompt_pooled: torch.Tensor, reasoning_pooled: torch.Tensor,
+                   states: torch.Tensor, chunks: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Epsilon-prediction loss of the expert on chunks in robot units, normalised as serving does."""
+    ex = model.expert
+    dev = prompt_pooled.device
+    x0 = (2 * (chunks.to(dev) - ex.action_min) / (ex.action_max - ex.action_min) - 1).clamp(-1, 1)
+    st = (states.to(dev) - ex.state_mean) / ex.state_std
+    obs_s, rea_s = ex.streams(prompt_pooled, reasoning_pooled)
+    obs_c, rea_c = ex.policy_head.conditions(obs_s, rea_s, st)
+    b = x0.shape[0]
+    t = torch.randint(0, ex.ddim.cfg.num_train_timesteps, (b,), generator=gen).to(dev)
+    eps = torch.randn(x0.shape, generator=gen).to(dev)
+    a = ex.ddim.alphas_cumprod.to(dev)[t].view(b, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return F.mse_loss(ex.policy_head(xt, t, obs_c, rea_c), eps)
+
+
+def vlm_forward(model: ChatVLA2, batch: Batch) -> torch.Tensor:
+    """Last-layer (post-norm) hidden states [B, L, D]: what `reason`/`prefill` hand the expert."""
+    dev = model.device
+    return model.vlm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                           mm_token_type_ids=batch.mm_token_type_ids.to(dev),
+                           pixel_values=batch.pixel_values.to(dev), image_grid_thw=batch.image_grid_thw.to(dev),
+                           use_cache=False).last_hidden_state
+
+
+def lm_loss(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = model.vlm.lm_head(hidden[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(hidden.device),
+                           ignore_index=-100)
+
+
+# --- sampling batches -----------------------------------------------------------------------------------
+def robot_item(data: Dataset, e: int, t: int) -> Item:
+    ep = data.episodes[e]
+    h = data.profile.chunk_size
+    return Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, ep.reasoning,
+                ep.states[t], ep.chunk(t, h))
+
+
+def stage1_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
+    rng = np.random.default_rng([cfg.seed, 1, step])
+    n_qa = round(cfg.batch_size * cfg.qa_fraction) if data.scenes else 0
+    items = []
+    for _ in range(cfg.batch_size - n_qa):
+        e = int(rng.integers(len(data.episodes)))
+        items.append(robot_item(data, e, int(rng.integers(len(data.episodes[e].actions)))))
+    for _ in range(n_qa):
+        s = data.scenes[int(rng.integers(len(data.scenes)))]
+        q, a = s.pairs[int(rng.integers(len(s.pairs)))]
+        items.append(Item(s.images, q, a))
+    return items
+
+
+# --- optimiser state without pickle ---------------------------------------------------------------------
+def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()
+               if isinstance(v, torch.Tensor)}
+    save_file(tensors or {"_empty": torch.zeros(1)}, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(sd["param_groups"]))
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    tensors.pop("_empty", None)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(path.with_suffix(".json").read_text())})
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+# --- the trainer ----------------------------------------------------------------------------------------
+class Trainer:
+    """Runs stage 1 then stage 2 into `out`, resuming from `out/train/` when it exists."""
+
+    def __init__(self, model: ChatVLA2, data: Dataset, out: str | Path, cfg: TrainConfig,
+                 *, progress_bars: bool = True) -> None:
+        self.model, self.data, self.cfg = model, data, cfg
+        self.out = Path(out)
+        self.state_dir = self.out / STATE_DIR
+        self.progress = Progress()
+        self.bars = progress_bars
+        self._t0 = time.monotonic()
+        self._seconds0 = 0.0
+
+    # -- persistence --
+    def resume(self) -> bool:
+        p = self.state_dir / PROGRESS
+        if not p.is_file():
+            return False
+        d = json.loads(p.read_text())
+        self.progress = Progress(stage=d["stage"], step=d["step"], history=d["history"], seconds=d["seconds"])
+        self._seconds0 = self.progress.seconds
+        saved = load_checkpoint(self.state_dir / "model", device=self.cfg.device)
+        self.model.load_state_dict(saved.state_dict())
+        self.model.expert.set_stats(saved.stats)
+        self.model.stats = saved.stats
+        return True
+
+    def _save(self, opt: torch.optim.Optimizer | None) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.model, self.state_dir / "model")
+        if opt is not None:
+            save_optimizer(opt, self.state_dir / f"optimizer-stage{self.progress.stage}")
+        self.progress.seconds = self._seconds0 + time.monotonic() - self._t0
+        tmp = self.state_dir / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps({**asdict(self.progress), "config": asdict(self.cfg)}))
+        os.replace(tmp, self.state_dir / PROGRESS)
+
+    def _bar(self, total: int, start: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=start, desc=desc, disable=not self.bars, dynamic_ncols=True,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+
+    # -- stage 1 --
+    def stage1(self) -> None:
+        cfg, model = self.cfg, self.model
+        if self.progress.stage > 1 or cfg.stage1_steps == 0:
+            return
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr_stage1, weight_decay=0.01)
+        opt_path = self.state_dir / "optimizer-stage1"
+        if self.progress.step and opt_path.with_suffix(".json").is_file():
+            load_optimizer(opt, opt_path)
+        tap = BalanceTap(model)
+        ema: dict[str, float] = {}
+        bar = self._bar(cfg.stage1_steps, self.progress.step, "stage 1 (VLM + expert)")
+        try:
+            for step in range(self.progress.step, cfg.stage1_steps):
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg.stage1_steps, cfg.lr_stage1, cfg.warmup_steps)
+                batch = collate(model, stage1_items(self.data, cfg, step))
+                hidden = vlm_forward(model, batch)
+                losses = {"lm": lm_loss(model, hidden, batch.labels)}
+                bal = tap.loss()
+                if bal is not None:
+                    losses["balance"] = bal
+                if batch.robot_rows:
+                    rows = batch.robot_rows
+                    pp = pool_spans(hidden[rows], [batch.prompt_spans[i] for i in rows])
+                    rp = pool_spans(hidden[rows], [batch.reasoning_spans[i] for i in rows])
+                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                    losses["diffusion"] = diffusion_loss(model, pp, rp, batch.states, batch.chunks, gen)
+                total = (losses["lm"] + cfg.diffusion_weight * losses.get("diffusion", 0.0)
+                         + cfg.balance_weight * losses.get("balance", 0.0))
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                for k, t in losses.items():
+                    v = t.item()
+                    ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+                    if step % 10 == 0:
+                        self.progress.log(f"stage1/{k}", step, v)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()}, refresh=False)
+                self.progress.step = step + 1
+                if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.stage1_steps:
+                    self._save(opt)
+        finally:
+            bar.close()
+            tap.close()
+        self.progress.stage, self.progress.step = 2, 0
+        self._save(None)
+
+    # -- stage 2 --
+    @torch.no_grad()
+    def features(self) -> dict[str, torch.Tensor]:
+        """Pooled prompt / reasoning hidden states of every (strided) training tick, with its state and
+        chunk; computed once with the frozen VLM and cached in `train/stage2_features.safetensors`."""
+        path = self.state_dir / "stage2_features.safetensors"
+        if path.is_file():
+            return load_file(str(path))
+        model, cfg = self.model, self.cfg
+        model.eval()
+        index = [(e, t) for e, ep in enumerate(self.data.episodes)
+                 for t in range(0, len(ep.actions), cfg.stage2_tick_stride)]
+        prompt, reas, states, chunks = [], [], [], []
+        bar = self._bar(len(index), 0, "stage 2: caching VLM features")
+        bs = 32
+        for i in range(0, len(index), bs):
+            batch = collate(model, [robot_item(self.data, e, t) for e, t in index[i:i + bs]])
+            hidden = vlm_forward(model, batch)
+            prompt.append(pool_spans(hidden, batch.prompt_spans).cpu())
+            reas.append(pool_spans(hidden, batch.reasoning_spans).cpu())
+            states.append(batch.states)
+            chunks.append(batch.chunks)
+            bar.update(len(batch.prompt_spans))
+        bar.close()
+        feats = {"prompt": torch.cat(prompt), "reasoning": torch.cat(reas), "states": torch.cat(states),
+                 "chunks": torch.cat(chunks)}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(path))
+        return feats
+
+    def stage2(self) -> None:
+        cfg, model = self.cfg, self.model
+        if cfg.stage2_steps == 0 or self.progress.stage > 2:
+            return
+        for p in model.vlm.parameters():
+            p.requires_grad_(False)
+        feats = self.features()
+        model.expert.train()
+        params = list(model.expert.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr_stage2, weight_decay=0.01)
+        opt_path = self.state_dir / "optimizer-stage2"
+        if self.progress.step and opt_path.with_suffix(".json").is_file():
+            load_optimizer(opt, opt_path)
+        n = feats["prompt"].shape[0]
+        dev = model.device
+        ema = None
+        bar = self._bar(cfg.stage2_steps, self.progress.step, "stage 2 (expert, VLM frozen)")
+        try:
+            for step in range(self.progress.step, cfg.stage2_steps):
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg.stage2_steps, cfg.lr_stage2, cfg.warmup_steps)
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7 + step)
+                idx = torch.randint(0, n, (cfg.stage2_batch_size,), generator=gen)
+                loss = diffusion_loss(model, feats["prompt"][idx].to(dev), feats["reasoning"][idx].to(dev),
+                                      feats["states"][idx], feats["chunks"][idx], gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                v = loss.item()
+                ema = v if ema is None else 0.98 * ema + 0.02 * v
+                if step % 10 == 0:
+                    self.progress.log("stage2/diffusion", step, v)
+                bar.update(1)
+                bar.set_postfix({"diffusion": f"{ema:.4f}"}, refresh=False)
+                self.progress.step = step + 1
+                if (step + 1) % (cfg.save_every * 5) == 0 or step + 1 == cfg.stage2_steps:
+                    self._save(opt)
+        finally:
+            bar.close()
+        self.progress.stage, self.progress.step = 3, 0
+        self._save(None)
+
+    def run(self) -> Path:
+        """Both stages, then the servable checkpoint in `out` (+ loss_curve.png, train_log.json)."""
+        self.stage1()
+        self.stage2()
+        self.model.eval()
+        save_checkpoint(self.model, self.out)
+        (self.out / "train_log.json").write_text(json.dumps({
+            "config": asdict(self.cfg), "history": self.progress.history,
+            "seconds": round(self._seconds0 + time.monotonic() - self._t0, 1),
+            "episodes": len(self.data.episodes), "ticks": self.data.ticks, "scenes": len(self.data.scenes),
+        }, indent=1) + "\n")
+        plot_losses(self.progress.history, self.out / "loss_curve.png")
+        return self.out
+
+
+def plot_losses(history: dict[str, list[list[float]]], path: Path) -> None:
+    """Loss curves of both stages (log scale), smoothed over 10 points."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[train] matplotlib missing: no loss curve (pip install 'chatvla-serve[plot]')", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, stage in zip(axes, ("stage1", "stage2")):
+        for name, pts in sorted(history.items()):
+            if not name.startswith(stage) or not pts:
+                continue
+            a = np.asarray(pts, float)
+            k = min(10, len(a))
+            smooth = np.convolve(a[:, 1], np.ones(k) / k, mode="valid")
+            ax.plot(a[k - 1:, 0], smooth, label=name.split("/", 1)[1])
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title({"stage1": "stage 1: VLM + expert", "stage2": "stage 2: expert (VLM frozen)"}[stage])
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

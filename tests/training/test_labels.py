@@ -1,0 +1,55 @@
+"""What the model is taught to say, and how its words are judged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chatvla.client.sim.catalog import HELDOUT_NUMBERS
+from chatvla.client.sim.tasks import make_task
+from chatvla.training.labels import image_text_pairs, judge_reasoning, override_text, reasoning_for
+
+
+def test_reasoning_states_the_sum_and_the_card():
+    task = make_task("math_matching", seed=3, split="train")
+    assert reasoning_for(task) == f"{task.a}+{task.b}={task.answer}. Pick card {task.answer}."
+
+
+def test_judge_accepts_the_label_and_spacing_and_refuses_wrong_sum_or_card():
+    task = make_task("math_matching", seed=3, split="train")
+    assert judge_reasoning(task, reasoning_for(task)).correct
+    assert judge_reasoning(task, f"{task.a} + {task.b} = {task.answer}. pick card {task.answer}").correct
+    wrong_sum = judge_reasoning(task, f"{task.a}+{task.b}={task.answer + 1}. Pick card {task.answer}.")
+    assert not wrong_sum.sum_ok and wrong_sum.card_ok and not wrong_sum.correct
+    wrong_card = judge_reasoning(task, override_text(task, task.answer + 1))
+    assert wrong_card.sum_ok and not wrong_card.card_ok
+    assert not judge_reasoning(task, "Nextn placeon DGges").correct
+
+
+def test_image_text_questions_of_training_scenes_never_name_a_held_out_number():
+    rng = np.random.default_rng(0)
+    for seed in range(60):
+        task = make_task("math_matching", seed=seed, split="train")
+        for q, a in image_text_pairs(task, task.initial_poses(), rng, k=6):
+            numbers = {int(x) for x in __import__("re").findall(r"\d+", q + " " + a)}
+            assert not numbers & set(HELDOUT_NUMBERS), (q, a)
+
+
+def test_where_is_card_answers_from_the_pose():
+    task = make_task("math_matching", seed=5, split="train")
+    poses = task.initial_poses()
+    rng = np.random.default_rng(1)
+    pairs = dict(p for _ in range(30) for p in image_text_pairs(task, poses, rng, k=6))
+    where = {q: a for q, a in pairs.items() if q.startswith("Where is card")}
+    assert where
+    for q, a in where.items():
+        n = int(q.split()[-1].rstrip("?"))
+        pos = poses[f"card_{n}"].pos
+        assert ("left" in a) == (pos[1] > 0) and ("near" in a) == (pos[0] < 0)
+
+
+@pytest.mark.parametrize("kind", ["toy_placement"])
+def test_toy_placement_reasoning_names_both_toys_and_the_relation(kind):
+    task = make_task(kind, seed=2, split="train")
+    text = reasoning_for(task)
+    assert task.subject.replace("_", " ") in text and task.reference.replace("_", " ") in text

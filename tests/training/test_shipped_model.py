@@ -1,0 +1,49 @@
+"""The shipped default (`chatvla-tiny-mm`) does the task it was trained for: it reads boards it never
+saw in training, and a closed-loop evaluation episode runs through a real server process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chatvla.model import load_model
+from chatvla.model.presets import DEFAULT_MODEL, SHIPPED
+
+# Task seeds far from the recorded training episodes (0..399) and from `chatvla eval`'s (500000+).
+BOARD_SEEDS = tuple(range(900_000, 900_010))
+
+
+def test_the_default_model_is_the_shipped_trained_checkpoint():
+    assert DEFAULT_MODEL in SHIPPED
+    ckpt = SHIPPED[DEFAULT_MODEL]
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20, f"shipped checkpoint is {size / 2**20:.1f} MB"
+    assert json.loads((ckpt / "stats.json").read_text())["action_max"][7] <= 0.08
+
+
+def test_shipped_model_reads_rendered_boards(rendering):
+    from chatvla.training.evaluate import read_boards
+
+    model = load_model(DEFAULT_MODEL)
+    results = read_boards(model, BOARD_SEEDS)
+    right = sum(ok for _, _, ok in results)
+    report = [(f"{t.a}+{t.b}={t.answer}", text) for t, text, _ in results]
+    assert right >= 8, report
+
+
+@pytest.mark.slow
+def test_one_closed_loop_eval_episode_through_a_server_process(rendering, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "chatvla.cli.main", "eval", "--episodes", "1", "--modes", "train",
+                        "--robots", "1", "--seconds", "14", "--film", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    (ep,) = doc["episodes"]
+    assert not ep["error"] and ep["ticks"] >= 200
+    assert ep["reasoning_correct_first"], ep["reasoning_first"]  # greedy reasoning on a deterministic scene
+    assert doc["summary"]["train"]["success"]["n"] == 1
+    assert (tmp_path / "filmstrip.png").stat().st_size > 10_000
+    assert "Closed-loop evaluation" in (tmp_path / "report.html").read_text()

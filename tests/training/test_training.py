@@ -1,0 +1,166 @@
+"""`chatvla train`: inputs exactly as served, held-out data refused, resumable and reproducible, and a
+smoke run whose checkpoint a real server serves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from chatvla.client.recording import EpisodeWriter
+from chatvla.model.chatvla2 import ChatVLA2
+from chatvla.model.presets import get_preset
+from chatvla.model.tokenizer import load_tiny_tokenizer
+from chatvla.profiles import FRANKA_JOINT
+from chatvla.training.batches import Item, collate, prepare_fast
+from chatvla.training.data import DataError, Dataset, episode_scenes, load_episodes
+from chatvla.training.stages import TrainConfig, Trainer, load_optimizer, save_optimizer
+
+
+@pytest.fixture(scope="module")
+def model() -> ChatVLA2:
+    return ChatVLA2(get_preset("tiny-sim"), load_tiny_tokenizer())
+
+
+def test_fast_patches_equal_the_image_processor(model):
+    rng = np.random.default_rng(0)
+    images = {c: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for c in ("wrist", "front")}
+    slow = model.prepare(images, "put the card down")
+    fast = prepare_fast(model, images, "put the card down")
+    assert fast.input_ids == slow.input_ids
+    assert torch.equal(fast.image_grid_thw, slow.image_grid_thw)
+    assert torch.equal(fast.pixel_values, slow.pixel_values)
+
+
+def test_supplied_reasoning_ends_like_the_models_own(model):
+    p = model.prompts
+    assert p.encode_reasoning("12+3=15. Pick card 15.") == p.encode_text("12+3=15. Pick card 15. Next action:")
+    assert p.encode_reasoning("Pick card 9. Next action:") == p.encode_text("Pick card 9. Next action:")
+
+
+def test_expert_rows_are_the_served_prefill_rows(model):
+    """The hidden rows training pools are the rows `prefill` (what the server runs) hands the expert."""
+    from chatvla.training.batches import pool_spans
+    from chatvla.training.stages import vlm_forward
+
+    rng = np.random.default_rng(1)
+    imgs = {c: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for c in ("front", "wrist")}
+    text = "3+4=7. Pick card 7."
+    batch = collate(model, [Item(imgs, "instr", text, np.zeros(8, np.float32), np.zeros((16, 8), np.float32))])
+    with torch.no_grad():
+        hidden = vlm_forward(model, batch)
+    served = model.prefill([model.prepare(imgs, "instr")], [text])[0]
+    p, r = served.pooled()
+    torch.testing.assert_close(pool_spans(hidden, batch.prompt_spans)[0], p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool_spans(hidden, batch.reasoning_spans)[0], r, atol=1e-5, rtol=1e-5)
+    assert batch.labels[0][batch.labels[0] != -100].tolist() == model.prompts.encode_reasoning(text)
+
+
+def _fake_episode(path: Path, split: str, seed: int) -> None:
+    w = EpisodeWriter(path, FRANKA_JOINT, instruction="x", task={"kind": "math_matching", "seed": seed, "split": split},
+                      image_encoding="rgb8")
+    img = np.zeros((224, 224, 3), np.uint8)
+    for t in range(3):
+        w.append(tick=t, timestamp=t / 15, state=np.zeros(8, np.float32), action=np.zeros(8, np.float32),
+                 images={"front": img, "wrist": img})
+    w.close({"success": True})
+
+
+def test_held_out_episodes_are_refused(tmp_path):
+    _fake_episode(tmp_path / "a.chatvla", "heldout", 1)
+    with pytest.raises(DataError, match="train split only"):
+        load_episodes([tmp_path], FRANKA_JOINT, progress=False)
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    net(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    save_optimizer(opt, tmp_path / "opt")
+    other = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    load_optimizer(other, tmp_path / "opt")
+    a, b = opt.state_dict(), other.state_dict()
+    for k in a["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a["state"][k][name], b["state"][k][name])
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+
+
+def _trainer(episodes_dir: Path, out: Path, steps1: int, steps2: int, **kw) -> Trainer:
+    cfg = get_preset("tiny-sim")
+    eps = load_episodes([episodes_dir], FRANKA_JOINT, progress=False)
+    data = Dataset(FRANKA_JOINT, eps, episode_scenes(eps, 0))
+    model = ChatVLA2(cfg, load_tiny_tokenizer(), data.stats())
+    tc = TrainConfig(batch_size=4, stage1_steps=steps1, stage2_steps=steps2, stage2_batch_size=32,
+                     stage2_tick_stride=8, warmup_steps=2, save_every=2, **kw)
+    return Trainer(model, data, out, tc, progress_bars=False)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(episodes_dir, tmp_path, monkeypatch):
+    straight = _trainer(episodes_dir, tmp_path / "a", 4, 0)
+    straight.stage1()
+
+    import chatvla.training.stages as stages
+
+    calls = {"n": 0}
+    real = stages.collate
+
+    def dies_at_step_3(model, items):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(model, items)
+
+    monkeypatch.setattr(stages, "collate", dies_at_step_3)
+    broken = _trainer(episodes_dir, tmp_path / "b", 4, 0)
+    with pytest.raises(KeyboardInterrupt):
+        broken.stage1()
+    monkeypatch.setattr(stages, "collate", real)
+    resumed = _trainer(episodes_dir, tmp_path / "b", 4, 0)
+    assert resumed.resume() and resumed.progress.step == 2
+    resumed.stage1()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_dir, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "chatvla.cli.main", "train", "--data", str(episodes_dir), "--out",
+                        str(out), "--stage1-steps", "40", "--stage2-steps", "40", "--batch-size", "4", "--scenes", "0",
+                        "--stage2-tick-stride", "6", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((out / "train_log.json").read_text())
+    for name in ("stage1/lm", "stage1/diffusion", "stage2/diffusion"):
+        values = [v for _, v in log["history"][name]]
+        assert np.mean(values[-2:]) < np.mean(values[:2]), (name, values)
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    stats = json.loads((out / "stats.json").read_text())
+    assert len(stats["action_min"]) == 8 and stats["action_min"][7] >= 0.0
+
+    from chatvla.cli.server_process import start_server
+    from chatvla.v1 import policy_pb2 as pb
+    from chatvla.v1 import policy_pb2_grpc as pbg
+    from chatvla.wire import encode_image, tensor_from_proto, tensor_to_proto
+
+    server = start_server(["--model", str(out)], timeout_s=180)
+    try:
+        with grpc.insecure_channel(server.grpc_address) as ch:
+            stub = pbg.PolicyStub(ch)
+            img = np.full((224, 224, 3), 120, np.uint8)
+            req = pb.InferRequest(images=[encode_image(img, "front"), encode_image(img, "wrist")],
+                                  state=tensor_to_proto(np.asarray(FRANKA_JOINT.home, np.float32)),
+                                  instruction="Solve the math problem", seed=3)
+            chunk = stub.Infer(req, timeout=60).chunk
+            actions = tensor_from_proto(chunk.actions)
+            assert actions.shape == (16, 8) and np.isfinite(actions).all()
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_id == "chatvla-tiny-sim"
+    finally:
+        assert server.stop() == 0
