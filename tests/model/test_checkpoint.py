@@ -124,7 +124,7 @@ def test_bad_stats_are_reported(saved, tmp_path):
 
 
 def test_load_model_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a preset"):
+    with pytest.raises(FileNotFoundError, match="neither a shipped model"):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="configuration only"):
         load_model("chatvla2-2b")

@@ -10,27 +10,50 @@ from chatvla.client.sim.tasks import make_task
 from chatvla.training.labels import image_text_pairs, judge_reasoning, override_text, reasoning_for
 
 
-def test_reasoning_states_the_sum_and_the_card():
+def test_reasoning_states_the_sum_the_card_and_the_places():
     task = make_task("math_matching", seed=3, split="train")
-    assert reasoning_for(task) == f"{task.a}+{task.b}={task.answer}. Pick card {task.answer}."
+    poses = task.initial_poses()
+    card = poses[f"card_{task.answer}"].pos
+    zone = task.fixtures[0].xy
+    def even_cm(v: float) -> int:
+        return 2 * round(50 * float(v))
+
+    assert reasoning_for(task) == (
+        f"{task.a}+{task.b}={task.answer}. Pick card {task.answer} at ({even_cm(card[0])}, "
+        f"{even_cm(card[1])}), place at ({even_cm(zone[0])}, {even_cm(zone[1])}).")
+
+
+def test_judge_checks_the_stated_place_within_two_centimetres():
+    task = make_task("math_matching", seed=3, split="train")
+    poses = task.initial_poses()
+    assert judge_reasoning(task, reasoning_for(task), poses).place_ok
+    moved = {k: v for k, v in poses.items()}
+    p = poses[f"card_{task.answer}"]
+    moved[f"card_{task.answer}"] = type(p)(p.pos + np.array([0.05, 0.0, 0.0]), p.rot)
+    assert judge_reasoning(task, reasoning_for(task), moved).place_ok is False
+    assert judge_reasoning(task, reasoning_for(task)).place_ok is None
 
 
 def test_judge_accepts_the_label_and_spacing_and_refuses_wrong_sum_or_card():
     task = make_task("math_matching", seed=3, split="train")
     assert judge_reasoning(task, reasoning_for(task)).correct
     assert judge_reasoning(task, f"{task.a} + {task.b} = {task.answer}. pick card {task.answer}").correct
+    assert judge_reasoning(task, f"{task.a}+{task.b}={task.answer}. Pick card {task.answer}.").correct
     wrong_sum = judge_reasoning(task, f"{task.a}+{task.b}={task.answer + 1}. Pick card {task.answer}.")
     assert not wrong_sum.sum_ok and wrong_sum.card_ok and not wrong_sum.correct
-    wrong_card = judge_reasoning(task, override_text(task, task.answer + 1))
+    other = next(n for n in task.card_numbers if n != task.answer)
+    wrong_card = judge_reasoning(task, override_text(task, other))
     assert wrong_card.sum_ok and not wrong_card.card_ok
     assert not judge_reasoning(task, "Nextn placeon DGges").correct
 
 
-def test_image_text_questions_of_training_scenes_never_name_a_held_out_number():
+def test_training_texts_never_name_a_held_out_number():
+    """Neither reasoning labels (with places) nor image-text answers contain a held-out number."""
     rng = np.random.default_rng(0)
     for seed in range(60):
         task = make_task("math_matching", seed=seed, split="train")
-        for q, a in image_text_pairs(task, task.initial_poses(), rng, k=6):
+        texts = [*image_text_pairs(task, task.initial_poses(), rng, k=6), ("", reasoning_for(task))]
+        for q, a in texts:
             numbers = {int(x) for x in __import__("re").findall(r"\d+", q + " " + a)}
             assert not numbers & set(HELDOUT_NUMBERS), (q, a)
 

@@ -97,7 +97,7 @@ def _trainer(episodes_dir: Path, out: Path, steps1: int, steps2: int, **kw) -> T
     cfg = get_preset("tiny-sim")
     eps = load_episodes([episodes_dir], FRANKA_JOINT, progress=False)
     data = Dataset(FRANKA_JOINT, eps, episode_scenes(eps, 0))
-    model = ChatVLA2(cfg, load_tiny_tokenizer(), data.stats())
+    model = ChatVLA2(cfg, load_tiny_tokenizer(), data.stats(cfg.expert.relative_to_state))
     tc = TrainConfig(batch_size=4, stage1_steps=steps1, stage2_steps=steps2, stage2_batch_size=32,
                      stage2_tick_stride=8, warmup_steps=2, save_every=2, **kw)
     return Trainer(model, data, out, tc, progress_bars=False)
@@ -164,3 +164,36 @@ def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_
             assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_id == "chatvla-tiny-sim"
     finally:
         assert server.stop() == 0
+
+
+def test_relative_actions_round_trip_and_add_the_state_back():
+    """Joint targets learned as offsets from the state come back in robot units; the gripper stays absolute."""
+    from chatvla.model.config import NormStats
+
+    cfg = get_preset("tiny-sim")
+    assert cfg.expert.relative_to_state == tuple(range(7))
+    model = ChatVLA2(cfg, load_tiny_tokenizer(), NormStats((-0.3,) * 7 + (0.0,), (0.3,) * 7 + (0.08,),
+                                                           (0.0,) * 8, (1.0,) * 8))
+    rng = np.random.default_rng(0)
+    states = torch.from_numpy(rng.uniform(-1, 1, (3, 8)).astype(np.float32))
+    offsets = torch.from_numpy(rng.uniform(-0.2, 0.2, (3, 16, 8)).astype(np.float32))
+    chunks = states[:, None, :].repeat(1, 16, 1) + offsets
+    chunks[..., 7] = torch.from_numpy(rng.uniform(0, 0.08, (3, 16)).astype(np.float32))
+    x = model.expert.normalize_chunk(chunks, states)
+    assert x.abs().max() <= 1
+    torch.testing.assert_close(model.expert.unnormalize_chunk(x, states), chunks, atol=1e-5, rtol=1e-5)
+    # A zero offset decodes to "stay where you are", whatever the state.
+    zero = model.expert.normalize_chunk(states[:, None, :].repeat(1, 16, 1), states)
+    stay = states[:, None, :7].repeat(1, 16, 1)
+    torch.testing.assert_close(model.expert.unnormalize_chunk(zero, states)[..., :7], stay)
+
+
+def test_relative_stats_bound_the_offsets_not_the_angles(episodes_dir):
+    eps = load_episodes([episodes_dir], FRANKA_JOINT, progress=False)
+    data = Dataset(FRANKA_JOINT, eps)
+    absolute, relative = data.stats(), data.stats(tuple(range(7)))
+    assert relative.action_min[7] == absolute.action_min[7]  # gripper: absolute either way
+    reach = FRANKA_JOINT.chunk_size * np.asarray(FRANKA_JOINT.max_step)  # farthest a chunk can go
+    for i in range(7):
+        assert relative.action_min[i] < 0 < relative.action_max[i]
+        assert max(-relative.action_min[i], relative.action_max[i]) <= 1.1 * reach[i] + 1e-3

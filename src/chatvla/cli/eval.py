@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if not ok:
         print(f"chatvla eval: MuJoCo cannot render headless here (need EGL or OSMesa): {detail}", file=sys.stderr)
         return 2
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("chatvla.client.safety").setLevel(logging.ERROR)  # counted per episode instead
     from chatvla.training.eval_report import filmstrip, html_report
     from chatvla.training.evaluate import outcomes_json, run_eval, summarise
 
@@ -100,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     for mode, s in summary.items():
         line = (f"{mode:<9} success {s['success']['k']}/{s['success']['n']} ({s['success']['rate']:.0%}, "
-                f"95% CI {s['success']['ci95'][0]:.0%}-{s['success']['ci95'][1]:.0%}); reasoning correct "
-                f"{s['reasoning_correct_first']['rate']:.0%}")
+                f"95% CI {s['success']['ci95'][0]:.0%}-{s['success']['ci95'][1]:.0%})")
+        if "reasoning_correct_first" in s:
+            line += f"; reasoning correct {s['reasoning_correct_first']['rate']:.0%}"
         if "override_followed" in s:
             line += f"; override card placed {s['override_followed']['k']}/{s['override_followed']['n']}"
         print(line)

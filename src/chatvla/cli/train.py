@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -31,7 +32,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="directory of recorded episodes (*.chatvla), repeatable")
     p.add_argument("--out", required=True, help="output checkpoint directory (resumable state in OUT/train/)")
     p.add_argument("--preset", default="tiny-sim", help="model configuration to start from (default tiny-sim)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from this checkpoint's weights (a directory or a shipped model name) instead of the "
+                   "preset's seeded ones: fine-tuning, or more training for a finished run. The configuration "
+                   "still comes from --preset; the weights must fit it")
     p.add_argument("--model-id", help="model id the checkpoint reports to clients (default: the preset's)")
+    p.add_argument("--relative-actions", action="store_true",
+                   help="predict joint targets as offsets from the current state (the tiny-sim preset does)")
     p.add_argument("--device", default=d.device, help="torch device: cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed for weights and batches (default {d.seed})")
     p.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import torch
 
+        from chatvla.model import load_model
         from chatvla.model.chatvla2 import ChatVLA2
         from chatvla.model.presets import get_preset
         from chatvla.model.tokenizer import load_tiny_tokenizer
@@ -72,10 +80,16 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    init = None
     try:
         cfg_model = get_preset(args.preset)
+        if args.init:
+            init = load_model(args.init, device=args.device)
     except KeyError as e:
         print(f"chatvla train: {e.args[0]}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"chatvla train: --init {args.init}: {e}", file=sys.stderr)
         return 2
     if cfg_model.profile is None:
         print(f"chatvla train: preset {args.preset} names no robot profile", file=sys.stderr)
@@ -102,8 +116,19 @@ def run(args: argparse.Namespace) -> int:
                        save_every=args.save_every)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)
+    if args.relative_actions and not cfg_model.expert.relative_to_state:
+        grip = set(cfg_model.profile.gripper_indices)
+        rel = tuple(i for i in range(cfg_model.expert.action_dim) if i not in grip)
+        cfg_model = cfg_model.with_updates(expert=replace(cfg_model.expert, relative_to_state=rel))
     model = ChatVLA2(cfg_model.with_updates(init_seed=cfg_model.init_seed + args.seed), load_tiny_tokenizer(),
-                     data.stats(), device=args.device)
+                     data.stats(cfg_model.expert.relative_to_state), device=args.device)
+    if init is not None:
+        try:
+            model.load_state_dict(init.state_dict(), strict=True)
+        except RuntimeError as e:
+            print(f"chatvla train: --init {args.init} does not fit preset {args.preset}: {str(e)[:500]}",
+                  file=sys.stderr)
+            return 2
     trainer = Trainer(model, data, out, tcfg, progress_bars=not args.quiet)
     if trainer.resume():
         p = trainer.progress

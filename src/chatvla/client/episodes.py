@@ -111,6 +111,7 @@ def run_episode(
     image_encoding: str = "rgb8",
     robot_id: str = "",
     reasoning_override: str | None = None,
+    on_loop: Callable[[ControlLoop], None] | None = None,
 ) -> EpisodeResult:
     """Drive `robot` for `max_ticks` control ticks with chunks from the server at `addresses` (several
     replicas, or a `dns:///` name: the episode's session opens on the one `robot_id` ranks first that is
@@ -118,7 +119,9 @@ def run_episode(
 
     `reasoning_override` makes every observation of the episode carry that reasoning text, so the
     action expert follows it instead of the model's own: the evaluation of "given this reasoning,
-    does the robot do it?" (see `ControlLoop.set_reasoning_override`)."""
+    does the robot do it?" (see `ControlLoop.set_reasoning_override`). `on_loop` receives the episode's
+    control loop before it starts, for callers that steer it while it runs (e.g. an override that
+    follows the scene)."""
     import time
 
     profile = robot.profile
@@ -132,6 +135,8 @@ def run_episode(
         loop = ControlLoop(robot, client, ChunkExecutor(profile, executor_config),
                            SafetyFilter(profile, safety_config), observers=list(observers),
                            instruction=instruction, reasoning_override=reasoning_override)
+        if on_loop is not None:
+            on_loop(loop)
         t0 = time.monotonic()
         loop.run(max_ticks=max_ticks)
         seconds = time.monotonic() - t0

@@ -248,5 +248,23 @@ class ActionExpert(nn.Module):
             tt = torch.full((b,), t, dtype=torch.long, device=dev)
             eps = self.policy_head(x, tt, obs_c, rea_c)
             x = self.ddim.step(eps.float(), t, x.float()).to(dtype)
-        x = x.float()
-        return (x + 1) / 2 * (self.action_max - self.action_min) + self.action_min
+        return self.unnormalize_chunk(x.float(), state)
+
+    def unnormalize_chunk(self, x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] samples [B, H, A] -> robot units: min-max, then the state added back on the
+        `relative_to_state` dims."""
+        actions = (x + 1) / 2 * (self.action_max - self.action_min) + self.action_min
+        rel = list(self.cfg.relative_to_state)
+        if rel:
+            actions[..., rel] = actions[..., rel] + states.to(actions.device, torch.float32)[:, None, rel]
+        return actions
+
+    def normalize_chunk(self, chunks: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Robot-unit chunks [B, H, A] -> the [-1, 1] targets the diffusion learns (inverse of `sample`'s
+        last step): offsets from the state on `relative_to_state` dims, then min-max."""
+        dev = self.action_min.device
+        chunks = chunks.to(dev, torch.float32).clone()
+        rel = list(self.cfg.relative_to_state)
+        if rel:
+            chunks[..., rel] = chunks[..., rel] - states.to(dev, torch.float32)[:, None, rel]
+        return (2 * (chunks - self.action_min) / (self.action_max - self.action_min) - 1).clamp(-1, 1)

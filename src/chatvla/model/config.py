@@ -81,8 +81,16 @@ class ActionExpertConfig:
     # The authors compute the sinusoid frequencies and the embedding in bfloat16; "bfloat16" reproduces
     # their checkpoints exactly, "float32" is the numerically cleaner default.
     timestep_freq_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Action dimensions the expert predicts relative to the current state (action - state, in robot
+    # units; `stats.json`'s action_min/max then bound those offsets). A chunk of joint targets is a
+    # small offset from where the arm is, so predicting the offset is far more precise than predicting
+    # absolute angles across the whole joint range. Empty (the authors' layout): absolute actions.
+    relative_to_state: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "relative_to_state", tuple(int(i) for i in self.relative_to_state))
+        if any(not 0 <= i < min(self.action_dim, self.state_dim) for i in self.relative_to_state):
+            raise ValueError("relative_to_state names an action dimension without a matching state dimension")
         if self.width % self.num_heads:
             raise ValueError(f"expert width {self.width} is not divisible by num_heads {self.num_heads}")
         if not 0 <= self.layer_split <= self.depth:

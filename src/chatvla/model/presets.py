@@ -113,15 +113,19 @@ def tiny_chatvla1() -> ChatVLAConfig:
 def tiny_sim() -> ChatVLAConfig:
     """The starting point of the trained default (`chatvla train`): the tiny model sized for the sim's
     math-matching task. Cameras are read at their full 224x224 (64 tokens each) so the whiteboard and
-    the card labels are legible; a deeper, wider vision tower reads them; room for
-    the reasoning "24+12=36. Pick card 36. Next action:" (about 25 tokens)."""
+    the card labels are legible; a deeper, wider vision tower reads them; joint targets predicted as
+    offsets from the current joint state (the gripper stays absolute); room for the reasoning
+    "24+12=36. Pick card 36 at (5, -12), place at (-3, 10). Next action:" (about 40 tokens)."""
     base = _tiny(FRANKA_JOINT, replace(MOE_AUTHORS_SCRIPTS, expert_intermediate_size=128), "chatvla-tiny-sim")
     vlm = tiny_vlm_dict()
     vlm["vision_config"].update(depth=3, embed_dim=96, num_heads=4)
+    gripper = set(FRANKA_JOINT.gripper_indices)
     return replace(
         base,
         vlm=vlm,
-        reasoning=ReasoningConfig(max_new_tokens=32, min_pixels=56 * 56, max_pixels=224 * 224),
+        expert=replace(base.expert, relative_to_state=tuple(i for i in range(FRANKA_JOINT.action_dim)
+                                                            if i not in gripper)),
+        reasoning=ReasoningConfig(max_new_tokens=48, min_pixels=56 * 56, max_pixels=224 * 224),
     )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from chatvla.client.recording import EncodedImage, read_episode
 from chatvla.client.sim.catalog import TRAIN_NUMBERS
-from chatvla.client.sim.tasks import MathMatchingTask, Task, make_task
+from chatvla.client.sim.tasks import MathMatchingTask, Pose, Task, make_task
 from chatvla.model.config import NormStats
 from chatvla.profiles import RobotProfile
 from chatvla.training.labels import image_text_pairs, reasoning_for
@@ -32,10 +32,11 @@ class RobotEpisode:
     path: str
     task: Task
     instruction: str
-    reasoning: str
+    reasoning: list[str]  # per tick: what a correct model says about the scene it sees then
     images: list[dict[str, EncodedImage | np.ndarray]]  # per tick, camera -> image
     states: np.ndarray  # [T, state_dim] float32
     actions: np.ndarray  # [T, action_dim] float32
+    poses0: dict[str, Pose] | None = None  # object poses at the first tick (task frame)
 
     def chunk(self, t: int, horizon: int) -> np.ndarray:
         """Actions for ticks t .. t+horizon-1; past the end the last action is held (the arm rests)."""
@@ -61,15 +62,28 @@ class Dataset:
     def ticks(self) -> int:
         return sum(len(e.actions) for e in self.episodes)
 
-    def stats(self) -> NormStats:
-        """Min-max for actions (widened where a dimension barely moves), mean/std for states."""
-        acts = np.concatenate([e.actions for e in self.episodes]).astype(np.float64)
+    def stats(self, relative_to_state: tuple[int, ...] = ()) -> NormStats:
+        """Min-max for actions (widened where a dimension barely moves), mean/std for states. Dimensions
+        predicted relative to the state get the range of (chunk action - state) over every chunk."""
+        h = self.profile.chunk_size
+        chunks = []
+        for e in self.episodes:
+            idx = np.minimum(np.arange(len(e.actions))[:, None] + np.arange(h)[None], len(e.actions) - 1)
+            c = e.actions[idx].astype(np.float64)
+            rel = list(relative_to_state)
+            if rel:
+                c[..., rel] -= e.states[:, None, rel]
+            chunks.append(c.reshape(-1, c.shape[-1]))
+        acts = np.concatenate(chunks)
         states = np.concatenate([e.states for e in self.episodes]).astype(np.float64)
         lo, hi = acts.min(0), acts.max(0)
         pad = np.maximum(0.05 * (hi - lo), 1e-3)
         lo, hi = lo - pad, hi + pad
         lower, upper = np.asarray(self.profile.action_lower), np.asarray(self.profile.action_upper)
-        lo, hi = np.maximum(lo, lower), np.minimum(hi, upper)
+        absolute = np.ones(len(lo), bool)
+        absolute[list(relative_to_state)] = False
+        lo = np.where(absolute, np.maximum(lo, lower), lo)
+        hi = np.where(absolute, np.minimum(hi, upper), hi)
         std = np.maximum(states.std(0), 1e-3)
         return NormStats(tuple(map(float, lo)), tuple(map(float, hi)), tuple(map(float, states.mean(0))),
                          tuple(map(float, std)))
@@ -112,11 +126,13 @@ def load_episodes(paths: Iterable[str | Path], profile: RobotProfile, *, kinds: 
         missing = [r.tick for r in recs if set(r.images) != set(profile.camera_names)]
         if missing:
             raise DataError(f"{f}: ticks {missing[:3]} lack camera images (record with --images-every 1)")
+        states = np.stack([r.state for r in recs]).astype(np.float32)
+        actions = np.stack([r.action for r in recs]).astype(np.float32)
+        poses = replay_poses(profile, task, states, actions, str(f))
         out.append(RobotEpisode(
-            path=str(f), task=task, instruction=h.instruction, reasoning=reasoning_for(task),
-            images=[dict(r.images) for r in recs],
-            states=np.stack([r.state for r in recs]).astype(np.float32),
-            actions=np.stack([r.action for r in recs]).astype(np.float32),
+            path=str(f), task=task, instruction=h.instruction,
+            reasoning=[reasoning_for(task, p) for p in poses], images=[dict(r.images) for r in recs],
+            states=states, actions=actions, poses0=poses[0],
         ))
         if progress and (i + 1) % 50 == 0:
             print(f"[data] read {i + 1}/{len(files)} episode files", file=sys.stderr, flush=True)
@@ -128,13 +144,40 @@ def load_episodes(paths: Iterable[str | Path], profile: RobotProfile, *, kinds: 
     return out
 
 
+_REPLAY: dict[str, object] = {}
+
+
+def replay_poses(profile: RobotProfile, task: Task, states: np.ndarray, actions: np.ndarray, where: str
+                 ) -> list[dict[str, Pose]]:
+    """Object poses at every tick of a sim episode, by replaying its actions in the (deterministic) sim:
+    recordings keep images, state and actions, not where the objects were. Refuses an episode whose
+    replay drifts from the recorded joint states (recorded with another simulator build)."""
+    from chatvla.client.sim.robot import SimRobot, make_sim_robot
+
+    robot = _REPLAY.get(profile.name)
+    if robot is None:
+        robot = _REPLAY[profile.name] = make_sim_robot(profile.name, task, render=False)
+    else:
+        robot.reset(task)
+    assert isinstance(robot, SimRobot)
+    out = []
+    for t, a in enumerate(actions):
+        drift = float(np.abs(robot.state() - states[t]).max())
+        if drift > 1e-3:
+            raise DataError(f"{where}: replaying the episode drifts from the recorded state at tick {t} "
+                            f"({drift:.4f}); was it recorded with another MuJoCo version?")
+        out.append(robot.object_poses())
+        robot.command(a)
+    return out
+
+
 def episode_scenes(episodes: Sequence[RobotEpisode], seed: int) -> list[Scene]:
     """Questions about each episode's first frame (the scene at rest, before the arm moves)."""
     rng = np.random.default_rng([seed, 7])
     out = []
     for e in episodes:
         if isinstance(e.task, MathMatchingTask):
-            poses = e.task.initial_poses()
+            poses = e.poses0 or e.task.initial_poses()
             out.append(Scene({k: decode(v) for k, v in e.images[0].items()},
                              image_text_pairs(e.task, poses, rng, k=3)))
     return out

@@ -51,7 +51,9 @@ def html_report(summary: Mapping[str, Any], meta: Mapping[str, Any], outcomes: S
     for mode, s in summary.items():
         rows.append(
             f"<tr><td>{mode}</td><td>{s['episodes']}</td><td>{_pct(s['success'])}</td>"
-            f"<td>{_pct(s['reasoning_correct_first'])}</td><td>{s['reasoning_correct_all_chunks']:.2f}</td>"
+            f"<td>{_pct(s.get('reasoning_correct_first', {}))}</td>"
+            f"<td>{_pct(s.get('reasoning_place_within_2cm_first', {}))}</td>"
+            f"<td>{s.get('reasoning_correct_all_chunks', '-')}</td>"
             f"<td>{s['seconds_to_success_median'] if s['seconds_to_success_median'] is not None else '-'}</td>"
             f"<td>{_pct(s.get('override_followed', {}))}</td><td>{s['stall_ticks_mean']}</td></tr>")
     img = ""
@@ -69,9 +71,11 @@ def html_report(summary: Mapping[str, Any], meta: Mapping[str, Any], outcomes: S
 padding:3px 8px;font-size:13px}}</style></head><body>
 <h1>Closed-loop evaluation: {html.escape(str(meta.get('model', '')))}</h1>
 <p>{html.escape(str(meta.get('description', '')))}</p>
+<p>reasoning correct = states the right sum and card; place = the card's place within 2 cm; override
+mode supplies the text (naming a wrong card), so its reasoning columns are empty.</p>
 <table><tr><th>mode</th><th>episodes</th><th>task success</th><th>reasoning correct (first)</th>
-<th>reasoning correct (all chunks)</th><th>median s to success</th><th>override card placed</th>
-<th>stall ticks / episode</th></tr>{''.join(rows)}</table>
+<th>card place right (first)</th><th>reasoning correct (all chunks)</th><th>median s to success</th>
+<th>override card placed</th><th>stall ticks / episode</th></tr>{''.join(rows)}</table>
 {img}
 <h2>Episodes</h2><table><tr><th>mode</th><th>seed</th><th>board</th><th>first reasoning</th><th>success</th>
 <th>override card</th><th>override placed</th><th>error</th></tr>{eps}</table>

@@ -5,8 +5,10 @@ Three modes, each on its own episodes:
 - `train`: boards drawn from the training numbers (new layouts and seeds: no episode seen in training);
 - `heldout`: the answer is a held-out number never seen in training;
 - `override`: training-split boards, but every observation carries a supplied reasoning naming a wrong
-  card that lies on the table ("..=36. Pick card 28."): how often the robot places the card the text
-  names is the paper's reasoning-following claim as a number.
+  card that lies on the table, written as the model writes its own ("..=36. Pick card 28 at (x, y),
+  place at (x, y).", with that card's current place, refreshed every tick like the model's own text):
+  how often the robot places the card the text names is the paper's reasoning-following claim as a
+  number.
 
 Per episode: success (the task's own check at the end), time to first success, the reasoning texts of
 the chunks and whether they state the right sum and card, and (override) which card ended on the zone.
@@ -49,6 +51,7 @@ class EpisodeOutcome:
     reasoning_correct_first: bool
     reasoning_correct_fraction: float
     stalls: int
+    reasoning_place_first: bool | None = None  # the card's place stated within 2 cm
     override_card: int | None = None
     override_followed: bool | None = None  # the named card lies on the zone
     answer_card_placed: bool | None = None  # the true answer's card lies on the zone
@@ -63,11 +66,23 @@ class _Watcher:
     task: MathMatchingTask
     dt: float
     film: bool
+    override_card: int | None = None
+    loop: Any = None
     reasonings: list[str] = field(default_factory=list)
     first_success_tick: int | None = None
     frames: list[tuple[float, np.ndarray, str]] = field(default_factory=list)
 
+    def attach(self, loop: Any) -> None:
+        """Steer the loop's reasoning override from the scene (override mode)."""
+        self.loop = loop
+        self._refresh_override()
+
+    def _refresh_override(self) -> None:
+        if self.loop is not None and self.override_card is not None:
+            self.loop.set_reasoning_override(override_text(self.task, self.override_card, self.robot.object_poses()))
+
     def on_tick(self, record: TickRecord) -> None:
+        self._refresh_override()
         for r in record.replies:
             if r.reasoning:
                 self.reasonings.append(r.reasoning)
@@ -108,16 +123,13 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
 
     task = episode_task(mode, index)
     robot.reset(task)
+    poses0 = robot.object_poses()
     dt = robot.profile.dt
-    watcher = _Watcher(robot, task, dt, film)
-    override = None
-    named = None
-    if mode == "override":
-        named = wrong_card(task)
-        override = override_text(task, named)
+    named = wrong_card(task) if mode == "override" else None
+    watcher = _Watcher(robot, task, dt, film, override_card=named)
     res = run_episode(robot, addresses, task.instruction, max_ticks=max(1, round(seconds / dt)),
                       observers=[watcher], token=token, robot_id=f"eval-{mode}-{index}",
-                      reasoning_override=override)
+                      on_loop=watcher.attach if named is not None else None)
     result = robot.check_success()
     judged = [judge_reasoning(task, t).correct for t in watcher.reasonings]
     first = watcher.reasonings[0] if watcher.reasonings else ""
@@ -131,6 +143,7 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
         reasoning_correct_first=bool(judged and judged[0]),
         reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0,
         stalls=int(ex.get("stalls", 0)),
+        reasoning_place_first=judge_reasoning(task, first, poses0).place_ok if first else None,
     )
     if named is not None:
         out.override_card = named
@@ -166,12 +179,14 @@ def summarise(outcomes: Sequence[EpisodeOutcome]) -> dict[str, Any]:
             "episodes": len(eps),
             "errors": sum(1 for o in outcomes if o.mode == mode and o.error),
             "success": rate([o.success for o in eps]),
-            "reasoning_correct_first": rate([o.reasoning_correct_first for o in eps]),
-            "reasoning_correct_all_chunks": round(float(np.mean([o.reasoning_correct_fraction for o in eps])), 4),
             "seconds_to_success_median": round(float(np.median(times)), 2) if times else None,
             "stall_ticks_mean": round(float(np.mean([o.stalls for o in eps])), 2),
         }
-        if mode == "override":
+        if mode != "override":  # in override mode the text is ours, not the model's
+            s["reasoning_correct_first"] = rate([o.reasoning_correct_first for o in eps])
+            s["reasoning_place_within_2cm_first"] = rate([bool(o.reasoning_place_first) for o in eps])
+            s["reasoning_correct_all_chunks"] = round(float(np.mean([o.reasoning_correct_fraction for o in eps])), 4)
+        else:
             s["override_followed"] = rate([bool(o.override_followed) for o in eps])
             s["answer_card_placed_instead"] = rate([bool(o.answer_card_placed) for o in eps])
         out[mode] = s

@@ -1,8 +1,11 @@
 """What the model is taught to say, and how what it said is judged. Torch-free.
 
-The reasoning text follows the paper's math-matching example ("24+12=36. Pick card 36."): the sum read
-off the whiteboard, then the card the arm is going to pick. The instruction never states the numbers,
-so the only way to write this text is to read the board from pixels.
+The reasoning text follows the paper's math-matching example ("24+12=36. Pick card 36.") and adds the
+spatial statement the paper's reasoning makes for placement: where that card and the green square are
+now, in centimetres in the task frame (x away from the robot, y to its left):
+"24+12=36. Pick card 36 at (5, -12), place at (-3, 10)." The instruction never states
+the numbers or the places, so the only way to write this text is to read the scene from pixels; and
+the action expert, conditioned on this text, learns to go where it says (reasoning-following).
 
 Image-text questions are the stage-1 "understanding" data: reading the board, reading the cards,
 saying where a card lies. They are generated from the same scenes as the episodes and only from
@@ -23,14 +26,30 @@ from chatvla.client.sim.tasks.toy_placement import PHRASES, ToyPlacementTask
 END_MARKER = "Next action:"  # the authors' end of reasoning (DexVLA / ChatVLA-2)
 
 
-def pick_text(card: int) -> str:
-    return f"Pick card {card}."
+def cm(v: float) -> int:
+    """Metres -> centimetres rounded to an even number (no "-0"). Even, because every held-out number is
+    odd (catalog: n % 6 == 5): a place can then never spell a held-out number, which must appear nowhere
+    in training. 2 cm steps are finer than the gripper's slack around a 6 cm card."""
+    return 2 * round(float(50 * v)) or 0  # float(): a numpy float would round to a float
 
 
-def reasoning_for(task: Task) -> str:
-    """The reasoning a correct model writes for `task` (without the end marker)."""
+def place(pose: Pose) -> str:
+    return f"({cm(pose.pos[0])}, {cm(pose.pos[1])})"
+
+
+def pick_text(task: MathMatchingTask, card: int, poses: dict[str, Pose] | None = None) -> str:
+    """"Pick card N at (x, y), place at (x, y)." (the card's and the green square's current places)."""
+    poses = poses or task.initial_poses()
+    zone = next(f for f in task.fixtures if f.name == task.zone)
+    square = f"({cm(zone.xy[0])}, {cm(zone.xy[1])})"
+    return f"Pick card {card} at {place(poses[card_name(card)])}, place at {square}."
+
+
+def reasoning_for(task: Task, poses: dict[str, Pose] | None = None) -> str:
+    """The reasoning a correct model writes for `task` with its objects at `poses` (task frame; default:
+    where they start), without the end marker."""
     if isinstance(task, MathMatchingTask):
-        return f"{task.a}+{task.b}={task.answer}. {pick_text(task.answer)}"
+        return f"{task.a}+{task.b}={task.answer}. {pick_text(task, task.answer, poses)}"
     if isinstance(task, ToyPlacementTask):
         subject = task.subject.replace("_", " ")
         reference = task.reference.replace("_", " ")
@@ -38,19 +57,21 @@ def reasoning_for(task: Task) -> str:
     raise ValueError(f"no reasoning label for task kind {type(task).__name__}")
 
 
-def override_text(task: MathMatchingTask, card: int) -> str:
-    """A reasoning that names another card: the board is read right, the pick is `card`."""
-    return f"{task.a}+{task.b}={task.answer}. {pick_text(card)}"
+def override_text(task: MathMatchingTask, card: int, poses: dict[str, Pose] | None = None) -> str:
+    """A reasoning that names another card (with its place): the board is read right, the pick is `card`."""
+    return f"{task.a}+{task.b}={task.answer}. {pick_text(task, card, poses)}"
 
 
 @dataclass(frozen=True)
 class ReasoningJudgement:
-    """Did a math-matching reasoning state the right sum and the right card?"""
+    """Did a math-matching reasoning state the right sum and the right card (and, when the scene's poses
+    are given, the card's place within `PLACE_TOL_CM`)?"""
 
     sum_ok: bool
     card_ok: bool
     stated_sum: int | None
     stated_card: int | None
+    place_ok: bool | None = None
 
     @property
     def correct(self) -> bool:
@@ -58,17 +79,25 @@ class ReasoningJudgement:
 
 
 _SUM = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)")
-_CARD = re.compile(r"[Pp]ick card (\d+)")
+_CARD = re.compile(r"[Pp]ick card (\d+)(?: at \((-?\d+), (-?\d+)\))?")
+PLACE_TOL_CM = 2
 
 
-def judge_reasoning(task: MathMatchingTask, text: str) -> ReasoningJudgement:
-    """Parse "a+b=s. Pick card n." leniently (spaces, case) and compare with the task."""
+def judge_reasoning(task: MathMatchingTask, text: str, poses: dict[str, Pose] | None = None) -> ReasoningJudgement:
+    """Parse "a+b=s. Pick card n at (x, y)..." leniently (spaces, case) and compare with the task."""
     m = _SUM.search(text)
     c = _CARD.search(text)
     stated_sum = int(m.group(3)) if m else None
     sum_ok = bool(m) and (int(m.group(1)), int(m.group(2)), stated_sum) == (task.a, task.b, task.answer)
     stated_card = int(c.group(1)) if c else None
-    return ReasoningJudgement(sum_ok, stated_card == task.answer, stated_sum, stated_card)
+    place_ok = None
+    if poses is not None:
+        place_ok = False
+        if c and c.group(2) is not None and stated_card == task.answer:
+            pos = poses[card_name(task.answer)].pos
+            err = max(abs(int(c.group(2)) - 100 * pos[0]), abs(int(c.group(3)) - 100 * pos[1]))
+            place_ok = bool(err <= PLACE_TOL_CM)
+    return ReasoningJudgement(sum_ok, stated_card == task.answer, stated_sum, stated_card, place_ok)
 
 
 # --- image-text questions (stage 1) ---------------------------------------------------------------------
@@ -89,7 +118,9 @@ def image_text_pairs(task: MathMatchingTask, poses: dict[str, Pose], rng: np.ran
         ("What is written on the whiteboard?", f"{task.a}+{task.b}"),
         ("Solve the math problem on the whiteboard.", f"{task.a}+{task.b}={task.answer}"),
         ("Read the cards on the table from left to right.", ", ".join(str(c) for c in cards)),
-        (f"Where is card {n}?", f"Card {n} is {_side(poses[card_name(n)])}."),
+        (f"Where is card {n}?", f"Card {n} is {_side(poses[card_name(n)])}, at {place(poses[card_name(n)])}."),
+        ("Where is the green square?", "At ({}, {}).".format(*(cm(v) for v in next(
+            f for f in task.fixtures if f.name == task.zone).xy))),
         ("Which card shows the answer to the problem on the whiteboard?", f"Card {task.answer}."),
     ]
     if other:

@@ -104,7 +104,7 @@ def diffusion_loss(model: ChatVLA2, prompt_pooled: torch.Tensor, reasoning_poole
     """Epsilon-prediction loss of the expert on chunks in robot units, normalised as serving does."""
     ex = model.expert
     dev = prompt_pooled.device
-    x0 = (2 * (chunks.to(dev) - ex.action_min) / (ex.action_max - ex.action_min) - 1).clamp(-1, 1)
+    x0 = ex.normalize_chunk(chunks, states).to(dev)
     st = (states.to(dev) - ex.state_mean) / ex.state_std
     obs_s, rea_s = ex.streams(prompt_pooled, reasoning_pooled)
     obs_c, rea_c = ex.policy_head.conditions(obs_s, rea_s, st)
@@ -135,7 +135,7 @@ def lm_loss(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor) -> torc
 def robot_item(data: Dataset, e: int, t: int) -> Item:
     ep = data.episodes[e]
     h = data.profile.chunk_size
-    return Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, ep.reasoning,
+    return Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, ep.reasoning[t],
                 ep.states[t], ep.chunk(t, h))
 
 
