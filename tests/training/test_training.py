@@ -159,7 +159,7 @@ def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_
                                   state=tensor_to_proto(np.asarray(FRANKA_JOINT.home, np.float32)),
                                   instruction="Solve the math problem", seed=3)
             chunk = stub.Infer(req, timeout=60).chunk
-            actions = tensor_from_proto(chunk.actions)
+            actions = tensor_from_proto(chunk.actions, field="chunk.actions")
             assert actions.shape == (16, 8) and np.isfinite(actions).all()
             assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_id == "chatvla-tiny-sim"
     finally:

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model if not args.target else args.target, "episodes_per_mode": args.episodes,
             "robots": args.robots, "episode_seconds": args.seconds, "wall_seconds": round(time.monotonic() - t0, 1),
-            "command": "chatvla " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "chatvla eval",
+            "command": "chatvla " + " ".join(sys.argv[1:]),
             "description": "math matching on sim-panda (franka_joint) through chatvla serve + the gRPC client; "
                            "success = the task's own check at the end of the episode"}
     eps = outcomes_json(outcomes)

@@ -28,12 +28,13 @@ def filmstrip(films: Mapping[str, Sequence[tuple[float, np.ndarray, str, bool]]]
         y = r * (THUMB + cap)
         ok = frames[0][3] if frames else False
         draw.text((4, y + 2), f"{name}: {'success' if ok else 'fail'}", fill=(0, 110, 0) if ok else (170, 0, 0))
+        said = next((r for _, _, r, _ in frames if r), "")
+        if said:
+            draw.text((110, y + 2), said[:90], fill=(0, 0, 0))
         step = max(1, len(frames) // cols)
-        for c, (t, img, reasoning, _) in enumerate(list(frames)[::step][:cols]):
+        for c, (t, img, _, _) in enumerate(list(frames)[::step][:cols]):
             sheet.paste(Image.fromarray(img).resize((THUMB, THUMB)), (c * THUMB, y + cap))
             draw.text((c * THUMB + 3, y + cap + 3), f"{t:.1f}s", fill=(255, 255, 0))
-            if c == 0 and reasoning:
-                draw.text((110, y + 2), reasoning[:70], fill=(0, 0, 0))
     sheet.save(path)
     return path
 
