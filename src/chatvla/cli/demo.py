@@ -191,17 +191,9 @@ def run(args: argparse.Namespace) -> int:
     if args.robots < 1 or args.episodes < 1 or args.episode_seconds <= 0:
         print("chatvla demo: --robots, --episodes and --episode-seconds must be positive", file=sys.stderr)
         return 2
-    try:
-        import chatvla.client.sim  # noqa: F401 - registers the sim robots
-        from chatvla.client.sim.render import rendering_available
-    except ImportError as e:
-        print(f"chatvla demo: the simulator is not installed ({e}); pip install 'chatvla-serve[sim]'",
-              file=sys.stderr)
-        return 2
-    ok, detail = rendering_available()
-    if not ok:
-        print(f"chatvla demo: MuJoCo cannot render headless here (need EGL or OSMesa; see docs/robots.md): {detail}",
-              file=sys.stderr)
+    from chatvla.cli.simcheck import sim_unavailable
+
+    if sim_unavailable("demo"):
         return 2
     if args.record:
         Path(args.record).mkdir(parents=True, exist_ok=True)

@@ -47,16 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes < 1 or args.robots < 1 or args.seconds <= 0:
         print("chatvla eval: --episodes, --robots and --seconds must be positive", file=sys.stderr)
         return 2
-    try:
-        import chatvla.client.sim  # noqa: F401
-        from chatvla.client.sim.render import rendering_available
-    except ImportError as e:
-        print(f"chatvla eval: the simulator is not installed ({e}); pip install 'chatvla-serve[sim]'",
-              file=sys.stderr)
-        return 2
-    ok, detail = rendering_available()
-    if not ok:
-        print(f"chatvla eval: MuJoCo cannot render headless here (need EGL or OSMesa): {detail}", file=sys.stderr)
+    from chatvla.cli.simcheck import sim_unavailable
+
+    if sim_unavailable("eval"):
         return 2
     import logging
 
