@@ -56,9 +56,9 @@ def _info(model: str) -> int:
     from pathlib import Path
 
     from chatvla.model.checkpoint import read_config
-    from chatvla.model.presets import PRESETS, get_preset, parameter_counts
+    from chatvla.model.presets import PRESETS, SHIPPED, get_preset, parameter_counts
 
-    cfg = get_preset(model) if model in PRESETS else read_config(Path(model))
+    cfg = get_preset(model) if model in PRESETS else read_config(SHIPPED.get(model, Path(model)))
     counts = parameter_counts(cfg)
     print(json.dumps({
         "model_id": cfg.model_id,
