@@ -43,20 +43,36 @@ async def test_late_arrivals_join_the_running_batch(vllm_engine):
     """Requests that arrive while others are decoding are scheduled into the running decode steps."""
     obs = observations(vllm_engine.info.profile, 4, seed=81)
     items = [ReasonItem(vllm_engine.preprocess(o)) for o in obs]
-
-    async def later(i: int):
-        await asyncio.sleep(0.05 * i)
-        return await vllm_engine.reason_async(items[i])
-
-    results = await asyncio.gather(*(later(i) for i in range(len(items))))
+    # The others arrive once the first is decoding (its first engine step), not after a fixed sleep:
+    # on a fast CPU a 12-token decode is over in ~30 ms, before a sleep-staggered arrival.
+    started = _first_step(vllm_engine)
+    try:
+        first = asyncio.ensure_future(vllm_engine.reason_async(items[0]))
+        await asyncio.wait_for(started.wait(), 60)
+        rest = await asyncio.gather(*(vllm_engine.reason_async(it) for it in items[1:]))
+        results = [await first, *rest]
+    finally:
+        vllm_engine.on_step = None
     assert results[-1].batch_size > 1, [r.batch_size for r in results]
+
+
+def _first_step(engine) -> asyncio.Event:
+    """An event set at the engine's next decoding step (its step hook may run on another thread)."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    engine.on_step = lambda _n: loop.call_soon_threadsafe(event.set)
+    return event
 
 
 async def test_cancelled_request_is_aborted_and_leaves_no_rows(vllm_engine):
     obs = observations(vllm_engine.info.profile, 1, seed=91)
-    task = asyncio.ensure_future(vllm_engine.reason_async(ReasonItem(vllm_engine.preprocess(obs[0]))))
-    await asyncio.sleep(0.05)
-    task.cancel()
+    started = _first_step(vllm_engine)
+    try:
+        task = asyncio.ensure_future(vllm_engine.reason_async(ReasonItem(vllm_engine.preprocess(obs[0]))))
+        await asyncio.wait_for(started.wait(), 60)  # cancelled mid-decode, however fast the machine
+        task.cancel()
+    finally:
+        vllm_engine.on_step = None
     with pytest.raises(asyncio.CancelledError):
         await task
     # the engine still serves, and nothing of the cancelled request stays in the capture store
