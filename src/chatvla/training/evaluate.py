@@ -256,9 +256,11 @@ def outcomes_json(outcomes: Sequence[EpisodeOutcome]) -> list[dict[str, Any]]:
     return [asdict(o) for o in outcomes]
 
 
-def read_boards(model: Any, seeds: Sequence[int], split: str = "train") -> list[tuple[MathMatchingTask, str, bool]]:
+def read_boards(model: Any, seeds: Sequence[int], split: str = "train", *,
+                camera_order: Sequence[str] | None = None) -> list[tuple[MathMatchingTask, str, bool]]:
     """Open-loop reasoning check without a server: render each task's scene at rest with the rig's
-    cameras and let `model` (a ChatVLA2) write its reasoning; (task, text, correct) per seed."""
+    cameras and let `model` (a ChatVLA2) write its reasoning; (task, text, correct) per seed.
+    `camera_order` overrides the profile's order (to show that the order matters)."""
     from chatvla.client.sim.robot import make_sim_robot
 
     tasks = [make_task("math_matching", seed=s, split=split) for s in seeds]
@@ -268,7 +270,8 @@ def read_boards(model: Any, seeds: Sequence[int], split: str = "train") -> list[
         for task in tasks:
             assert isinstance(task, MathMatchingTask)
             obs = robot.reset(task)
-            text = model.reason([model.prepare(obs.images, task.instruction)])[0].text
+            prepared = model.prepare(obs.images, task.instruction, camera_order=camera_order)
+            text = model.reason([prepared])[0].text
             out.append((task, text, judge_reasoning(task, text).correct))
     finally:
         robot.close()
