@@ -53,7 +53,7 @@ def test_swapped_cameras_break_the_reading(rendering):
 def test_one_closed_loop_eval_episode_through_a_server_process(rendering, tmp_path):
     r = subprocess.run([sys.executable, "-m", "chatvla.cli.main", "eval", "--episodes", "1", "--modes", "train",
                         "--robots", "1", "--seconds", "14", "--film", "1", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "eval.json").read_text())
     (ep,) = doc["episodes"]

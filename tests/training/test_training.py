@@ -135,7 +135,7 @@ def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "chatvla.cli.main", "train", "--data", str(episodes_dir), "--out",
                         str(out), "--stage1-steps", "40", "--stage2-steps", "40", "--batch-size", "4", "--scenes", "0",
-                        "--stage2-tick-stride", "6", "--quiet"], capture_output=True, text=True, timeout=600)
+                        "--stage2-tick-stride", "6", "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((out / "train_log.json").read_text())
     for name in ("stage1/lm", "stage1/diffusion", "stage2/diffusion"):
