@@ -5,6 +5,10 @@ INVALID_ARGUMENT that names the field in the caller's own vocabulary ("observati
 Stream, "state" on Infer and HTTP). Image pixels are decoded here, so callers run these functions
 in the preprocessing thread pool, never on the event loop. Nothing here can unpickle: tensors are
 raw little-endian bytes, images go through PIL's JPEG/PNG decoders only.
+
+Decoded images and states are read-only arrays: an RGB8 image or a state is a view of the one copy
+of its bytes that reading the protobuf field makes, not a second copy. Engines only read them; one
+that needs to write must copy first.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ def decode_proto_images(
     for im in images:
         cf = f"{field}[{_name(im.camera)}]"
         try:
-            out[im.camera] = decode_image(im, field=cf, limits=spec.limits)
+            out[im.camera] = decode_image(im, field=cf, limits=spec.limits, copy=False)
         except WireError as e:
             raise invalid(e.field, e.message) from None
     return out
@@ -124,7 +128,7 @@ def decode_proto_state(t: pb.Tensor, field: str, spec: InputSpec, present: bool)
     try:
         return tensor_from_proto(
             t, field=field, dtype=np.float32, shape=(spec.profile.state_dim,),
-            max_elements=spec.limits.max_state_dim,
+            max_elements=spec.limits.max_state_dim, copy=False,
         )
     except WireError as e:
         raise invalid(e.field, e.message) from None
@@ -224,7 +228,7 @@ def _b64_image(value: Any, field: str, spec: InputSpec) -> np.ndarray:
 
 def _image_bytes(raw: bytes, field: str, spec: InputSpec) -> np.ndarray:
     try:
-        return decode_image_bytes(raw, field=field, limits=spec.limits)
+        return decode_image_bytes(raw, field=field, limits=spec.limits, copy=False)
     except WireError as e:
         raise invalid(e.field, e.message) from None
 

@@ -3,6 +3,11 @@
 Every decoder validates before it trusts: dtype against the allowed set, shape against the byte
 count, image dimensions against limits before pixels are decoded (so a "decompression bomb" PNG is
 refused from its header). Errors are `WireError`s that name the offending field.
+
+Reading a protobuf `bytes` field copies it (each access returns a new `bytes` object), so each decoder
+reads a message's `data` once. With `copy=False` the decoded array is a read-only view of that one
+`bytes` object (it keeps it alive), not a second copy: the server decodes that way, its engines only
+read pixels and state. The default, `copy=True`, returns a writeable array the caller owns.
 """
 
 from __future__ import annotations
@@ -56,8 +61,12 @@ def tensor_from_proto(
     shape: tuple[int, ...] | None = None,
     finite: bool = True,
     max_elements: int = 1 << 24,
+    copy: bool = True,
 ) -> np.ndarray:
-    """Decode and validate a tensor. `dtype`/`shape` are requirements, not conversions."""
+    """Decode and validate a tensor. `dtype`/`shape` are requirements, not conversions.
+
+    `copy=False` returns a read-only view of the message's bytes (on a little-endian host; a
+    big-endian one still gets a native-order copy)."""
     if t.dtype not in _DTYPES:
         raise WireError(field, f"unknown or unset dtype {t.dtype}")
     dt = _DTYPES[t.dtype]
@@ -69,11 +78,14 @@ def tensor_from_proto(
         raise WireError(field, f"{n} elements exceed the limit of {max_elements}")
     if shape is not None and dims != tuple(shape):
         raise WireError(field, f"shape must be {list(shape)}, got {list(dims)}")
-    if len(t.data) != n * dt.itemsize:
-        raise WireError(field, f"{len(t.data)} bytes do not match shape {list(dims)} of {dt.name}")
-    arr = np.frombuffer(t.data, dtype=dt).reshape(dims)
+    data = t.data  # a fresh copy on every access: read it once
+    if len(data) != n * dt.itemsize:
+        raise WireError(field, f"{len(data)} bytes do not match shape {list(dims)} of {dt.name}")
+    arr = np.frombuffer(data, dtype=dt).reshape(dims)
     if finite and dt.kind == "f" and not np.isfinite(arr).all():
         raise WireError(field, "contains NaN or inf")
+    if not copy and dt.isnative:
+        return arr
     return arr.astype(dt.newbyteorder("="), copy=True)
 
 
@@ -97,8 +109,12 @@ def encode_image(arr: np.ndarray, camera: str, encoding: str = "rgb8", quality: 
     return pb.Image(camera=camera, encoding=enc, height=h, width=w, data=data)
 
 
-def decode_image_bytes(data: bytes, *, field: str, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
-    """Decode a JPEG or PNG file (e.g. from an HTTP upload) with the same checks as `decode_image`."""
+def decode_image_bytes(
+    data: bytes, *, field: str, limits: Limits = DEFAULT_LIMITS, copy: bool = True
+) -> np.ndarray:
+    """Decode a JPEG or PNG file (e.g. from an HTTP upload) with the same checks as `decode_image`.
+
+    `copy=False` returns the decoded pixels read-only instead of copying them once more."""
     if len(data) > limits.max_image_bytes:
         raise WireError(field, f"{len(data)} bytes exceed the image limit of {limits.max_image_bytes}")
     if not data:
@@ -115,30 +131,38 @@ def decode_image_bytes(data: bytes, *, field: str, limits: Limits = DEFAULT_LIMI
         raise
     except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as e:
         raise WireError(field, f"cannot decode image: {e}") from None
-    return np.asarray(rgb, dtype=np.uint8).copy()
+    arr = np.asarray(rgb, dtype=np.uint8)  # read-only, over PIL's own copy of the pixels
+    return arr.copy() if copy else arr
 
 
-def decode_image(img: pb.Image, *, field: str | None = None, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
-    """Decode a wire image into an HxWx3 uint8 array, enforcing `limits`."""
+def decode_image(
+    img: pb.Image, *, field: str | None = None, limits: Limits = DEFAULT_LIMITS, copy: bool = True
+) -> np.ndarray:
+    """Decode a wire image into an HxWx3 uint8 array, enforcing `limits`.
+
+    `copy=False`: an RGB8 image is a read-only view of the message's bytes, a JPEG/PNG one read-only."""
     field = field or f"images[{img.camera}]"
-    if len(img.data) > limits.max_image_bytes:
-        raise WireError(field, f"{len(img.data)} bytes exceed the image limit of {limits.max_image_bytes}")
-    if img.encoding == pb.RGB8:
+    data = img.data  # a fresh copy on every access: read it once
+    if len(data) > limits.max_image_bytes:
+        raise WireError(field, f"{len(data)} bytes exceed the image limit of {limits.max_image_bytes}")
+    encoding = img.encoding
+    if encoding == pb.RGB8:
         h, w = int(img.height), int(img.width)
         if h <= 0 or w <= 0:
             raise WireError(field, "RGB8 images need height and width")
         _check_side(field, h, w, limits)
-        if len(img.data) != h * w * 3:
-            raise WireError(field, f"{len(img.data)} bytes do not match {h}x{w}x3 RGB8")
-        return np.frombuffer(img.data, dtype=np.uint8).reshape(h, w, 3).copy()
-    if img.encoding in (pb.JPEG, pb.PNG):
-        arr = decode_image_bytes(img.data, field=field, limits=limits)
+        if len(data) != h * w * 3:
+            raise WireError(field, f"{len(data)} bytes do not match {h}x{w}x3 RGB8")
+        arr = np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+        return arr.copy() if copy else arr
+    if encoding in (pb.JPEG, pb.PNG):
+        arr = decode_image_bytes(data, field=field, limits=limits, copy=copy)
         if (img.height and img.height != arr.shape[0]) or (img.width and img.width != arr.shape[1]):
             raise WireError(
                 field, f"declared {img.height}x{img.width} but the image is {arr.shape[0]}x{arr.shape[1]}"
             )
         return arr
-    raise WireError(field, f"unknown or unset image encoding {img.encoding}")
+    raise WireError(field, f"unknown or unset image encoding {encoding}")
 
 
 def _check_side(field: str, h: int, w: int, limits: Limits) -> None:
