@@ -21,6 +21,8 @@ Why it is built like this:
   drained, refused the session or stopped answering) the next session opens on another replica,
   with DNS re-resolved. Each session is a new stream, and every reply is matched to its observation
   by a seq that is never reused, so nothing of a dead session can land on the new one's ticks.
+* Observations go on the wire as bytes made by `chatvla.client.framing`: each image is copied once,
+  from the caller's array into the request, instead of once per message layer.
 * Server errors become typed `PolicyError`s carrying the server's own message (and the offending field
   for INVALID_ARGUMENT), delivered as `RequestFailed` events, or raised from the synchronous helpers.
 """
@@ -40,6 +42,7 @@ import grpc
 import numpy as np
 
 from chatvla.client.balancing import BALANCE_POLICIES, Balancer, Endpoint, Resolver, parse_target
+from chatvla.client.framing import ObservationFramer
 from chatvla.client.runtime import (
     Aborted,
     ChunkReply,
@@ -64,7 +67,7 @@ from chatvla.client.runtime import (
 from chatvla.profiles import RobotProfile
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.v1 import policy_pb2_grpc as pb_grpc
-from chatvla.wire import Limits, WireError, encode_image, tensor_from_proto, tensor_to_proto
+from chatvla.wire import Limits, WireError, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,11 @@ _STREAM_ERRORS: dict[int, type[PolicyError]] = {
     pb.INTERNAL: Internal,
     pb.UNAVAILABLE: Unavailable,
 }
+
+
+# The stream's requests are serialised by the client itself (see chatvla.client.framing), so its calls
+# go through a method handle that sends bytes as they are.
+_STREAM_METHOD = "/" + pb.DESCRIPTOR.services_by_name["Policy"].full_name + "/Stream"
 
 
 def error_from_code(
@@ -295,6 +303,7 @@ class GrpcPolicyClient(PolicyConnection):
         self.fatal_error: PolicyError | None = None
         self.reconnects = 0
         self._last_attempt_had_session = False
+        self._framer = ObservationFramer(config.image_encoding, config.jpeg_quality)
 
     # ---- public API ----------------------------------------------------------------------------
     @property
@@ -486,7 +495,13 @@ class GrpcPolicyClient(PolicyConnection):
         channel = self._channel(endpoint)
         error: PolicyError | None = None
         try:
-            call = pb_grpc.PolicyStub(channel).Stream(self._requests(att), metadata=self._metadata())
+            stream = channel.stream_stream(
+                _STREAM_METHOD,
+                request_serializer=None,  # _requests yields serialised StreamRequests
+                response_deserializer=pb.StreamResponse.FromString,
+                _registered_method=True,
+            )
+            call = stream(self._requests(att), metadata=self._metadata())
             att.call = call
             if self._closed.is_set():
                 call.cancel()
@@ -589,15 +604,16 @@ class GrpcPolicyClient(PolicyConnection):
         )
         return None
 
-    def _requests(self, att: _Attempt) -> Iterator[pb.StreamRequest]:
-        """Runs on gRPC's request-consumer thread: waits for the newest observation and encodes it."""
+    def _requests(self, att: _Attempt) -> Iterator[bytes]:
+        """Runs on gRPC's request-consumer thread: waits for the newest observation and encodes it.
+        Yields serialised `StreamRequest`s."""
         yield pb.StreamRequest(
             start=self.session.to_proto(
                 instruction=self._instruction,
                 robot_id=self.config.robot_id,
                 deadline_ms=self.config.deadline_ms,
             )
-        )
+        ).SerializeToString()
         while True:
             with self._wakeup:
                 while self._pending is None and not att.done.is_set() and not self._closed.is_set():
@@ -631,9 +647,9 @@ class GrpcPolicyClient(PolicyConnection):
                 return
             yield msg
 
-    def _encode(self, p: _Pending) -> pb.StreamRequest | None:
+    def _encode(self, p: _Pending) -> bytes | None:
+        """The serialised `StreamRequest` for `p`, or None (and a RequestFailed event) if it cannot go."""
         r = p.request
-        c = self.config
         remaining_ms = self._deadline_s(r) * 1000 - (self.clock.now() - p.submitted_at) * 1000
         if remaining_ms <= 0:  # waited out its deadline (e.g. while reconnecting): nobody wants it now
             err = DeadlineExceeded(f"not sent within {self._deadline_s(r) * 1000:.0f} ms", seq=p.seq)
@@ -641,15 +657,10 @@ class GrpcPolicyClient(PolicyConnection):
             return None
         try:
             cams = self.session.cameras if self.session.cameras is not None else self.session.profile.camera_names
-            images = [
-                encode_image(r.images[name], name, c.image_encoding, c.jpeg_quality)
-                for name in cams
-                if name in r.images
-            ]
-            obs = pb.Observation(
+            images = [self._framer.image(name, r.images[name]) for name in cams if name in r.images]
+            head = pb.Observation(
                 seq=p.seq,
                 tick=r.tick,
-                images=images,
                 state=tensor_to_proto(np.asarray(r.state, dtype=np.float32)),
                 instruction=r.instruction or "",
                 deadline_ms=max(1, int(remaining_ms)),
@@ -657,6 +668,7 @@ class GrpcPolicyClient(PolicyConnection):
                 seed=r.seed,
                 reasoning=r.reasoning or "",
             )
+            msg = self._framer.request(head, images)
         except (WireError, ValueError, TypeError) as e:
             field_name = e.field if isinstance(e, WireError) else "observation"
             self._events.append(
@@ -665,7 +677,7 @@ class GrpcPolicyClient(PolicyConnection):
             return None
         if r.instruction:
             self._instruction = r.instruction  # a reconnect starts the new session with the latest task
-        return pb.StreamRequest(observation=obs)
+        return msg
 
     def _fail_everything(self, error: PolicyError) -> None:
         now = self.clock.now()
