@@ -107,11 +107,16 @@ COPY deploy/docker/healthcheck.py /usr/local/lib/chatvla/healthcheck.py
 # baked into the image: env vars outrank the YAML file, so baked ones would silently win over a
 # mounted config (Kubernetes ConfigMap). Users override single settings with CHATVLA_* env vars.
 # Model files are read from /models; nothing is downloaded from a hub at run time.
+# MALLOC_*: glibc's allocator pinned so that image/tensor buffers up to 64 MiB are reused from the heap
+# instead of being mapped fresh (and page-faulted in) per request; set both, never one alone
+# (docs/deployment.md, "Memory allocator"). docker-compose.yml and deploy/k8s set them too (tests/deploy).
 ENV HOME=/home/chatvla \
     XDG_CACHE_HOME=/home/chatvla/.cache \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    CHATVLA_CONFIG=/etc/chatvla/server.yaml
+    CHATVLA_CONFIG=/etc/chatvla/server.yaml \
+    MALLOC_MMAP_THRESHOLD_=67108864 \
+    MALLOC_TRIM_THRESHOLD_=134217728
 EXPOSE 50051 8080
 WORKDIR /home/chatvla
 STOPSIGNAL SIGTERM

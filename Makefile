@@ -11,8 +11,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt scripts/setup.sh
 
 setup: $(STAMP)
 
+# The glibc allocator pinned as in the server images (docs/deployment.md, "Memory allocator"), unless
+# the environment already sets it.
 serve: setup
-	$(VENV)/bin/chatvla serve $(ARGS)
+	MALLOC_MMAP_THRESHOLD_=$${MALLOC_MMAP_THRESHOLD_:-67108864} MALLOC_TRIM_THRESHOLD_=$${MALLOC_TRIM_THRESHOLD_:-134217728} \
+		$(VENV)/bin/chatvla serve $(ARGS)
 
 demo: setup
 	$(VENV)/bin/chatvla demo $(ARGS)

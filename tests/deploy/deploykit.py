@@ -147,6 +147,13 @@ def settings_names() -> tuple[set[str], set[str]]:
     return keys, {env_name(k) for k in keys} | {CONFIG_ENV}
 
 
+def allocator_env() -> dict[str, str]:
+    """The glibc allocator env every server launcher sets: the values `chatvla serve` pins itself."""
+    from chatvla.cli.serve import MALLOC_THRESHOLDS
+
+    return {name: str(value) for name, (_, value) in MALLOC_THRESHOLDS.items()}
+
+
 # --------------------------------------------------------------------------------------------------
 # kustomize
 

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deploykit import DEPLOY, REPO, load_yaml, run, settings_names, tool
+from deploykit import DEPLOY, REPO, allocator_env, load_yaml, run, settings_names, tool
 
 COMPOSE = REPO / "docker-compose.yml"
 AUTH = DEPLOY / "compose/auth.yml"
@@ -84,6 +84,12 @@ def test_server_settings_are_accepted(compose, service):
     grace = int(compose["services"][service]["stop_grace_period"].rstrip("s"))
     assert grace >= 2 * s.drain_timeout_s + 10, "stop_grace_period cuts the SIGTERM drain short"
     assert "chatvla" in compose["services"][service]["networks"]["default"]["aliases"]
+
+
+@pytest.mark.parametrize("service", sorted(SERVERS))
+def test_server_pins_the_allocator(compose, service):
+    env = {k: defaults(v) for k, v in compose["services"][service]["environment"].items()}
+    assert {k: env.get(k) for k in allocator_env()} == allocator_env()
 
 
 def test_prometheus_scrapes_the_server_alias(compose):

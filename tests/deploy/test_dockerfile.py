@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deploykit import DEPLOY, REPO, require_tool, run
+from deploykit import DEPLOY, REPO, allocator_env, require_tool, run
 
 DOCKERFILE = REPO / "Dockerfile"
 TARGETS = ("server-gpu", "server-cpu", "client")
@@ -149,6 +149,22 @@ def test_image_settings_file_loads(target):
     assert last(target, "ENV") is not None and "CHATVLA_CONFIG=/etc/chatvla/server.yaml" in " ".join(
         a for st in chain(target) for i, a in st.lines if i == "ENV"
     )
+
+
+@pytest.mark.parametrize("target", ["server-gpu", "server-cpu"])
+def test_server_pins_the_allocator(target):
+    """Both glibc thresholds (one alone is worse than neither), with the values `chatvla serve` pins."""
+    env = {}
+    for stage in reversed(chain(target)):  # later ENV lines win
+        for instr, args in stage.lines:
+            if instr == "ENV":
+                env.update(dict(tok.split("=", 1) for tok in shlex.split(args) if "=" in tok))
+    assert {k: env.get(k) for k in allocator_env()} == allocator_env()
+
+
+def test_client_leaves_the_allocator_alone():
+    envs = " ".join(a for s in chain("client") for i, a in s.lines if i == "ENV")
+    assert "MALLOC_" not in envs
 
 
 def test_cpu_route_script_exists():

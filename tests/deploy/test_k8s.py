@@ -15,7 +15,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deploykit import K8S, OVERLAYS, by_kind, load_yaml, one, render, require_tool, run, settings_names
+from deploykit import (
+    K8S,
+    OVERLAYS,
+    allocator_env,
+    by_kind,
+    load_yaml,
+    one,
+    render,
+    require_tool,
+    run,
+    settings_names,
+)
 
 CONFIGS = {"base": K8S / "base/config.yaml", **{o: K8S / f"overlays/{o}/config.yaml" for o in OVERLAYS}}
 POLICY_SERVICE = "chatvla.v1.Policy"
@@ -72,6 +83,13 @@ def test_probes_and_ports_match_the_settings(overlay):
     else:
         assert ready["grpc"] == {"port": s.grpc_port, "service": POLICY_SERVICE}
     assert live["httpGet"]["path"] == "/healthz", "liveness must hold while loading and draining"
+
+
+def test_server_pins_the_allocator(overlay):
+    """The same glibc thresholds as the image, also for a pod running an image built elsewhere."""
+    _, docs = overlay
+    _, _, env = rendered_settings(docs)
+    assert {k: env.get(k) for k in allocator_env()} == allocator_env()
 
 
 def test_termination_grace_covers_prestop_and_drain(overlay):

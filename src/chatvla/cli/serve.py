@@ -4,13 +4,40 @@ flag, one env var and one YAML key, all with the same default."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# glibc's allocator: a buffer at or above the mmap threshold is mapped fresh (and page-faulted in) on
+# every allocation, and free heap memory beyond the trim threshold goes back to the OS, to be faulted
+# in again. The images and manifests set the env vars (docs/deployment.md, "Memory allocator"); a bare
+# `chatvla serve` pins the same values with mallopt (malloc.h: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3).
+MALLOC_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": (-3, 64 << 20), "MALLOC_TRIM_THRESHOLD_": (-1, 128 << 20)}
+
+
+def pin_malloc_thresholds(env: Mapping[str, str] = os.environ) -> list[str]:
+    """Pin glibc's mmap/trim thresholds the env leaves unset: its dynamic mmap threshold page-faults large buffers."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl, macOS): other knobs, or none
+            return []
+        pinned = []
+        for name, (param, value) in MALLOC_THRESHOLDS.items():
+            tunable = "glibc.malloc." + name.removeprefix("MALLOC_").rstrip("_").lower()
+            if name not in env and tunable not in tunables and libc.mallopt(param, value) == 1:
+                pinned.append(name)
+        return pinned
+    except Exception:  # best effort: never keep the server from starting
+        return []
 
 
 def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
@@ -61,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    pin_malloc_thresholds()  # first, before the server's imports and buffers
     from chatvla.server.app import run as run_server
     from chatvla.server.settings import ServerSettings, SettingsError, load_settings
 
