@@ -16,7 +16,13 @@ Columns:
   queue ms       p50 of the server's own queue time
   batch          mean reasoning batch size the chunks ran in
 With the null engine (`--engine-option reason_ms=20` etc.) compute is simulated, so the numbers show
-what the serving layer adds. Prints a table and writes benchmarks/results/serving.json.
+what the serving layer adds.
+
+With a real model (torch), the same script first measures the model's own speed in this process, on
+the main thread, with the robots' inputs (preprocess + reason + act per batch, no server): its batch-1
+latency and its batch-N chunks/s. The JSON then holds the ratios served/own (throughput at the most
+sessions, p50 latency at one session), measured in one run. Prints a table and writes
+benchmarks/results/serving.json.
 """
 
 from __future__ import annotations
@@ -71,10 +77,39 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def observation_factory(info: pb.ModelInfo):
+def robot_images(profile) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    images = [encode_image(rng.integers(0, 255, (c.height, c.width, 3), dtype=np.uint8), c.name)
-              for c in info.profile.cameras]
+    return {c.name: rng.integers(0, 255, (c.height, c.width, 3), dtype=np.uint8) for c in profile.cameras}
+
+
+def model_own_speed(args: argparse.Namespace, batches: list[int], repeats: int = 5) -> dict[int, float]:
+    """Seconds per batch of preprocess + reason + act, on this thread, the way a plain loop runs the model."""
+    from chatvla.engines.base import ActItem, EngineObservation, ReasonItem
+    from chatvla.engines.loader import load_engine
+
+    engine = load_engine(args.model, args.engine)
+    p = engine.info.profile
+    images = robot_images(p)
+    state = np.zeros(p.state_dim, np.float32)
+    out = {}
+    for b in batches:
+        obs = [EngineObservation(images=images, state=state, instruction=f"pick up block {i}") for i in range(b)]
+
+        def once(rep: int, obs=obs) -> float:
+            t0 = time.perf_counter()
+            rs = engine.reason_batch([ReasonItem(engine.preprocess(o)) for o in obs])
+            engine.act_batch([ActItem(r, state, seed=rep * 100 + i + 1) for i, r in enumerate(rs)])
+            return time.perf_counter() - t0
+
+        once(0)  # warm-up
+        out[b] = median([once(rep + 1) for rep in range(repeats)])
+        print(f"  model's own speed, batch {b}: {out[b] * 1e3:.1f} ms per batch", file=sys.stderr)
+    engine.close()
+    return out
+
+
+def observation_factory(info: pb.ModelInfo):
+    images = [encode_image(img, name) for name, img in robot_images(info.profile).items()]
     state = tensor_to_proto(np.zeros(info.profile.state_dim, np.float32))
 
     def make(seq: int) -> pb.StreamRequest:
@@ -142,6 +177,7 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16, help="max batch of the 'batching on' mode")
     args = ap.parse_args()
     counts = [int(x) for x in args.sessions.split(",")]
+    own = model_own_speed(args, sorted({1, max(counts)})) if args.engine != "null" else {}
     rows = []
     for mode, max_batch in (("batching", args.max_batch), ("no batching", 1)):
         proc, address = start_server(args, max_batch)
@@ -156,10 +192,25 @@ def main() -> int:
             stop_server(proc)
     cols = ["mode", "sessions", "p50_ms", "p99_ms", "chunks_per_s", "compute_ms", "overhead_ms", "queue_ms", "batch"]
     print(table(rows, cols))
+    ratios: dict[str, Any] = {}
+    if own:
+        top, one = max(counts), 1
+        served = next(r for r in rows if r["mode"] == "batching" and r["sessions"] == top)
+        ratios = {
+            "model_own_batch_s": {str(b): s for b, s in own.items()},
+            f"model_own_chunks_per_s_batch{top}": top / own[top],
+            f"served_over_own_throughput_{top}_sessions": served["chunks_per_s"] / (top / own[top]),
+        }
+        if one in own and any(r["sessions"] == one for r in rows):
+            single = next(r for r in rows if r["mode"] == "batching" and r["sessions"] == one)
+            ratios["served_over_own_latency_1_session"] = single["p50_ms"] / (own[one] * 1e3)
+        for k, v in ratios.items():
+            if not isinstance(v, dict):
+                print(f"{k}: {v:.3f}")
     path = write_result("serving", {
         "engine": args.engine, "model": args.model, "observations_per_session": args.observations,
         "engine_options": args.engine_option or (list(NULL_DEFAULTS) if args.engine == "null" else []),
-        "rows": rows,
+        "rows": rows, **ratios,
     })
     print(f"wrote {path}")
     return 0

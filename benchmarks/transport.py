@@ -17,7 +17,7 @@ Rows:
                 websocket_policy_server.py), driven by the same openpi-client
   bare_grpc     the floor: a generic bytes->bytes grpc.aio unary handler that receives the same bytes
                 as `ours_infer` and returns a pre-serialized chunk (no parsing, no pipeline)
-  pipeline_only no transport at all: our `Pipeline.infer` in-process on an already-decoded observation,
+  pipeline_only no transport at all: our `Scheduler.infer` in-process on an already-decoded observation,
                 i.e. what the serving pipeline itself adds to any transport (thread handoffs, checks)
 
 All servers use a null policy. Ours is `NullEngine` with no simulated compute whose preprocess does not
@@ -232,19 +232,19 @@ def run_bare(port: int, images, jpegs, state, n: int, warmup: int) -> Samples:
 
 
 def run_pipeline_only(images, state, n: int, warmup: int) -> Samples:
-    """No transport: `Pipeline.infer` in this process with an already-decoded observation (the pipeline's
-    own cost: admission, the preprocess/reasoning/expert thread handoffs, null compute, chunk checks)."""
+    """No transport: `Scheduler.infer` in this process with an already-decoded observation (the scheduler's
+    own cost: admission, the hand-off to the compute thread and back, null compute, chunk checks)."""
     from chatvla.engines.base import EngineObservation
-    from chatvla.server.app import pipeline_config
+    from chatvla.server.app import scheduler_config
     from chatvla.server.messages import ObservationRequest
     from chatvla.server.metrics import Metrics
-    from chatvla.server.pipeline import Pipeline
+    from chatvla.server.scheduler import Scheduler
     from chatvla.server.settings import ServerSettings
 
     req = ObservationRequest(obs=EngineObservation(images=images, state=state, instruction="fold the towel"), seed=1)
 
     async def main() -> Samples:
-        pipeline = Pipeline(flat_null(), pipeline_config(ServerSettings(engine="null")), Metrics())
+        pipeline = Scheduler(flat_null(), scheduler_config(ServerSettings(engine="null")), Metrics())
         await pipeline.start()
         out = []
         try:

@@ -45,14 +45,14 @@ class GatedEngine(NullEngine):
     def release(self) -> None:
         self.gate.set()
 
-    def reason_batch(self, items: Sequence[ReasonItem]) -> list[ReasoningResult]:
+    def reason_batch(self, items: Sequence[ReasonItem], yield_point=None) -> list[ReasoningResult]:
         self.entered.release()
         if not self.gate.wait(timeout=30):
             raise RuntimeError("test gate never opened")
-        return super().reason_batch(items)
+        return super().reason_batch(items, yield_point)
 
     async def wait_entered(self, timeout: float = 10.0) -> None:
-        """Until a reasoning batch is inside the engine (holding the worker thread)."""
+        """Until a reasoning batch is inside the engine (holding the compute thread)."""
         ok = await asyncio.to_thread(self.entered.acquire, True, timeout)
         assert ok, "no reasoning batch reached the engine"
 

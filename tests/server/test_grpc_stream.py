@@ -222,7 +222,8 @@ async def test_newer_observation_supersedes_queued_one(serve):
     engine = GatedEngine()
     srv = await serve(engine=engine, max_batch=1)
     blocker, _ = await srv.open_stream()
-    call, _ = await srv.open_stream()
+    call, info = await srv.open_stream(max_in_flight=1)
+    assert info.max_in_flight == 1
     engine.hold()
     await blocker.write(obs_req(1))
     await engine.wait_entered()  # the reasoning worker is busy with the other robot
@@ -266,27 +267,43 @@ async def test_overload_is_refused_at_once(serve):
         s.cancel()
 
 
+class RecordingEngine(NullEngine):
+    """A NullEngine that keeps every ReasonItem it was given, to see what was decoded or pre-filled."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)
+        self.items: list = []
+
+    def reason_batch(self, items, yield_point=None):
+        self.items.extend(items)
+        return super().reason_batch(items, yield_point)
+
+
+def only_session(srv):
+    (session,) = srv.app.state.pipeline.sessions.values()
+    return session
+
+
 async def test_dual_rate_reasoning_reuses_cached_text_between_refreshes(serve):
-    class Recording(NullEngine):
-        items: list = []
-
-        def reason_batch(self, items):
-            self.items.extend(items)
-            return super().reason_batch(items)
-
-    srv = await serve(engine=Recording(), warmup=False)
+    srv = await serve(engine=RecordingEngine(), warmup=False)
     call, info = await srv.open_stream(reasoning=pb.ReasoningPolicy(every_n=3))
     assert info.reasoning.every_n == 3
-    refreshed = []
+    refreshed, written_for = [], []
     for seq in range(1, 8):
         kw = {"instruction": "now the blue one"} if seq == 6 else {}
         await call.write(obs_req(seq, **kw))
         chunk = (await call.read()).chunk
         refreshed.append(chunk.reasoning_refreshed)
+        written_for.append(chunk.reasoning_seq)
         assert chunk.reasoning
         assert (chunk.reasoning_tokens > 0) == chunk.reasoning_refreshed
-    # 1 first, 4 every_n, 6 instruction change, then 7 re-uses 6's text.
-    assert refreshed == [True, False, False, True, False, True, False]
+        assert chunk.reasoning_age_ms >= 0
+        if seq == 4:  # the refresh decodes in the background; wait for its text to take over
+            await eventually(lambda: only_session(srv).cache.text.seq == 4)
+    # 1 waits for its first text; 4's refresh (every_n) runs in the background, so chunk 4 still uses
+    # 1's text and 5 uses 4's; 6 changes the instruction and waits for its own text; 7 re-uses it.
+    assert refreshed == [True, False, False, False, False, True, False]
+    assert written_for == [1, 1, 1, 1, 4, 6, 6]
     assert srv.sample("chatvla_reasoning_refresh_total", reason="first") == 1
     assert srv.sample("chatvla_reasoning_refresh_total", reason="every_n") == 1
     assert srv.sample("chatvla_reasoning_refresh_total", reason="instruction") == 1
@@ -299,18 +316,6 @@ async def test_dual_rate_reasoning_reuses_cached_text_between_refreshes(serve):
     assert (await call.read()).chunk.reasoning_refreshed
     assert srv.sample("chatvla_reasoning_refresh_total", reason="forced") == 1
     call.cancel()
-
-
-class RecordingEngine(NullEngine):
-    """A NullEngine that keeps every ReasonItem it was given, to see what was decoded or pre-filled."""
-
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)
-        self.items: list = []
-
-    def reason_batch(self, items):
-        self.items.extend(items)
-        return super().reason_batch(items)
 
 
 async def test_reasoning_override_is_for_its_observation_only(serve):
@@ -332,8 +337,9 @@ async def test_reasoning_override_is_for_its_observation_only(serve):
     # 3: back to the session's cached decoded text (and its token ids), not the override.
     assert (after.reasoning, after.reasoning_refreshed) == (first.reasoning, False)
     assert items[2].reasoning == first.reasoning and items[2].reasoning_token_ids is not None
-    # 4: the override counted as an observation towards every_n=3, like a System 1 step.
-    assert fourth.reasoning_refreshed
+    # 4: the override counted as an observation towards every_n=3, like a System 1 step: 4 starts a
+    # refresh (in the background, so its own chunk still carries 1's text).
+    assert (fourth.reasoning_refreshed, fourth.reasoning_seq) == (False, 1)
     assert srv.sample("chatvla_reasoning_refresh_total", reason="first") == 1
     assert srv.sample("chatvla_reasoning_refresh_total", reason="every_n") == 1
     call.cancel()
@@ -374,7 +380,8 @@ async def test_deadline_expired_in_queue_is_answered_deadline_exceeded(serve):
     engine = GatedEngine()
     srv = await serve(engine=engine, max_batch=1)
     blocker, _ = await srv.open_stream()
-    call, _ = await srv.open_stream()
+    call, info = await srv.open_stream(max_in_flight=1)
+    assert info.max_in_flight == 1
     engine.hold()
     await blocker.write(obs_req(1))
     await engine.wait_entered()
@@ -463,3 +470,38 @@ async def test_session_limit(serve):
     assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert srv.sample("chatvla_rejected_total", reason="sessions_limit") == 1
     first.cancel()
+
+
+async def test_two_observations_of_a_session_compute_at_once_and_are_answered_in_order(serve):
+    engine = GatedEngine()
+    srv = await serve(engine=engine)
+    call, info = await srv.open_stream()
+    assert info.max_in_flight == 2  # the server's default
+    engine.hold()
+    await call.write(obs_req(1))
+    await engine.wait_entered()
+    await call.write(obs_req(2))  # not parked behind seq 1: queued for the next reasoning batch
+    await eventually(lambda: srv.sample("chatvla_queue_depth", stage="reasoning") == 1)
+    assert only_session(srv).pending is None and len(only_session(srv).inflight) == 2
+    engine.release()
+    assert [(await call.read()).chunk.seq for _ in range(2)] == [1, 2]
+    call.cancel()
+
+
+async def test_a_reasoning_refresh_decodes_in_the_background_while_chunks_keep_coming(serve):
+    engine = NullEngine(reason_ms=600, prefill_ms=0, decode_steps=60)
+    srv = await serve(engine=engine, warmup=False)
+    call, _ = await srv.open_stream(reasoning=pb.ReasoningPolicy(every_n=2))
+    chunks = []
+    for seq in (1, 2, 3):  # 1 waits for its first text, 2 re-uses it, 3 is due for new text (every_n=2)
+        await call.write(obs_req(seq))
+        chunks.append((await call.read()).chunk)
+    session = only_session(srv)
+    assert session.decoding is not None and not session.decoding.act  # 3's refresh is still decoding
+    assert [(c.reasoning_refreshed, c.reasoning_seq) for c in chunks] == [(True, 1), (False, 1), (False, 1)]
+    await eventually(lambda: session.cache.text.seq == 3)
+    await call.write(obs_req(4))
+    fourth = (await call.read()).chunk
+    assert (fourth.reasoning_refreshed, fourth.reasoning_seq) == (False, 3)
+    assert srv.sample("chatvla_reasoning_refresh_total", reason="every_n") == 1
+    call.cancel()

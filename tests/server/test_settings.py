@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from chatvla.cli import serve as serve_cli
-from chatvla.server.app import pipeline_config
+from chatvla.server.app import scheduler_config
 from chatvla.server.settings import ServerSettings, SettingsError, load_settings, reference_markdown
 from chatvla.wire.limits import DEFAULT_LIMITS
 
@@ -53,9 +53,9 @@ def test_bad_yaml_is_a_settings_error(tmp_path):
 
 
 def test_expert_stage_defaults_follow_reasoning_stage():
-    c = pipeline_config(ServerSettings(max_batch=5, max_wait_ms=7))
+    c = scheduler_config(ServerSettings(max_batch=5, max_wait_ms=7)).compute
     assert (c.expert_max_batch, c.expert_max_wait_s) == (5, 0.007)
-    c = pipeline_config(ServerSettings(max_batch=5, expert_max_batch=2, expert_max_wait_ms=0))
+    c = scheduler_config(ServerSettings(max_batch=5, expert_max_batch=2, expert_max_wait_ms=0)).compute
     assert (c.expert_max_batch, c.expert_max_wait_s) == (2, 0.0)
 
 

@@ -1,18 +1,23 @@
 """The narrow interface between the serving pipeline and a model engine.
 
-The pipeline (scheduler, batching, sessions, transports) only ever talks to an `Engine`; engines own
-the model. Three calls map to the three model stages the pipeline batches separately:
+The server (scheduler, compute loop, transports) only ever talks to an `Engine`; engines own the
+model. Three calls map to the model's stages:
 
-    preprocess(obs)           -> Prepared          CPU work, thread-safe, one observation at a time
-    reason_batch([...])       -> [ReasoningResult]  the VLM: decode reasoning, or pre-fill cached text
-    act_batch([...])          -> [np.ndarray]       the diffusion action expert, un-normalised actions
+    preprocess(obs)                    -> Prepared            CPU work on one observation
+    reason_batch([...], yield_point)   -> [ReasoningResult]   the VLM: decode reasoning, or pre-fill given text
+    act_batch([...])                   -> [np.ndarray]        the diffusion action expert, robot units
 
-The batched calls are synchronous and are run by the pipeline on one worker thread per stage, so
-the reasoning of one batch overlaps with the expert of the previous one. An engine that batches on
-its own (vLLM's continuous batching) sets `continuous_batching = True` and implements `reason_async`;
-the pipeline then submits each observation directly instead of forming batches itself.
+The server calls all three from its one compute thread (`server/compute.py`), so an engine never
+sees two calls at once and owns the whole machine while it runs. A long decode that runs in the
+background (a reasoning refresh) calls `yield_point()` between tokens: the server may run a waiting
+batch there before the decode goes on, so a refresh never holds up the chunks of other observations.
 
-This module is torch-free so the pipeline can be exercised with a numpy fake engine.
+An engine that batches reasoning itself (vLLM's continuous batching) sets
+`batches_reasoning_itself = True` and overrides `submit_reasoning`: it takes each request at once and
+reports each result from its own thread. Every other engine inherits the default `submit_reasoning`,
+which runs `reason_batch` on the calling thread. The server drives both through `submit_reasoning`.
+
+This module is torch-free so the server can be exercised with a numpy fake engine.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class ReasoningResult:
     num_prompt_tokens: int
     decoded: bool  # True if the text was generated now, False if pre-filled from a cache
     features: Any = field(repr=False, default=None)  # engine-specific conditioning for the expert
+    batch_size: int = 0  # engines that batch themselves: most requests that shared a forward pass with it
 
 
 @dataclass(frozen=True)
@@ -77,12 +83,23 @@ class EngineInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-class Engine(ABC):
-    """A loaded model ready to serve. Subclasses: TorchEngine, VllmEngine."""
+# Called by `submit_reasoning` once per item: (index in the submitted batch, result or the error).
+ReasoningDone = Callable[[int, "ReasoningResult | BaseException"], None]
 
-    continuous_batching: bool = False
-    # Continuous-batching engines call this with the number of requests in each forward pass they run
-    # (the server points it at its batch-size histogram).
+
+def _no_yield() -> None:
+    return None
+
+
+class Engine(ABC):
+    """A loaded model ready to serve. Subclasses: TorchEngine, VllmEngine, NullEngine."""
+
+    # True: the engine forms its own reasoning batches (`submit_reasoning` returns at once and
+    # reports later); the server then hands reasoning over as it arrives instead of waiting to fill
+    # a batch.
+    batches_reasoning_itself: bool = False
+    # Engines that batch themselves call this with the number of requests in each forward pass they
+    # run (the server points it at its batch-size histogram).
     on_step: Callable[[int], None] | None = None
 
     @property
@@ -94,16 +111,42 @@ class Engine(ABC):
         """Turn an observation into model inputs (prompt ids, pixel values). Thread-safe."""
 
     @abstractmethod
-    def reason_batch(self, items: Sequence[ReasonItem]) -> list[ReasoningResult]:
-        """Run the VLM over a batch; result i answers item i."""
+    def reason_batch(
+        self, items: Sequence[ReasonItem], yield_point: Callable[[], None] = _no_yield
+    ) -> list[ReasoningResult]:
+        """Run the VLM over a batch; result i answers item i. Decoding engines call `yield_point()`
+        between tokens (it may block while the server runs other work)."""
 
     @abstractmethod
     def act_batch(self, items: Sequence[ActItem]) -> list[np.ndarray]:
         """Sample one action chunk [chunk_size, action_dim] (robot units, float32) per item."""
 
-    async def reason_async(self, item: ReasonItem) -> ReasoningResult:
-        """Per-request entry point for engines with their own continuous batching."""
-        raise NotImplementedError
+    def submit_reasoning(
+        self, items: Sequence[ReasonItem], done: ReasoningDone, yield_point: Callable[[], None] = _no_yield
+    ) -> None:
+        """Reason over `items` and call `done(i, result_or_error)` once per item.
+
+        The default runs one `reason_batch` on the calling thread. If the batch raises, each item is
+        retried alone, so one bad item fails only itself, never the robots batched with it."""
+        try:
+            results = self.reason_batch(items, yield_point)
+            if len(results) != len(items):
+                raise RuntimeError(f"reason_batch returned {len(results)} results for {len(items)} items")
+        except Exception as exc:
+            if len(items) == 1:
+                done(0, exc)
+                return
+            for i, item in enumerate(items):
+                try:
+                    done(i, self.reason_batch([item], yield_point)[0])
+                except Exception as e:
+                    done(i, e)
+            return
+        for i, r in enumerate(results):
+            done(i, r)
+
+    def set_threads(self, n: int) -> None:
+        """Use `n` intra-op threads for model compute (engines on torch set torch's pool)."""
 
     def warmup(self) -> None:
         """Run one blank observation through both stages, so the first real request does not pay

@@ -7,7 +7,7 @@ every other engine is compared against.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,12 +57,17 @@ class TorchEngine(Engine):
     def preprocess(self, obs: EngineObservation) -> PreparedPrompt:
         return self.model.prepare(obs.images, obs.instruction, obs.task)
 
-    def reason_batch(self, items: Sequence[ReasonItem]) -> list[ReasoningResult]:
+    def set_threads(self, n: int) -> None:
+        torch.set_num_threads(max(1, int(n)))
+
+    def reason_batch(
+        self, items: Sequence[ReasonItem], yield_point: Callable[[], None] | None = None
+    ) -> list[ReasoningResult]:
         out: list[ReasoningResult | None] = [None] * len(items)
         decode = [i for i, it in enumerate(items) if it.reasoning is None and it.reasoning_token_ids is None]
         refill = [i for i, it in enumerate(items) if i not in set(decode)]
         if decode:
-            res = self.model.reason([items[i].prepared for i in decode], self.max_new_tokens)
+            res = self.model.reason([items[i].prepared for i in decode], self.max_new_tokens, yield_point)
             for i, r in zip(decode, res):
                 out[i] = self._result(r, items[i].prepared)
         if refill:

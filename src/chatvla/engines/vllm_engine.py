@@ -2,8 +2,10 @@
 action expert turns the captured hidden states into action chunks.
 
     preprocess(obs)      -> VllmPrepared    the torch engine's prompt + images resized to the processor's grid
-    reason_async(item)   -> ReasoningResult one request into vLLM's running batch (decode, or prefill-only)
-    reason_batch(items)  -> [...]           the same for a list, submitted together (tests, warm-up)
+    submit_reasoning(items, done) -> None   each request into vLLM's running batch at once (decode, or
+                                            prefill-only); `done(i, result)` from the engine's thread
+    reason_async(item)   -> ReasoningResult the same for one request, awaitable (tests, benchmarks)
+    reason_batch(items)  -> [...]           the same for a list, blocking (warm-up)
     act_batch(items)     -> [np.ndarray]    the action expert, exactly as TorchEngine (same features)
 
 Parity with TorchEngine (the reference; checked in tests/vllm on CPU, float32):
@@ -58,6 +60,7 @@ from chatvla.engines.base import (
     Engine,
     EngineInfo,
     EngineObservation,
+    ReasoningDone,
     ReasoningResult,
     ReasonItem,
 )
@@ -90,14 +93,13 @@ class VllmPrepared:
 class VllmReasoningResult(ReasoningResult):
     """A ReasoningResult plus what the server may want to report about the batch it ran in."""
 
-    batch_size: int = 1  # most running requests that shared one forward pass with this one
     hidden_source: str = "capture"  # "capture" or "pooling"
     seconds: float = 0.0
     hidden: torch.Tensor | None = field(repr=False, default=None)  # [prompt + fed-back, H] if keep_hidden
 
 
 class VllmEngine(Engine):
-    continuous_batching = True
+    batches_reasoning_itself = True
 
     def __init__(
         self,
@@ -327,10 +329,22 @@ class VllmEngine(Engine):
         ids = self.tokenizer.encode(prompt.prompt_text, add_special_tokens=False).ids
         return VllmPrepared(prompt=prompt, prompt_ids=ids, images=images, task=obs.task)
 
+    def set_threads(self, n: int) -> None:
+        torch.set_num_threads(max(1, int(n)))  # the action expert; vLLM's CPU backend binds its own threads
+
+    def submit_reasoning(self, items: Sequence[ReasonItem], done: ReasoningDone,
+                         yield_point: Callable[[], None] | None = None) -> None:
+        """Hand every item to vLLM's running batch and return at once; each result (or error) is reported
+        through `done` from the engine's thread as soon as its request finishes."""
+        for i, item in enumerate(items):
+            fut = asyncio.run_coroutine_threadsafe(self._reason(item), self._loop)
+            fut.add_done_callback(lambda f, i=i: done(i, f.exception() or f.result()))
+
     async def reason_async(self, item: ReasonItem) -> ReasoningResult:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._reason(item), self._loop))
 
-    def reason_batch(self, items: Sequence[ReasonItem]) -> list[ReasoningResult]:
+    def reason_batch(self, items: Sequence[ReasonItem],
+                     yield_point: Callable[[], None] | None = None) -> list[ReasoningResult]:
         async def all_of():
             return await asyncio.gather(*(self._reason(it) for it in items))
 

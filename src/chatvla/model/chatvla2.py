@@ -12,7 +12,7 @@ of the generated tokens that were fed back, i.e. all reasoning tokens but the la
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,11 +73,14 @@ class StopRule:
 class _StopCriteria(StoppingCriteria):
     """transformers' per-row stopping hook around `StopRule`."""
 
-    def __init__(self, prompt_len: int, rule: StopRule) -> None:
+    def __init__(self, prompt_len: int, rule: StopRule, step_hook: Callable[[], None] | None = None) -> None:
         self.prompt_len = prompt_len
         self.rule = rule
+        self.step_hook = step_hook
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if self.step_hook is not None:
+            self.step_hook()  # between tokens: the server may run other work here
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i, row in enumerate(input_ids[:, self.prompt_len:].tolist()):
             done[i] = self.rule.ended(row)
@@ -163,8 +166,12 @@ class ChatVLA2(nn.Module):
 
     # --- reasoning ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reason(self, prepared: Sequence[PreparedPrompt], max_new_tokens: int | None = None) -> list[ReasoningOutput]:
-        """Greedy reasoning for a batch; stops per row at <|im_end|> or the end marker, or at the bound."""
+    def reason(
+        self, prepared: Sequence[PreparedPrompt], max_new_tokens: int | None = None,
+        step_hook: Callable[[], None] | None = None,
+    ) -> list[ReasoningOutput]:
+        """Greedy reasoning for a batch; stops per row at <|im_end|> or the end marker, or at the bound.
+        `step_hook` runs after every generated token (the server's yield point)."""
         if not prepared:
             return []
         n_new = int(max_new_tokens or self.cfg.reasoning.max_new_tokens)
@@ -174,7 +181,7 @@ class ChatVLA2(nn.Module):
         hook = self.vlm.model.language_model.norm.register_forward_hook(
             lambda _m, _i, out: captured.append(out.detach())
         )
-        stop = _StopCriteria(width, self.stop_rule)
+        stop = _StopCriteria(width, self.stop_rule, step_hook)
         self._set_routes(self._task_routes(prepared))
         try:
             out = self.vlm.generate(

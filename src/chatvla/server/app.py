@@ -20,11 +20,12 @@ from typing import TextIO
 from chatvla.engines.base import Engine
 from chatvla.engines.loader import EngineLoadError, load_engine
 from chatvla.server.auth import TokenFileError, TokenStore
+from chatvla.server.compute import ComputeConfig, available_cores
 from chatvla.server.errors import Code, ServeError
 from chatvla.server.info import model_info_proto
 from chatvla.server.messages import ReasoningPolicy
 from chatvla.server.metrics import Metrics
-from chatvla.server.pipeline import Pipeline, PipelineConfig
+from chatvla.server.scheduler import Scheduler, SchedulerConfig
 from chatvla.server.settings import ServerSettings
 from chatvla.server.state import ServerState
 from chatvla.server.transports.grpc_service import GrpcServer, start_grpc
@@ -36,16 +37,18 @@ log = logging.getLogger("chatvla.server")
 READY_PREFIX = "chatvla-serve ready:"
 
 
-def pipeline_config(s: ServerSettings) -> PipelineConfig:
-    return PipelineConfig(
+def scheduler_config(s: ServerSettings) -> SchedulerConfig:
+    return SchedulerConfig(
         limits=s.limits,
-        max_batch=s.max_batch,
-        max_wait_s=s.max_wait_ms / 1e3,
-        expert_max_batch=s.expert_max_batch or s.max_batch,
-        expert_max_wait_s=(s.max_wait_ms if s.expert_max_wait_ms is None else s.expert_max_wait_ms) / 1e3,
+        compute=ComputeConfig(
+            max_batch=s.max_batch,
+            max_wait_s=s.max_wait_ms / 1e3,
+            expert_max_batch=s.expert_max_batch or s.max_batch,
+            expert_max_wait_s=(s.max_wait_ms if s.expert_max_wait_ms is None else s.expert_max_wait_ms) / 1e3,
+        ),
         max_queue=s.max_queue,
         max_sessions=s.max_sessions,
-        preprocess_workers=s.preprocess_workers,
+        max_in_flight=s.max_in_flight,
         deadline_s=s.deadline_ms / 1e3,
         reasoning=ReasoningPolicy(every_n=s.reasoning_every_n, every_seconds=s.reasoning_every_seconds),
     )
@@ -59,7 +62,7 @@ class ServerApp:
         self.settings = settings
         self.engine = engine
         self.metrics = Metrics()
-        self.config = pipeline_config(settings)
+        self.config = scheduler_config(settings)
         tokens = TokenStore.from_file(settings.tokens_file) if settings.tokens_file else None
         self.state = ServerState(self.metrics, settings.limits, self.config.reasoning, tokens=tokens)
         self.grpc: GrpcServer | None = None
@@ -113,11 +116,14 @@ class ServerApp:
                 log.info("engine %s loaded %s in %.1f s", s.engine, s.model, time.perf_counter() - t0)
             if self.openpi is not None:
                 self.openpi.bind(self.engine.info)  # MappingError (a RuntimeError) if the mapping does not fit
+            threads = s.compute_threads or available_cores()
+            self.engine.set_threads(threads)  # one compute team: the model's pool owns these cores
+            log.info("model compute on one thread with %d cores", threads)
             if s.warmup:
                 await asyncio.to_thread(self.engine.warmup)
-            pipeline = Pipeline(self.engine, self.config, self.metrics)
-            await pipeline.start()
-            self.state.pipeline = pipeline
+            scheduler = Scheduler(self.engine, self.config, self.metrics)
+            await scheduler.start()
+            self.state.pipeline = scheduler
             self.state.model_info = model_info_proto(self.engine.info, s.limits, self.config.reasoning)
             await self.state.set_ready(True)
         except BaseException:

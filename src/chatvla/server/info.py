@@ -46,6 +46,7 @@ def chunk_proto(r: ChunkResult) -> pb.ActionChunk:
     return pb.ActionChunk(
         seq=r.seq, tick=r.tick, actions=tensor_to_proto(r.actions), reasoning=r.reasoning,
         reasoning_refreshed=r.reasoning_refreshed, reasoning_tokens=r.reasoning_tokens,
+        reasoning_seq=r.reasoning_seq, reasoning_age_ms=r.reasoning_age_ms,
         timings=pb.Timings(
             queue_ms=t.queue_ms, preprocess_ms=t.preprocess_ms, reasoning_ms=t.reasoning_ms,
             expert_ms=t.expert_ms, total_ms=t.total_ms, reasoning_batch_size=t.reasoning_batch_size,

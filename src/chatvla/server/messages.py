@@ -28,6 +28,7 @@ class SessionConfig:
     reasoning: ReasoningPolicy
     default_deadline_ms: int = 0
     control_rate_hz: float = 0.0
+    max_in_flight: int = 0  # observations computing at once; 0 = the server's default
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,5 @@ class ChunkResult:
     reasoning_refreshed: bool
     reasoning_tokens: int
     timings: StageTimings
+    reasoning_seq: int = 0  # the observation the reasoning was written for (this one if refreshed or supplied)
+    reasoning_age_ms: float = 0.0  # how long before this chunk was ready that reasoning was written

@@ -73,7 +73,14 @@ class ServerSettings(BaseModel):
         "beyond it new ones get RESOURCE_EXHAUSTED / HTTP 429 at once."
     )
     max_sessions: int = Field(256, ge=1, description="Open Stream sessions; more get RESOURCE_EXHAUSTED.")
-    preprocess_workers: int = Field(2, ge=1, le=64, description="Threads decoding and preprocessing input.")
+    compute_threads: int = Field(
+        0, ge=0, le=1024, description="Cores the model's compute uses (torch intra-op threads); 0 = the cores "
+        "this process may run on (CPU affinity and cgroup quota).",
+    )
+    max_in_flight: int = Field(
+        2, ge=1, le=8, description="Observations one session may have computing at once, unless its "
+        "SessionStart asks for fewer (observation n+1 reasons while n is in the expert).",
+    )
     deadline_ms: int = Field(
         5000, ge=1, le=600_000, description="Default per-observation deadline (a request may set its own)."
     )

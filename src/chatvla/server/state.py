@@ -14,7 +14,7 @@ from chatvla.server.auth import TokenStore
 from chatvla.server.errors import Code, ServeError
 from chatvla.server.messages import ReasoningPolicy
 from chatvla.server.metrics import Metrics
-from chatvla.server.pipeline import Pipeline
+from chatvla.server.scheduler import Scheduler
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.wire import Limits
 
@@ -25,7 +25,7 @@ class ServerState:
     limits: Limits
     reasoning: ReasoningPolicy
     tokens: TokenStore | None = None
-    pipeline: Pipeline | None = None
+    pipeline: Scheduler | None = None
     model_info: pb.ModelInfo | None = None
     ready: bool = False
     draining: bool = False
@@ -33,7 +33,7 @@ class ServerState:
     def __post_init__(self) -> None:
         self._readiness_hooks: list[Callable[[bool], Awaitable[None]]] = []
 
-    def require(self) -> Pipeline:
+    def require(self) -> Scheduler:
         """The pipeline, or UNAVAILABLE while loading or draining."""
         if self.draining:
             raise ServeError(Code.UNAVAILABLE, "server is draining; reconnect to another replica", reason="draining")

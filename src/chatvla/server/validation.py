@@ -160,6 +160,7 @@ def session_from_proto(start: pb.SessionStart, spec: InputSpec, defaults: Reason
         reasoning=policy,
         default_deadline_ms=check_deadline(start.default_deadline_ms, "start.default_deadline_ms"),
         control_rate_hz=float(start.control_rate_hz),
+        max_in_flight=int(start.max_in_flight),  # 0 = server default; the scheduler caps it at its setting
     )
 
 

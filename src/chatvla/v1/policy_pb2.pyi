@@ -155,7 +155,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SessionStart(_message.Message):
-    __slots__ = ("robot_profile", "cameras", "control_rate_hz", "instruction", "robot_id", "reasoning", "default_deadline_ms")
+    __slots__ = ("robot_profile", "cameras", "control_rate_hz", "instruction", "robot_id", "reasoning", "default_deadline_ms", "max_in_flight")
     ROBOT_PROFILE_FIELD_NUMBER: _ClassVar[int]
     CAMERAS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class SessionStart(_message.Message):
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     REASONING_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     robot_profile: str
     cameras: _containers.RepeatedScalarFieldContainer[str]
     control_rate_hz: float
@@ -170,7 +171,8 @@ class SessionStart(_message.Message):
     robot_id: str
     reasoning: ReasoningPolicy
     default_deadline_ms: int
-    def __init__(self, robot_profile: _Optional[str] = ..., cameras: _Optional[_Iterable[str]] = ..., control_rate_hz: _Optional[float] = ..., instruction: _Optional[str] = ..., robot_id: _Optional[str] = ..., reasoning: _Optional[_Union[ReasoningPolicy, _Mapping]] = ..., default_deadline_ms: _Optional[int] = ...) -> None: ...
+    max_in_flight: int
+    def __init__(self, robot_profile: _Optional[str] = ..., cameras: _Optional[_Iterable[str]] = ..., control_rate_hz: _Optional[float] = ..., instruction: _Optional[str] = ..., robot_id: _Optional[str] = ..., reasoning: _Optional[_Union[ReasoningPolicy, _Mapping]] = ..., default_deadline_ms: _Optional[int] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
 
 class Observation(_message.Message):
     __slots__ = ("seq", "tick", "images", "state", "instruction", "deadline_ms", "force_reasoning", "seed", "reasoning")
@@ -203,14 +205,16 @@ class StreamRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., observation: _Optional[_Union[Observation, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model", "reasoning")
+    __slots__ = ("session_id", "model", "reasoning", "max_in_flight")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REASONING_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelInfo
     reasoning: ReasoningPolicy
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., reasoning: _Optional[_Union[ReasoningPolicy, _Mapping]] = ...) -> None: ...
+    max_in_flight: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., reasoning: _Optional[_Union[ReasoningPolicy, _Mapping]] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "preprocess_ms", "reasoning_ms", "expert_ms", "total_ms", "reasoning_batch_size", "expert_batch_size")
@@ -231,7 +235,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., reasoning_ms: _Optional[float] = ..., expert_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., reasoning_batch_size: _Optional[int] = ..., expert_batch_size: _Optional[int] = ...) -> None: ...
 
 class ActionChunk(_message.Message):
-    __slots__ = ("seq", "tick", "actions", "reasoning", "reasoning_refreshed", "reasoning_tokens", "timings")
+    __slots__ = ("seq", "tick", "actions", "reasoning", "reasoning_refreshed", "reasoning_tokens", "timings", "reasoning_seq", "reasoning_age_ms")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TICK_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +243,8 @@ class ActionChunk(_message.Message):
     REASONING_REFRESHED_FIELD_NUMBER: _ClassVar[int]
     REASONING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REASONING_SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASONING_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tick: int
     actions: Tensor
@@ -246,7 +252,9 @@ class ActionChunk(_message.Message):
     reasoning_refreshed: bool
     reasoning_tokens: int
     timings: Timings
-    def __init__(self, seq: _Optional[int] = ..., tick: _Optional[int] = ..., actions: _Optional[_Union[Tensor, _Mapping]] = ..., reasoning: _Optional[str] = ..., reasoning_refreshed: _Optional[bool] = ..., reasoning_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    reasoning_seq: int
+    reasoning_age_ms: float
+    def __init__(self, seq: _Optional[int] = ..., tick: _Optional[int] = ..., actions: _Optional[_Union[Tensor, _Mapping]] = ..., reasoning: _Optional[str] = ..., reasoning_refreshed: _Optional[bool] = ..., reasoning_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., reasoning_seq: _Optional[int] = ..., reasoning_age_ms: _Optional[float] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("seq", "code", "message", "field")

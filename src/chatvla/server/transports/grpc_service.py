@@ -100,7 +100,8 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             return
         self._streams[session.id] = out
         yield pb.StreamResponse(session=pb.SessionInfo(
-            session_id=session.id, model=self.state.model_info, reasoning=reasoning_proto(config.reasoning)
+            session_id=session.id, model=self.state.model_info, reasoning=reasoning_proto(config.reasoning),
+            max_in_flight=session.max_in_flight,
         ))
         reader = asyncio.create_task(self._read(request_iterator, session, pipeline, out))
         try:

@@ -48,7 +48,8 @@ def chunk_json(r: ChunkResult, action_names: tuple[str, ...]) -> dict[str, Any]:
     return {
         "seq": r.seq, "tick": r.tick, "actions": r.actions.tolist(), "action_names": list(action_names),
         "reasoning": r.reasoning, "reasoning_refreshed": r.reasoning_refreshed,
-        "reasoning_tokens": r.reasoning_tokens, "timing": r.timings.to_dict(),
+        "reasoning_tokens": r.reasoning_tokens, "reasoning_seq": r.reasoning_seq,
+        "reasoning_age_ms": r.reasoning_age_ms, "timing": r.timings.to_dict(),
     }
 
 
