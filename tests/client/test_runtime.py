@@ -82,7 +82,7 @@ def test_latency_above_the_lead_and_loss_cost_stalls_but_never_staleness(counter
         return None if seq % 4 == 0 else float(rng.uniform(0.2, 0.5))
 
     # Replace blending keeps "value == tick" exact; a crossfade eases out of stalls from the held pose.
-    executor = ChunkExecutor(counter, ExecutorConfig(blend="replace"))
+    executor = ChunkExecutor(counter, ExecutorConfig(blend="replace", max_in_flight=1))
     loop, _robot, conn, rec = build(counter, clock, latency, executor=executor)
     loop.run(max_ticks=400)
     ex = loop.executor

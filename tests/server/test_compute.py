@@ -98,13 +98,34 @@ async def test_one_bad_item_fails_alone_and_its_batch_mates_are_answered(compute
     assert all(w.actions is not None for w in (out[0], out[2]))
 
 
-async def test_the_expert_packs_items_whose_reasoning_finished_in_different_rounds(compute):
-    engine = ThreadRecorder(reason_ms=20)
-    loop_ = compute(engine, max_batch=2, expert_max_batch=8, expert_max_wait_s=1.0)
-    out = await run(loop_, [work(obs(), seed=i + 1) for i in range(6)])
+class SelfBatching(ThreadRecorder):
+    """Reasons on its own thread and reports items one by one, like vLLM's continuous batching."""
+
+    batches_reasoning_itself = True
+
+    def submit_reasoning(self, items, done, yield_point=None):
+        def run() -> None:
+            for i, it in enumerate(items):
+                time.sleep(0.02)
+                done(i, NullEngine.reason_batch(self, [it])[0])
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+async def test_the_expert_packs_items_whose_reasoning_finished_at_different_steps(compute):
+    engine = SelfBatching()
+    loop_ = compute(engine, expert_max_batch=8, expert_max_wait_s=1.0)
+    out = await run(loop_, [work(obs(), seed=i + 1) for i in range(4)])
     assert all(w.error is None for w in out)
-    assert [c for c in engine.calls if c[0] == "reason"] == [("reason", 2)] * 3
-    assert [c for c in engine.calls if c[0] == "act"] == [("act", 6)]  # one expert batch for three rounds
+    assert [c for c in engine.calls if c[0] == "act"] == [("act", 4)]  # one expert batch, not four
+
+
+async def test_with_reasoning_on_this_thread_a_reasoning_batch_goes_straight_to_the_expert(compute):
+    engine = ThreadRecorder(reason_ms=5)
+    loop_ = compute(engine, max_batch=2, expert_max_batch=8, expert_max_wait_s=1.0)
+    out = await run(loop_, [work(obs(), seed=i + 1) for i in range(4)])
+    assert all(w.error is None for w in out)
+    assert engine.calls == [("reason", 2), ("act", 2), ("reason", 2), ("act", 2)]
 
 
 async def test_a_deadline_passed_in_the_queue_is_never_computed(compute):

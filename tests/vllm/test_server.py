@@ -37,7 +37,7 @@ class SharedEngine(Engine):
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.continuous_batching = inner.continuous_batching
+        self.batches_reasoning_itself = inner.batches_reasoning_itself
         self.on_step_set = False
 
     @property
@@ -59,11 +59,14 @@ class SharedEngine(Engine):
     def preprocess(self, obs: EngineObservation):
         return self.inner.preprocess(obs)
 
-    def reason_batch(self, items: Sequence[ReasonItem]):
+    def reason_batch(self, items: Sequence[ReasonItem], yield_point=None):
         return self.inner.reason_batch(items)
 
-    async def reason_async(self, item: ReasonItem):
-        return await self.inner.reason_async(item)
+    def submit_reasoning(self, items: Sequence[ReasonItem], done, yield_point=None) -> None:
+        self.inner.submit_reasoning(items, done)
+
+    def set_threads(self, n: int) -> None:
+        pass  # shared with the other tests: leave its threads alone
 
     def act_batch(self, items: Sequence[ActItem]):
         return self.inner.act_batch(items)

@@ -127,7 +127,8 @@ def run_episode(
     profile = robot.profile
     client = GrpcPolicyClient(
         ClientConfig(addresses=tuple(addresses), token=token, image_encoding=image_encoding, robot_id=robot_id),
-        SessionConfig(profile=profile, instruction=instruction),
+        SessionConfig(profile=profile, instruction=instruction,
+                      max_in_flight=(executor_config or ExecutorConfig()).max_in_flight),
     )
     client.start()
     try:

@@ -65,10 +65,11 @@ class ExecutorConfig:
     # None = 1.5 x the latency quantile + 2 ticks. Presuming too early costs one redundant request (the
     # server keeps only the newest per session); too late costs stall ticks.
     request_timeout_s: float | None = None
-    # Requests in flight at once. Keep 1 for a server that runs one observation per session at a time
-    # (a second one would only wait in its queue and age); raise it for servers that pipeline, where
-    # it lets latencies above half a chunk run without stalls.
-    max_in_flight: int = 1
+    # Requests in flight at once. chatvla-serve computes up to 2 observations per session at once
+    # (the session start tells it this value), which lets latencies above half a chunk run without
+    # stalls; use 1 for a server that runs one observation per session at a time (a second one would
+    # only wait in its queue and age).
+    max_in_flight: int = 2
     # Fewest ticks between two requests when several may be in flight (caps the request rate by
     # giving up blend overlap first, never the latency cover).
     min_spacing_ticks: int = 2

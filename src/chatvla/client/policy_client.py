@@ -226,6 +226,7 @@ class SessionConfig:
     control_rate_hz: float | None = None
     reasoning_every_n: int = 0  # 0 = server default
     reasoning_every_seconds: float = 0.0
+    max_in_flight: int = 0  # observations the server may compute at once for this robot; 0 = its default
 
     def to_proto(self, *, instruction: str, robot_id: str, deadline_ms: int) -> pb.SessionStart:
         return pb.SessionStart(
@@ -236,6 +237,7 @@ class SessionConfig:
             robot_id=robot_id,
             reasoning=pb.ReasoningPolicy(every_n=self.reasoning_every_n, every_seconds=self.reasoning_every_seconds),
             default_deadline_ms=deadline_ms,
+            max_in_flight=self.max_in_flight,
         )
 
 

@@ -10,11 +10,12 @@ preprocesses it, runs reasoning and then the expert, and hands it back once (`Wo
 the event loop). Reasoning results move to the expert queue on this thread, with no trip through the
 event loop, so with nothing else queued an observation runs reason -> act back to back.
 
-Batch formation: the expert runs when its batch is full, when no reasoning is waiting, or when its
-oldest item has waited `expert_max_wait_s`; otherwise reasoning goes first, so items whose reasoning
-finished in different rounds share one expert batch (closed-loop robots do not split into cohorts).
-Reasoning waits up to `max_wait_s` for a fuller batch only while `more_coming()` says a robot is
-about to send.
+Batch formation: a reasoning batch goes straight on to the expert (reasoning on this thread could
+only delay those chunks). With an engine that reasons on its own threads (vLLM), the expert waits up
+to `expert_max_wait_s` for reasoning still running there, so items whose reasoning finished at
+different steps share one expert batch. Reasoning waits up to `max_wait_s` for a fuller batch only
+while `more_coming()` says robots are about to send (sessions with nothing in flight: closed-loop
+robots that just got their chunk), so a fleet does not split into cohorts that alternate.
 
 A background reasoning refresh (`Work.act = False`) decodes on a helper thread that must hold the
 compute baton to run; it gives the baton to the compute thread between tokens whenever a batch is
@@ -278,8 +279,9 @@ class ComputeLoop:
             r, a = self._reason_q, self._act_q
             if r and self._self_batching:
                 return "reasoning", self._take(r, len(r), "reasoning", now)
-            reasoning_pending = bool(r) or self._engine_pending > 0
-            if a and (len(a) >= c.expert_max_batch or not reasoning_pending
+            # Only reasoning that runs elsewhere (a self-batching engine) can add to a waiting expert
+            # batch; reasoning that would run on this thread would only delay the waiting chunks.
+            if a and (len(a) >= c.expert_max_batch or self._engine_pending == 0
                       or now - a[0].queued_at >= c.expert_max_wait_s):
                 return "expert", self._take(a, c.expert_max_batch, "expert", now)
             if r:

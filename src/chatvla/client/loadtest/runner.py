@@ -172,7 +172,9 @@ def run_loadtest(
 
     def default_connect(ep: ReplayEpisode, i: int) -> PolicyConnection:
         return GrpcPolicyClient(
-            _client_config(config, f"loadtest-{i}"), SessionConfig(profile=ep.profile, instruction=ep.instruction)
+            _client_config(config, f"loadtest-{i}"),
+            SessionConfig(profile=ep.profile, instruction=ep.instruction,
+                          max_in_flight=(executor_config or ExecutorConfig()).max_in_flight),
         )
 
     make = connect or default_connect
