@@ -67,7 +67,10 @@ class SynchronousBroker:
         if seq == self._waiting:
             self._waiting = None
 
-    def add_chunk(self, actions: np.ndarray, *, seq: int, now: float, tick: int | None = None) -> ChunkMerge:
+    def add_chunk(
+        self, actions: np.ndarray, *, seq: int, now: float, tick: int | None = None,
+        server_s: tuple[float, float] | None = None,
+    ) -> ChunkMerge:
         self._plan, self._row, self._waiting = np.asarray(actions, dtype=np.float64), 0, None
         n = len(self._plan)
         return ChunkMerge(seq, tick or 0, n, 0, 0, 0, n, False)

@@ -254,6 +254,40 @@ def test_several_in_flight_are_spaced_by_what_they_will_cover(toy):
     assert sent[:3] == [0, 2, 4]
 
 
+def _first_request_answered(ex, server_s):
+    """Request 1 at tick 0, answered at t = 0.5 s with the server's (total, queue) seconds."""
+    ex.on_request_sent(1, tick=0, now=0.0)
+    ex.add_chunk(ramp(0), seq=1, now=0.5, server_s=server_s)
+    for t in range(5):
+        ex.pop(t)
+
+
+def test_a_pipelined_request_waits_until_the_server_is_done_with_ours_when_it_reports_compute(toy):
+    # The server spent the whole 0.5 s computing: a request sent sooner would queue behind ours.
+    ex = make(toy, initial_latency_s=0.5, max_in_flight=2, margin_ticks=1, frozen_ticks=0, blend_ticks=0)
+    _first_request_answered(ex, server_s=(0.5, 0.0))
+    assert ex.should_request(5, now=0.5)
+    ex.on_request_sent(2, tick=5, now=0.5)
+    assert not ex.should_request(6, now=0.6)  # coverage would call for it, the server is still busy
+    assert not ex.should_request(9, now=0.9)
+    assert ex.should_request(10, now=1.0)  # 0.5 s after request 2: the server is free again
+
+
+def test_a_pipelined_request_goes_at_once_when_the_latency_is_the_network(toy):
+    # 0.1 s of server work, 0.4 s on the wire (0.2 each way): the next request may travel meanwhile.
+    ex = make(toy, initial_latency_s=0.5, max_in_flight=2, margin_ticks=1, frozen_ticks=0, blend_ticks=0)
+    _first_request_answered(ex, server_s=(0.1, 0.0))
+    ex.on_request_sent(2, tick=5, now=0.5)
+    assert ex.should_request(7, now=0.7)
+
+
+def test_queue_time_behind_other_robots_does_not_count_as_our_servers_work(toy):
+    ex = make(toy, initial_latency_s=0.5, max_in_flight=2, margin_ticks=1, frozen_ticks=0, blend_ticks=0)
+    _first_request_answered(ex, server_s=(0.45, 0.35))  # 0.1 s of work, 0.35 s queued
+    ex.on_request_sent(2, tick=5, now=0.5)
+    assert ex.should_request(7, now=0.7)
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         ExecutorConfig(blend="average")  # type: ignore[arg-type]

@@ -65,11 +65,13 @@ class ExecutorConfig:
     # None = 1.5 x the latency quantile + 2 ticks. Presuming too early costs one redundant request (the
     # server keeps only the newest per session); too late costs stall ticks.
     request_timeout_s: float | None = None
-    # Requests in flight at once. chatvla-serve computes up to 2 observations per session at once
-    # (the session start tells it this value), which lets latencies above half a chunk run without
-    # stalls; use 1 for a server that runs one observation per session at a time (a second one would
-    # only wait in its queue and age).
-    max_in_flight: int = 2
+    # Requests in flight at once (the session start tells chatvla-serve this value; it computes up to
+    # 2 per session). Raise it to 2 when the latency is mostly the network (a robot on Wi-Fi or a WAN):
+    # the next observation then travels while the previous one is answered, and latencies above half a
+    # chunk run without stalls. Keep 1 when the latency is mostly the model's compute: a second request
+    # only queues behind the first on the server and ages, and the longer latency it measures makes
+    # the executor ask earlier still (benchmarks/control_loop_served.py measures both cases).
+    max_in_flight: int = 1
     # Fewest ticks between two requests when several may be in flight (caps the request rate by
     # giving up blend overlap first, never the latency cover).
     min_spacing_ticks: int = 2
@@ -160,6 +162,11 @@ class ChunkExecutor:
         self._sent: OrderedDict[int, _Sent] = OrderedDict()
         self._in_flight: set[int] = set()
         self._latencies: deque[float] = deque(maxlen=self.config.latency_window)
+        # From servers that report their own time per chunk: seconds the server worked on one
+        # observation (its total minus its queue wait), and the network share of the round trip.
+        self._server_busy: deque[float] = deque(maxlen=self.config.latency_window)
+        self._network: deque[float] = deque(maxlen=self.config.latency_window)
+        self._server_free_at: float | None = None  # when the server will be done with our requests
         self._last_request_tick: int | None = None
         self._started = False
         self._last_action: np.ndarray | None = None  # the arm holds this while the queue is dry
@@ -250,7 +257,23 @@ class ChunkExecutor:
             return False
         if self._last_request_tick is not None and tick <= self._last_request_tick:
             return False
+        if self._in_flight and not self._server_free_by_arrival(now):
+            return False
         return self.covered_until(tick) - tick <= self.lead_ticks()
+
+    def _server_free_by_arrival(self, now: float) -> bool:
+        """With a request in flight, would a new one reach the server only after it has finished the
+        previous one? If not, the new one would queue behind ours and age there, and the longer
+        latency it measured would make us ask earlier still. Servers that report no timings: True."""
+        if not self._server_busy or self._server_free_at is None:
+            return True
+        return now + self._one_way_s() >= self._server_free_at
+
+    def _busy_s(self) -> float:
+        return float(np.median(np.asarray(self._server_busy)))
+
+    def _one_way_s(self) -> float:
+        return float(np.median(np.asarray(self._network))) / 2
 
     def _expire(self, now: float) -> None:
         timeout = self._timeout_s()
@@ -267,6 +290,9 @@ class ChunkExecutor:
             self._sent.popitem(last=False)
         self._in_flight.add(seq)
         self._last_request_tick = tick
+        if self._server_busy:
+            arrives = now + self._one_way_s()
+            self._server_free_at = max(arrives, self._server_free_at or arrives) + self._busy_s()
         self.stats.requests_sent += 1
 
     def on_request_failed(self, seq: int, now: float) -> None:
@@ -276,9 +302,13 @@ class ChunkExecutor:
             self.stats.requests_failed += 1
 
     # ---- merging ---------------------------------------------------------------------------------
-    def add_chunk(self, actions: np.ndarray, *, seq: int, now: float, tick: int | None = None) -> ChunkMerge:
+    def add_chunk(
+        self, actions: np.ndarray, *, seq: int, now: float, tick: int | None = None,
+        server_s: tuple[float, float] | None = None,
+    ) -> ChunkMerge:
         """Merge the chunk answering observation `seq`. The tick is the one recorded when `seq` was
-        sent; the server's echo (`tick`) is used only for a seq we do not know."""
+        sent; the server's echo (`tick`) is used only for a seq we do not know. `server_s` is the
+        server's (total, queue) seconds for it, if it reports them: they pace pipelined requests."""
         a = np.asarray(actions, dtype=np.float64)
         if a.ndim != 2 or a.shape[1] != self.profile.action_dim or a.shape[0] == 0:
             raise ValueError(f"chunk must be [n>0, {self.profile.action_dim}], got {list(a.shape)}")
@@ -289,6 +319,13 @@ class ChunkExecutor:
             self._latencies.append(now - sent.sent_at)
             self.stats.latencies_s.append(now - sent.sent_at)
             self._in_flight.discard(seq)
+            if server_s is not None:
+                total, queue = server_s
+                self._server_busy.append(max(0.0, total - queue))
+                self._network.append(max(0.0, now - sent.sent_at - total))
+                # The server finished this one just now (one way ago); any of ours behind it started then.
+                behind = sum(1 for s in self._in_flight if s > seq)
+                self._server_free_at = now - self._one_way_s() + behind * self._busy_s()
         else:
             self.stats.chunks_unknown += 1
             if tick is None:

@@ -208,7 +208,10 @@ class ActionQueue(Protocol):
 
     def on_request_failed(self, seq: int, now: float) -> None: ...
 
-    def add_chunk(self, actions: np.ndarray, *, seq: int, now: float, tick: int | None = None) -> ChunkMerge: ...
+    def add_chunk(
+        self, actions: np.ndarray, *, seq: int, now: float, tick: int | None = None,
+        server_s: tuple[float, float] | None = None,
+    ) -> ChunkMerge: ...
 
     def pop(self, tick: int) -> np.ndarray | None: ...
 
@@ -358,7 +361,9 @@ class ControlLoop:
             if isinstance(ev, ChunkReply):
                 replies.append(ev)
                 try:
-                    m = self.executor.add_chunk(ev.actions, seq=ev.seq, tick=ev.tick, now=now)
+                    t = ev.timings
+                    server_s = (t["total_ms"] / 1e3, t.get("queue_ms", 0.0) / 1e3) if "total_ms" in t else None
+                    m = self.executor.add_chunk(ev.actions, seq=ev.seq, tick=ev.tick, now=now, server_s=server_s)
                 except ValueError as e:
                     self.stats.bad_chunks += 1
                     self.stats.last_error = f"bad chunk {ev.seq}: {e}"
