@@ -126,3 +126,24 @@ def test_chatvla1_rejects_an_unknown_task(chatvla1):
     p = chatvla1.prepare(random_images(chatvla1, 2), "hi", task="dance")
     with pytest.raises(ValueError, match="dance"):
         chatvla1.prefill([p], ["x"])
+
+
+def test_work_run_between_tokens_leaves_the_decode_unchanged(tiny_model, prepared):
+    """The server runs waiting batches (pre-fills, other decodes) inside a background decode's token
+    steps, on the same thread: the decode's tokens and hidden states must not notice."""
+    plain = tiny_model.reason(prepared[:1])
+    nested: list[int] = []
+    rng = np.random.default_rng(5)
+    imgs = {n: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for n in ("a", "b", "c")}
+    three_cameras = tiny_model.prepare(imgs, "look", camera_order=("a", "b", "c"))  # other M-RoPE offsets
+
+    def between_tokens() -> None:
+        other = tiny_model.prefill(prepared[1:2], [plain[0].token_ids])
+        inner = tiny_model.reason([three_cameras], max_new_tokens=3)
+        nested.append(len(other) + len(inner))
+
+    [out] = tiny_model.reason(prepared[:1], step_hook=between_tokens)
+    assert nested and all(n == 2 for n in nested)
+    assert out.token_ids == plain[0].token_ids
+    torch.testing.assert_close(out.prompt_hidden, plain[0].prompt_hidden)
+    torch.testing.assert_close(out.reasoning_hidden, plain[0].reasoning_hidden)

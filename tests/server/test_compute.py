@@ -1,5 +1,6 @@
 """The compute loop: one thread for every model call, one hand-off each way, batches that fill,
-one bad item never failing its batch, and background refreshes that give way to waiting batches."""
+one bad item never failing its batch, and background refreshes that let waiting batches run between
+their tokens, on the same thread."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from chatvla.engines.base import EngineObservation
 from chatvla.engines.null import NullEngine
-from chatvla.server.compute import Baton, ComputeConfig, ComputeLoop, Work, available_cores
+from chatvla.server.compute import ComputeConfig, ComputeLoop, Work, available_cores
 from chatvla.server.errors import Code
 
 
@@ -185,34 +186,9 @@ async def test_a_background_decode_gives_way_to_a_waiting_batch_between_tokens(c
     loop_.put(fg)
     await asyncio.wait_for(asyncio.gather(bg_done, fg_done), 10)
     assert order == ["chunk", "refresh"]  # the chunk did not wait for the 40-token decode
+    assert len(engine.threads) == 1  # ...and ran on the decode's own thread, between two of its tokens
     assert bg.reasoning_result.decoded and not fg.reasoning_result.decoded
     assert bg.actions is None and fg.actions is not None
-
-
-def test_baton_alternates_between_a_parked_decode_and_waiting_batches():
-    baton, log = Baton(), []
-    baton.acquire_background()
-    fg_ready = threading.Event()
-
-    def foreground() -> None:
-        fg_ready.set()
-        baton.acquire_foreground()
-        log.append("batch")
-        baton.release_foreground()
-
-    t = threading.Thread(target=foreground)
-    t.start()
-    fg_ready.wait(5)
-    for _ in range(500):  # until the foreground waits at the baton
-        if baton._fg_waiting:
-            break
-        time.sleep(0.001)
-    log.append("token 1")
-    baton.yield_point()  # hands over to the waiting batch, then comes back
-    log.append("token 2")
-    baton.release_background()
-    t.join(5)
-    assert log == ["token 1", "batch", "token 2"]
 
 
 def test_available_cores_is_at_least_one_and_at_most_the_affinity():

@@ -143,9 +143,13 @@ class ChatVLA2(nn.Module):
             bad = next(p.task for p in prepared if p.task not in tasks)
             raise ValueError(f"task {bad!r} has no expert; this model's tasks are {list(tasks)}") from None
 
-    def _set_routes(self, routes: torch.Tensor | None) -> None:
+    def _set_routes(self, routes: torch.Tensor | None) -> torch.Tensor | None:
+        """Route the static MoE by task; returns the previous routes, so nested calls can restore them."""
+        prev = getattr(self, "_routes", None)
+        self._routes = routes
         for b in self._moe:
             b.route_by_task = routes
+        return prev
 
     def _batch(self, seqs: Sequence[Sequence[int]], prepared: Sequence[PreparedPrompt]):
         """Left-pad token rows and concatenate the images of the batch in row order."""
@@ -178,11 +182,27 @@ class ChatVLA2(nn.Module):
         ids, mask, mm_types, pv, grid, pads = self._batch([p.input_ids for p in prepared], prepared)
         width = ids.shape[1]
         captured: list[torch.Tensor] = []
-        hook = self.vlm.model.language_model.norm.register_forward_hook(
-            lambda _m, _i, out: captured.append(out.detach())
-        )
-        stop = _StopCriteria(width, self.stop_rule, step_hook)
-        self._set_routes(self._task_routes(prepared))
+        capturing = [True]
+
+        def capture(_m, _i, out: torch.Tensor) -> None:
+            if capturing[0]:
+                captured.append(out.detach())
+
+        def between_tokens() -> None:
+            # Work run here (the server's waiting batches) uses the model too: keep its forward
+            # passes out of this decode's captured rows, and give back the M-RoPE offsets this
+            # generation cached on the language model (a nested forward pass recomputes them).
+            capturing[0] = False
+            rope_deltas = self.vlm.model.rope_deltas
+            try:
+                step_hook()  # type: ignore[misc]
+            finally:
+                self.vlm.model.rope_deltas = rope_deltas
+                capturing[0] = True
+
+        hook = self.vlm.model.language_model.norm.register_forward_hook(capture)
+        stop = _StopCriteria(width, self.stop_rule, between_tokens if step_hook is not None else None)
+        prev_routes = self._set_routes(self._task_routes(prepared))
         try:
             out = self.vlm.generate(
                 input_ids=ids,
@@ -201,7 +221,7 @@ class ChatVLA2(nn.Module):
             )
         finally:
             hook.remove()
-            self._set_routes(None)
+            self._set_routes(prev_routes)
         seqs = out.sequences[:, width:].tolist()
         prefill = captured[0]
         steps = torch.cat(captured[1:], dim=1) if len(captured) > 1 else prefill[:, :0]
@@ -233,12 +253,12 @@ class ChatVLA2(nn.Module):
         r_ids = [self.prompts.encode_reasoning(r) if isinstance(r, str) else list(r) for r in reasoning]
         seqs = [list(p.input_ids) + r for p, r in zip(prepared, r_ids)]
         ids, mask, mm_types, pv, grid, pads = self._batch(seqs, prepared)
-        self._set_routes(self._task_routes(prepared))
+        prev_routes = self._set_routes(self._task_routes(prepared))
         try:
             hs = self.vlm.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm_types, pixel_values=pv,
                                 image_grid_thw=grid, use_cache=False).last_hidden_state
         finally:
-            self._set_routes(None)
+            self._set_routes(prev_routes)
         results = []
         for i, (p, r) in enumerate(zip(prepared, r_ids)):
             start, lp = pads[i], len(p.input_ids)

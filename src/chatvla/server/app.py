@@ -20,7 +20,7 @@ from typing import TextIO
 from chatvla.engines.base import Engine
 from chatvla.engines.loader import EngineLoadError, load_engine
 from chatvla.server.auth import TokenFileError, TokenStore
-from chatvla.server.compute import ComputeConfig, available_cores
+from chatvla.server.compute import ComputeConfig, available_cores, compute_executor
 from chatvla.server.errors import Code, ServeError
 from chatvla.server.info import model_info_proto
 from chatvla.server.messages import ReasoningPolicy
@@ -54,6 +54,15 @@ def scheduler_config(s: ServerSettings) -> SchedulerConfig:
     )
 
 
+def _load(model: str, engine: str, options: dict, threads: int) -> Engine:
+    """Load on the compute thread, with torch's pool sized before the model's first operation."""
+    if engine != "null":  # the null engine needs no torch
+        import torch
+
+        torch.set_num_threads(threads)
+    return load_engine(model, engine, **options)
+
+
 class ServerApp:
     """One serving process. `engine` may be given directly (tests, benchmarks); otherwise it is
     loaded from `settings.model` / `settings.engine`."""
@@ -69,6 +78,9 @@ class ServerApp:
         self.http: HttpServer | None = None
         self.openpi: OpenpiServer | None = None
         self._shut_down: asyncio.Future | None = None
+        # Every call into the model (load, warm-up, serving) runs on this one thread: torch gives each
+        # calling thread its own OpenMP team, and two teams on the same cores slow every call down.
+        self._compute = compute_executor()
 
     @property
     def grpc_address(self) -> str:
@@ -110,18 +122,22 @@ class ServerApp:
                 self.openpi = await start_openpi(
                     self.state, s.host, s.openpi_port, mapping=s.openpi_mapping, tls=tls_http
                 )
+            loop = asyncio.get_running_loop()
+            threads = s.compute_threads or available_cores()
             if self.engine is None:
                 t0 = time.perf_counter()
-                self.engine = await asyncio.to_thread(load_engine, s.model, s.engine, **s.engine_options)
+                self.engine = await loop.run_in_executor(
+                    self._compute, lambda: _load(s.model, s.engine, s.engine_options, threads)
+                )
                 log.info("engine %s loaded %s in %.1f s", s.engine, s.model, time.perf_counter() - t0)
             if self.openpi is not None:
                 self.openpi.bind(self.engine.info)  # MappingError (a RuntimeError) if the mapping does not fit
-            threads = s.compute_threads or available_cores()
-            self.engine.set_threads(threads)  # one compute team: the model's pool owns these cores
+            engine = self.engine
+            engine.set_threads(threads)  # one compute team: the model's pool owns these cores
             log.info("model compute on one thread with %d cores", threads)
             if s.warmup:
-                await asyncio.to_thread(self.engine.warmup)
-            scheduler = Scheduler(self.engine, self.config, self.metrics)
+                await loop.run_in_executor(self._compute, engine.warmup)
+            scheduler = Scheduler(engine, self.config, self.metrics, executor=self._compute)
             await scheduler.start()
             self.state.pipeline = scheduler
             self.state.model_info = model_info_proto(self.engine.info, s.limits, self.config.reasoning)
@@ -156,7 +172,8 @@ class ServerApp:
         if pipeline is not None:
             await pipeline.close()
         if self.engine is not None:
-            await asyncio.to_thread(self.engine.close)
+            await asyncio.get_running_loop().run_in_executor(self._compute, self.engine.close)
+        self._compute.shutdown(wait=False)
         return drained
 
     async def _close_transports(self, grace: float) -> None:

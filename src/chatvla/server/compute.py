@@ -13,14 +13,19 @@ event loop, so with nothing else queued an observation runs reason -> act back t
 Batch formation: a reasoning batch goes straight on to the expert (reasoning on this thread could
 only delay those chunks). With an engine that reasons on its own threads (vLLM), the expert waits up
 to `expert_max_wait_s` for reasoning still running there, so items whose reasoning finished at
-different steps share one expert batch. Reasoning waits up to `max_wait_s` for a fuller batch only
-while `more_coming()` says robots are about to send (sessions with nothing in flight: closed-loop
-robots that just got their chunk), so a fleet does not split into cohorts that alternate.
+different steps share one expert batch. Reasoning waits up to `max_wait_s` (counted from when the
+thread became free) for a fuller batch only while `more_coming()` says robots are about to send
+(sessions with nothing in flight: closed-loop robots that just got their chunk), so a fleet does not
+split into cohorts that take turns with half-full batches.
 
-A background reasoning refresh (`Work.act = False`) decodes on a helper thread that must hold the
-compute baton to run; it gives the baton to the compute thread between tokens whenever a batch is
-waiting, so a refresh costs a waiting chunk at most one token step. Engines that batch reasoning
+A background reasoning refresh (`Work.act = False`) decodes on the same thread when no batch is
+waiting; between its tokens (`yield_point`) the thread runs any batch that has become ready, so a
+refresh costs a waiting chunk at most one token step, and torch still sees one calling thread (a
+second one would get its own OpenMP team and slow every call down). Engines that batch reasoning
 themselves (vLLM) take background decodes into their own running batch instead.
+
+The thread is the single worker of `compute_executor()`: the server loads and warms the engine on it
+too, so no other thread ever enters torch.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,55 +106,9 @@ class Work:
     queued_at: float = 0.0
 
 
-class Baton:
-    """Who may run model compute right now: the compute thread (foreground) or the refresh thread.
-
-    The refresh thread calls `yield_point()` between tokens; if the compute thread is waiting, the
-    baton passes to it for one batch and then comes back, so both make progress and never run at once.
-    """
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._held = False
-        self._fg_waiting = 0
-        self._bg_parked = False
-        self._bg_turn = False
-
-    def acquire_foreground(self) -> None:
-        with self._cv:
-            self._fg_waiting += 1
-            while self._held or self._bg_turn:
-                self._cv.wait()
-            self._fg_waiting -= 1
-            self._held = True
-
-    def release_foreground(self) -> None:
-        with self._cv:
-            self._held = False
-            if self._bg_parked:
-                self._bg_turn = True  # the parked decode gets its next token before another batch
-            self._cv.notify_all()
-
-    def acquire_background(self) -> None:
-        with self._cv:
-            while self._held or self._fg_waiting or self._bg_turn:
-                self._cv.wait()
-            self._held = True
-
-    def release_background(self) -> None:
-        with self._cv:
-            self._held = False
-            self._cv.notify_all()
-
-    def yield_point(self) -> None:
-        with self._cv:
-            if not self._fg_waiting:
-                return
-            self._held, self._bg_parked = False, True
-            self._cv.notify_all()
-            while not self._bg_turn:
-                self._cv.wait()
-            self._bg_turn, self._bg_parked, self._held = False, False, True
+def compute_executor() -> ThreadPoolExecutor:
+    """The one thread that runs model code: engine loading, warm-up, then the compute loop."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvla-compute")
 
 
 def _as_serve_error(exc: BaseException, stage: str) -> ServeError:
@@ -169,6 +129,7 @@ class ComputeLoop:
         on_depth: Callable[[str, int], None] = lambda stage, n: None,
         on_batch: Callable[[str, int], None] = lambda stage, n: None,
         more_coming: Callable[[], bool] = lambda: False,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -185,17 +146,16 @@ class ComputeLoop:
         self._bg_q: deque[Work] = deque()
         self._engine_pending = 0  # reasoning items handed to a self-batching engine, not yet back
         self._stopping = False
-        self._baton = Baton()
-        self._threads = [
-            threading.Thread(target=self._main, name="chatvla-compute", daemon=True),
-            threading.Thread(target=self._background, name="chatvla-refresh", daemon=True),
-        ]
+        self._own_executor = executor is None
+        self._executor = executor or compute_executor()
+        self._main_done: Future | None = None
+        self._in_decode = False  # a background decode is running (its yield points run batches)
+        self._free_since = 0.0  # time.monotonic() when the last batch finished
 
     # --- event-loop side ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        self._main_done = self._executor.submit(self._main)
 
     def put(self, work: Work) -> None:
         """The one hand-off in. Never blocks."""
@@ -234,9 +194,11 @@ class ComputeLoop:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        for t in self._threads:
-            if t.is_alive():
-                t.join(timeout)
+        if self._main_done is not None:
+            with contextlib.suppress(Exception):
+                self._main_done.result(timeout)
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
         with self._cv:
             left = [*self._reason_q, *self._act_q, *self._bg_q]
             self._reason_q.clear()
@@ -250,27 +212,48 @@ class ComputeLoop:
     def _main(self) -> None:
         while True:
             with self._cv:
-                stage, batch = self._next_batch()
+                stage, batch = self._next_batch(block=True)
             if stage is None:
                 return
-            if not batch:
-                continue
-            self._baton.acquire_foreground()
-            try:
-                if stage == "reasoning":
-                    self._run_reasoning(batch, None)
-                else:
-                    self._run_expert(batch)
-            except Exception:  # a bug here must not stop the thread every robot depends on
-                log.exception("compute batch failed")
-                for w in batch:
-                    if w.status == RUNNING:
-                        self._fail(w, ServeError(Code.INTERNAL, f"{stage} stage failed"))
-            finally:
-                self._baton.release_foreground()
+            self._run(stage, batch)
 
-    def _next_batch(self) -> tuple[str | None, list[Work]]:
-        """Called holding the lock: wait until a batch should run, then take it."""
+    def _run(self, stage: str, batch: list[Work]) -> None:
+        if not batch:
+            return
+        try:
+            self._run_stage(stage, batch)
+        finally:
+            self._free_since = time.monotonic()
+
+    def _run_stage(self, stage: str, batch: list[Work]) -> None:
+        try:
+            if stage == "reasoning":
+                self._run_reasoning(batch, None)
+            elif stage == "expert":
+                self._run_expert(batch)
+            else:  # a background refresh: waiting batches run between its tokens
+                self._in_decode = True
+                try:
+                    self._run_reasoning(batch, self._yield_point)
+                finally:
+                    self._in_decode = False
+        except Exception:  # a bug here must not stop the thread every robot depends on
+            log.exception("compute batch failed")
+            for w in batch:
+                if w.status == RUNNING:
+                    self._fail(w, ServeError(Code.INTERNAL, f"{stage} stage failed"))
+
+    def _yield_point(self) -> None:
+        """Between two tokens of a background decode: run one batch that is ready, if any."""
+        with self._cv:
+            stage, batch = self._next_batch(block=False)
+        if stage is not None:
+            self._run(stage, batch)
+
+    def _next_batch(self, block: bool) -> tuple[str | None, list[Work]]:
+        """Called holding the lock: the next batch to run. `block`: wait until there is one (None
+        when stopping); otherwise return (None, []) at once if none is ready (no background decodes
+        then: one runs at a time)."""
         c = self.config
         while True:
             if self._stopping:
@@ -284,14 +267,19 @@ class ComputeLoop:
             if a and (len(a) >= c.expert_max_batch or self._engine_pending == 0
                       or now - a[0].queued_at >= c.expert_max_wait_s):
                 return "expert", self._take(a, c.expert_max_batch, "expert", now)
+            timeout = a[0].queued_at + c.expert_max_wait_s - now if a else None
             if r:
-                if not a and len(r) < c.max_batch and self._more_coming():
-                    remaining = r[0].queued_at + c.max_wait_s - now
-                    if remaining > 0:
-                        self._cv.wait(remaining)
-                        continue
-                return "reasoning", self._take(r, c.max_batch, "reasoning", now)
-            self._cv.wait(a[0].queued_at + c.expert_max_wait_s - now if a else None)
+                # Wait from when this thread became free, not from the oldest arrival: robots that
+                # just got their chunks send their next observation within a few milliseconds.
+                remaining = max(r[0].queued_at, self._free_since) + c.max_wait_s - now
+                if a or len(r) >= c.max_batch or remaining <= 0 or not self._more_coming():
+                    return "reasoning", self._take(r, c.max_batch, "reasoning", now)
+                timeout = remaining if timeout is None else min(timeout, remaining)
+            if block and self._bg_q and not self._in_decode:
+                return "refresh", self._take(self._bg_q, c.max_batch, "refresh", now)
+            if not block:
+                return None, []
+            self._cv.wait(timeout)
 
     def _take(self, q: deque[Work], n: int, stage: str, now: float) -> list[Work]:
         batch: list[Work] = []
@@ -413,30 +401,6 @@ class ComputeLoop:
         if not np.isfinite(a).all():
             return ServeError(Code.INTERNAL, "engine returned non-finite actions")
         return a
-
-    # --- the refresh thread --------------------------------------------------------------------------
-
-    def _background(self) -> None:
-        while True:
-            with self._cv:
-                while not self._bg_q and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                now = time.monotonic()
-                batch = self._take(self._bg_q, self.config.max_batch, "refresh", now)
-            if not batch:
-                continue
-            self._baton.acquire_background()
-            try:
-                self._run_reasoning(batch, self._baton.yield_point)
-            except Exception:
-                log.exception("reasoning refresh failed")
-                for w in batch:
-                    if w.status == RUNNING:
-                        self._fail(w, ServeError(Code.INTERNAL, "reasoning refresh failed"))
-            finally:
-                self._baton.release_background()
 
     # --- hand-back -----------------------------------------------------------------------------------
 

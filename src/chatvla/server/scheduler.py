@@ -32,6 +32,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from chatvla.engines.base import Engine
@@ -65,8 +66,11 @@ class SchedulerConfig:
 class Scheduler:
     """Schedules observations from all transports onto one engine."""
 
-    def __init__(self, engine: Engine, config: SchedulerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: Engine, config: SchedulerConfig, metrics: Metrics, *, executor: ThreadPoolExecutor | None = None
+    ) -> None:
         self.engine = engine
+        self._executor = executor  # the thread that loaded the engine (compute.compute_executor)
         self.config = config
         self.metrics = metrics
         self.spec = InputSpec(profile=engine.info.profile, limits=config.limits)
@@ -92,6 +96,7 @@ class Scheduler:
             on_batch=lambda stage, n: sizes[stage].observe(n),
             # Sessions with nothing in flight are closed-loop robots about to send: worth a short wait.
             more_coming=lambda: len(self.sessions) > len(self._with_work),
+            executor=self._executor,
         )
         self._compute.start()
 
