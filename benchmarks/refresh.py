@@ -2,8 +2,9 @@
 
     python benchmarks/refresh.py [--model chatvla-tiny-mm] [--observations 80] [--every-n 4]
 
-A real `chatvla serve` process (torch engine) and closed-loop robots on Stream (send an observation,
-wait for its chunk, send the next). Two policies, in one run:
+A real `chatvla serve` process (torch engine) and robots on Stream that send an observation every
+`--period-ms` (or as soon as the previous chunk is back, if that is later; 0 = back to back). Two
+policies, in one run:
 
   prefill only    after the first observation's text, every chunk pre-fills the cached text
                   (`every_n` larger than the run)
@@ -37,7 +38,7 @@ from chatvla.v1 import policy_pb2_grpc as pb_grpc
 from chatvla.wire import encode_image, tensor_to_proto
 
 
-async def robot(address: str, every_n: int, n_obs: int, i: int) -> list[dict[str, Any]]:
+async def robot(address: str, every_n: int, n_obs: int, i: int, period_s: float) -> list[dict[str, Any]]:
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.PolicyStub(ch)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
@@ -51,8 +52,11 @@ async def robot(address: str, every_n: int, n_obs: int, i: int) -> list[dict[str
             reasoning=pb.ReasoningPolicy(every_n=every_n))))
         await call.read()
         out = []
+        next_at = time.perf_counter()
         for seq in range(1, n_obs + 1):
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             t0 = time.perf_counter()
+            next_at = t0 + period_s
             await call.write(pb.StreamRequest(observation=pb.Observation(
                 seq=seq, tick=seq, images=images, state=state, seed=seq)))
             resp = await call.read()
@@ -65,11 +69,12 @@ async def robot(address: str, every_n: int, n_obs: int, i: int) -> list[dict[str
         return out
 
 
-def measure(model: str, policy: str, every_n: int, n_obs: int, robots: int) -> dict[str, Any]:
+def measure(model: str, policy: str, every_n: int, n_obs: int, robots: int, period_s: float) -> dict[str, Any]:
     server = start_server(["--model", model, "--log-level", "warning", "--reasoning-every-n", str(every_n)])
     try:
         async def all_robots() -> list[list[dict[str, Any]]]:
-            return await asyncio.gather(*(robot(server.grpc_address, every_n, n_obs, i) for i in range(robots)))
+            address = server.grpc_address
+            return await asyncio.gather(*(robot(address, every_n, n_obs, i, period_s) for i in range(robots)))
 
         per = asyncio.run(all_robots())
     finally:
@@ -91,17 +96,19 @@ def main() -> int:
     ap.add_argument("--observations", type=int, default=80, help="per robot")
     ap.add_argument("--every-n", type=int, default=4)
     ap.add_argument("--robots", type=int, default=1)
+    ap.add_argument("--period-ms", type=float, default=100.0, help="observation period per robot; 0 = back to back")
     args = ap.parse_args()
     never = 10 * args.observations + 1
-    rows = [measure(args.model, "prefill only", never, args.observations, args.robots),
-            measure(args.model, f"every {args.every_n}", args.every_n, args.observations, args.robots)]
+    period = args.period_ms / 1e3
+    rows = [measure(args.model, "prefill only", never, args.observations, args.robots, period),
+            measure(args.model, f"every {args.every_n}", args.every_n, args.observations, args.robots, period)]
     for r in rows:
         print(f"  {r['policy']}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms", file=sys.stderr)
     print(table(rows))
     ratio = rows[1]["p99_ms"] / rows[0]["p99_ms"]
     rate = rows[1]["refreshes_per_obs"] / rows[1]["configured_per_obs"]
     print(f"p99 every-{args.every_n} / prefill-only: {ratio:.3f}; refresh rate / configured: {rate:.3f}")
-    path = write_result("refresh", {"model": args.model, "rows": rows, "p99_ratio": ratio,
+    path = write_result("refresh", {"model": args.model, "period_ms": args.period_ms, "rows": rows, "p99_ratio": ratio,
                                     "refresh_rate_over_configured": rate})
     print(f"wrote {path}")
     return 0
