@@ -33,6 +33,8 @@ class ThreadRecorder(NullEngine):
 
     def preprocess(self, o):
         self.threads.add(threading.get_ident())
+        if o.instruction == "unreadable":
+            raise ValueError("height:1 or width:1 must be larger than factor:28")
         return super().preprocess(o)
 
     def reason_batch(self, items, yield_point=None):
@@ -111,6 +113,14 @@ class SelfBatching(ThreadRecorder):
                 done(i, NullEngine.reason_batch(self, [it])[0])
 
         threading.Thread(target=run, daemon=True).start()
+
+
+async def test_input_the_engine_cannot_preprocess_is_invalid_argument_for_that_item_only(compute):
+    engine = ThreadRecorder()
+    loop_ = compute(engine)
+    bad, good = await run(loop_, [work(obs("unreadable")), work(obs("go"))])
+    assert bad.error.code is Code.INVALID_ARGUMENT and bad.error.field == "observation"
+    assert "factor:28" in bad.error.message and good.error is None
 
 
 async def test_the_expert_packs_items_whose_reasoning_finished_at_different_steps(compute):

@@ -317,6 +317,9 @@ class ComputeLoop:
                 if w.prepared is None:
                     w.prepared = self._prepare(w)
                 ready.append(w)
+            except ValueError as e:  # the engine cannot take this input (e.g. an image its processor refuses)
+                self._fail(w, ServeError(Code.INVALID_ARGUMENT, f"the model cannot take it: {str(e)[:200]}",
+                                         "observation"))
             except Exception as e:
                 self._fail(w, _as_serve_error(e, "preprocess"))
         if not ready:
