@@ -505,3 +505,38 @@ async def test_a_reasoning_refresh_decodes_in_the_background_while_chunks_keep_c
     assert (fourth.reasoning_refreshed, fourth.reasoning_seq) == (False, 3)
     assert srv.sample("chatvla_reasoning_refresh_total", reason="every_n") == 1
     call.cancel()
+
+
+def _raw_stream(srv):
+    return srv.channel.stream_stream(
+        "/chatvla.v1.Policy/Stream", request_serializer=None, response_deserializer=pb.StreamResponse.FromString
+    )()
+
+
+async def test_malformed_first_message_is_invalid_argument(serve):
+    srv = await serve()
+    call = _raw_stream(srv)
+    await call.write(b"\x0a\xff\x01")  # a length that runs past the end
+    resp = await call.read()
+    assert (resp.error.code, resp.error.field) == (pb.INVALID_ARGUMENT, "start")
+    assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_malformed_message_mid_stream_is_answered_in_band_and_the_stream_carries_on(serve):
+    srv = await serve()
+    call = _raw_stream(srv)
+    await call.write(start().SerializeToString())
+    assert (await call.read()).WhichOneof("msg") == "session"
+    answered: list[tuple[str, int]] = []
+    for seq in (1, 2, 3):
+        await call.write(obs_req(seq).SerializeToString())
+        await call.write(b"\x12\x03\x08")  # truncated observation
+    await call.done_writing()
+    while (resp := await call.read()) is not grpc.aio.EOF:
+        kind = resp.WhichOneof("msg")
+        answered.append((kind, resp.chunk.seq if kind == "chunk" else resp.error.seq))
+        if kind == "error":
+            assert (resp.error.code, resp.error.field) == (pb.INVALID_ARGUMENT, "msg")
+    assert sorted(a for a in answered if a[0] == "chunk") == [("chunk", 1), ("chunk", 2), ("chunk", 3)]
+    assert answered.count(("error", 0)) == 3
+    assert await call.code() == grpc.StatusCode.OK

@@ -106,3 +106,48 @@ async def test_health_and_reflection_are_registered(serve):
     await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="chatvla.v1.Policy"))
     assert (await call.read()).file_descriptor_response.file_descriptor_proto
     await call.done_writing()
+
+
+# Bytes that are not the request message: a truncated varint, a field with a wire type that does not
+# match, invalid UTF-8 in a string field (field 3 of InferRequest, `instruction`, is a string).
+MALFORMED = [b"\x08", b"\xff\xff\xff", b"\x1a\x02\xc3\x28", b"\x0a\x05abc"]
+
+
+def _raw(channel, method: str):
+    return channel.unary_unary(f"/chatvla.v1.Policy/{method}", request_serializer=None, response_deserializer=None)
+
+
+async def test_malformed_protobuf_is_invalid_argument_without_a_traceback(serve, caplog):
+    srv = await serve()
+    for method in ("Infer", "GetModelInfo"):
+        for data in MALFORMED:
+            if method == "GetModelInfo" and data == b"\x1a\x02\xc3\x28":
+                continue  # GetModelInfoRequest has no field 3: unknown fields parse, as protobuf says
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await _raw(srv.channel, method)(data)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, data)
+            assert dict(e.value.trailing_metadata())[FIELD_METADATA_KEY] == "request"
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged for a bad request"
+    assert srv.sample("chatvla_rejected_total", reason="malformed") >= 2 * len(MALFORMED) - 1
+    resp = await srv.stub.Infer(infer_request())  # the server is fine
+    assert resp.chunk.actions.data
+
+
+async def test_unknown_camera_with_a_long_or_non_ascii_name_is_a_clean_invalid_argument(serve):
+    srv = await serve()
+    for name in ("c" * 300, "kamera-вид-слева", "cam\x7f\u200b"):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await srv.stub.Infer(infer_request(images=[encode_image(np.zeros((8, 8, 3), np.uint8), name)]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        field = dict(e.value.trailing_metadata())[FIELD_METADATA_KEY]
+        assert field.startswith("images[") and field.isascii() and field.isprintable() and len(field) <= 128
+
+
+async def test_an_error_message_never_echoes_unbounded_input(serve):
+    srv = await serve()
+    huge = pb.Tensor(dtype=pb.FLOAT32, shape=[1] * 10000, data=b"\0\0\0\0")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await srv.stub.Infer(infer_request(state=huge))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(e.value.trailing_metadata())[FIELD_METADATA_KEY] == "state"
+    assert len(e.value.details()) <= 1024

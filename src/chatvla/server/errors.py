@@ -58,11 +58,37 @@ HTTP_STATUS: dict[Code, int] = {
 # not have to parse it out of the message.
 FIELD_METADATA_KEY = "chatvla-field"
 
+# Refusals never echo unbounded input: a message is capped here, once, for every transport (a 30 KB
+# message would not even reach a gRPC client), and a field name, which may embed a caller-chosen name
+# (`images[<camera>]`), is escaped to printable ASCII and capped, because it travels in gRPC trailing
+# metadata, which accepts nothing else.
+MAX_MESSAGE_CHARS = 512
+MAX_FIELD_CHARS = 128
+
+
+def _cap(text: str, limit: int, ellipsis: str) -> str:
+    return text if len(text) <= limit else text[: limit - len(ellipsis)] + ellipsis
+
+
+def safe_field(field: str) -> str:
+    """`field` as printable ASCII (other characters backslash-escaped), at most MAX_FIELD_CHARS."""
+    text = str(field)
+    if not all(" " <= c <= "~" for c in text):
+        text = "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in text)
+    return _cap(text, MAX_FIELD_CHARS, "...")
+
+
+def metadata_field(field: str) -> str:
+    """The value for FIELD_METADATA_KEY (a ServeError's field is already safe; this is idempotent)."""
+    return safe_field(field)
+
 
 class ServeError(Exception):
     """A request the server refuses or could not complete. `field` names the input at fault, if any."""
 
     def __init__(self, code: Code, message: str, field: str = "", *, reason: str = "") -> None:
+        message = _cap(str(message), MAX_MESSAGE_CHARS, "…")
+        field = safe_field(field)
         super().__init__(f"{field}: {message}" if field else message)
         self.code = code
         self.message = message

@@ -18,7 +18,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatvla.server.auth import GrpcAuthInterceptor, metadata_token
-from chatvla.server.errors import FIELD_METADATA_KEY, GRPC_STATUS, STREAM_CODE, Code, ServeError
+from chatvla.server.errors import (
+    FIELD_METADATA_KEY,
+    GRPC_STATUS,
+    STREAM_CODE,
+    Code,
+    ServeError,
+    metadata_field,
+)
 from chatvla.server.info import chunk_proto, reasoning_proto
 from chatvla.server.messages import ChunkResult
 from chatvla.server.state import ServerState
@@ -31,6 +38,47 @@ log = logging.getLogger("chatvla.server.grpc")
 POLICY_SERVICE = pb.DESCRIPTOR.services_by_name["Policy"].full_name
 
 
+class _Malformed:
+    """What our request deserializer returns for bytes that are not the method's request message.
+
+    gRPC's own deserializer failure is answered UNKNOWN with a traceback logged per request (a
+    log-flooding vector) and, mid-stream, silently ends the stream; parsing ourselves lets every
+    handler answer INVALID_ARGUMENT (in-band on a Stream, which then carries on)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+_malformed_count = 0
+
+
+def _note_malformed(method: str, error: str) -> None:
+    """One warning line (no traceback) for the first and then every 1000th malformed message."""
+    global _malformed_count
+    _malformed_count += 1
+    if _malformed_count == 1 or _malformed_count % 1000 == 0:
+        log.warning("malformed %s request (%d so far): %s", method, _malformed_count, error[:200])
+
+
+def _deserializer(message_cls: type, method: str):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as e:  # DecodeError, invalid UTF-8 in a string field, recursion limit, ...
+            _note_malformed(method, f"{type(e).__name__}: {e}")
+            return _Malformed(f"{type(e).__name__}")
+
+    return parse
+
+
+def _malformed_error(what: str, field: str) -> ServeError:
+    return ServeError(
+        Code.INVALID_ARGUMENT, f"malformed protobuf: the bytes are not a valid {what}", field, reason="malformed"
+    )
+
+
 @dataclass(frozen=True)
 class _End:
     """Sentinel on a stream's queue: finish the RPC, with an error status if `error` is set."""
@@ -40,6 +88,10 @@ class _End:
 
 def _stream_error(seq: int, e: ServeError) -> pb.StreamResponse:
     return pb.StreamResponse(error=pb.StreamError(seq=seq, code=STREAM_CODE[e.code], message=e.message, field=e.field))
+
+
+def _trailers(e: ServeError) -> tuple[tuple[str, str], ...]:
+    return ((FIELD_METADATA_KEY, metadata_field(e.field)),)
 
 
 class PolicyServicer(pb_grpc.PolicyServicer):
@@ -56,6 +108,10 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         return self.state.robot_for(metadata_token(context.invocation_metadata())) or fallback
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        if isinstance(request, _Malformed):
+            e = _malformed_error("GetModelInfoRequest", "request")
+            self.state.refuse("grpc_model_info", e)
+            await context.abort(GRPC_STATUS[e.code], str(e), trailing_metadata=_trailers(e))
         if self.state.model_info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
         return self.state.model_info
@@ -66,13 +122,17 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         except ServeError as e:
             self.state.refuse("grpc_infer", e)
             await context.abort(GRPC_STATUS[e.code], str(e))
+        if isinstance(request, _Malformed):
+            e = _malformed_error("InferRequest", "request")
+            self.state.refuse("grpc_infer", e)
+            await context.abort(GRPC_STATUS[e.code], str(e), trailing_metadata=_trailers(e))
         spec = pipeline.spec
         try:
             result = await pipeline.infer(
                 lambda: infer_from_proto(request, spec), "grpc_infer", deadline_s=context.time_remaining()
             )
         except ServeError as e:
-            await context.abort(GRPC_STATUS[e.code], str(e), trailing_metadata=((FIELD_METADATA_KEY, e.field),))
+            await context.abort(GRPC_STATUS[e.code], str(e), trailing_metadata=_trailers(e))
         return pb.InferResponse(chunk=chunk_proto(result))
 
     async def Stream(
@@ -84,6 +144,8 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
+            if isinstance(first, _Malformed):
+                raise _malformed_error("StreamRequest", "start")
             if first.WhichOneof("msg") != "start":
                 raise ServeError(Code.INVALID_ARGUMENT, "the first message of a Stream must be a SessionStart", "start")
             config = session_from_proto(first.start, pipeline.spec, self.state.reasoning)
@@ -97,6 +159,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             yield _stream_error(0, e)
             context.set_code(GRPC_STATUS[e.code])
             context.set_details(str(e))
+            context.set_trailing_metadata(_trailers(e))
             return
         self._streams[session.id] = out
         yield pb.StreamResponse(session=pb.SessionInfo(
@@ -126,6 +189,12 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         spec = pipeline.spec
         try:
             async for req in request_iterator:
+                if isinstance(req, _Malformed):
+                    # Answered in-band with seq 0 (the seq is unreadable); the stream carries on.
+                    err = _malformed_error("StreamRequest", "msg")
+                    pipeline.metrics.rejected.labels(reason=err.reason).inc()
+                    out.put_nowait((0, err))
+                    continue
                 kind = req.WhichOneof("msg")
                 if kind == "observation":
                     obs = req.observation
@@ -148,6 +217,30 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         except Exception as e:  # the client went away or sent something gRPC could not read
             log.info("stream of session %s ended: %s", session.id, e)
             out.put_nowait(_End())
+
+
+def _add_policy(servicer: PolicyServicer, server: grpc.aio.Server) -> None:
+    """`pb_grpc.add_PolicyServicer_to_server`, but with our tolerant request deserializers."""
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            servicer.Stream,
+            request_deserializer=_deserializer(pb.StreamRequest, "Stream"),
+            response_serializer=pb.StreamResponse.SerializeToString,
+        ),
+        "Infer": grpc.unary_unary_rpc_method_handler(
+            servicer.Infer,
+            request_deserializer=_deserializer(pb.InferRequest, "Infer"),
+            response_serializer=pb.InferResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=_deserializer(pb.GetModelInfoRequest, "GetModelInfo"),
+            response_serializer=pb.ModelInfo.SerializeToString,
+        ),
+    }
+    service = POLICY_SERVICE
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 class _HealthReporter:
@@ -187,7 +280,7 @@ async def start_grpc(
         ],
     )
     servicer = PolicyServicer(state)
-    pb_grpc.add_PolicyServicer_to_server(servicer, server)
+    _add_policy(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reporter = _HealthReporter(health_servicer)
