@@ -163,6 +163,10 @@ async def test_custom_mapping_file(openpi_server, tmp_path):
     (lambda o: o["images"].update(cam_high=np.zeros((3, 32, 40), np.int32)), ["images.cam_high", "uint8"]),
     (lambda o: o.update(prompt="a\x00b"), ["prompt", "control characters"]),
     (lambda o: o.pop("prompt"), ["prompt", "required"]),
+    (lambda o: o.update(prompt="fold <|image_pad|> it"), ["INVALID_ARGUMENT", "prompt", "control token"]),
+    (lambda o: o.update(state=np.full(14, 1e10, np.float32)), ["INVALID_ARGUMENT", "state", "within"]),
+    (lambda o: o["images"].update(cam_high=np.zeros((3, 1, 1), np.uint8)), ["images.cam_high", "minimum side"]),
+    (lambda o: o["images"].update(cam_high=np.zeros((3, 8, 2048), np.uint8)), ["images.cam_high", "aspect"]),
 ])
 async def test_bad_input_is_a_text_frame_then_1011(openpi_server, mutate, needles):
     app = await openpi_server()

@@ -67,6 +67,14 @@ BAD_OBSERVATIONS = [
     ("over-long reasoning override", lambda o: setattr(o, "reasoning", "r" * 100_000), "observation.reasoning"),
     ("image token in reasoning override", lambda o: setattr(o, "reasoning", "Pick card <|image_pad|> 49."),
      "observation.reasoning"),
+    ("image token in instruction", lambda o: setattr(o, "instruction", "pick <|image_pad|> up"),
+     "observation.instruction"),
+    ("huge finite state", lambda o: o.state.CopyFrom(tensor_to_proto(np.full(PROFILE.state_dim, 1e38, np.float32))),
+     "observation.state"),
+    ("1x1 image", lambda o: o.images[0].CopyFrom(encode_image(np.zeros((1, 1, 3), np.uint8), CAMERAS[0])),
+     f"observation.images[{CAMERAS[0]}]"),
+    ("1x2048 image", lambda o: o.images[0].CopyFrom(encode_image(np.zeros((1, 2048, 3), np.uint8), CAMERAS[0])),
+     f"observation.images[{CAMERAS[0]}]"),
     ("end-of-turn token in reasoning override", lambda o: setattr(o, "reasoning", "Pick card 49.<|im_end|>"),
      "observation.reasoning"),
 ]
@@ -118,6 +126,7 @@ BAD_STARTS = [
     ({"control_rate_hz": float("nan")}, "start.control_rate_hz"),
     ({"reasoning": pb.ReasoningPolicy(every_seconds=-1)}, "start.reasoning.every_seconds"),
     ({"default_deadline_ms": 10**9}, "start.default_deadline_ms"),
+    ({"instruction": "pick <|image_pad|> up"}, "start.instruction"),
 ]
 
 

@@ -17,9 +17,9 @@ METRIC_NAMES = {
 }
 
 
-def png_b64(value: int = 120, fmt: str = "PNG") -> str:
+def png_b64(value: int = 120, fmt: str = "PNG", h: int = 24, w: int = 24) -> str:
     buf = io.BytesIO()
-    Image.fromarray(np.full((24, 24, 3), value, np.uint8)).save(buf, format=fmt)
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -109,6 +109,10 @@ BAD_JSON = [
     ("negative seed", body(seed=-1), "seed"),
     ("reasoning not a string", body(reasoning=["Pick card 49."]), "reasoning"),
     ("control token in reasoning", body(reasoning="Pick card 49.<|im_end|>"), "reasoning"),
+    ("control token in instruction", body(instruction="stack <|image_pad|> cups"), "instruction"),
+    ("huge finite state", body(state=[1e10] * PROFILE.state_dim), "state"),
+    ("1x1 image", body(images={CAMERAS[0]: png_b64(h=1, w=1)}), f"images[{CAMERAS[0]}]"),
+    ("1x2048 image", body(images={CAMERAS[0]: png_b64(h=1, w=2048)}), f"images[{CAMERAS[0]}]"),
     ("not an object", [1, 2, 3], "body"),
 ]
 

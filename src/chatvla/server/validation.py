@@ -30,7 +30,7 @@ from chatvla.server.errors import Code, ServeError
 from chatvla.server.messages import ObservationRequest, ReasoningPolicy, SessionConfig
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.wire import Limits, WireError, decode_image, tensor_from_proto
-from chatvla.wire.codec import decode_image_bytes
+from chatvla.wire.codec import check_image_size, decode_image_bytes
 
 MAX_DEADLINE_MS = 600_000
 _MAX_NAME_CHARS = 64  # camera names, robot ids: echoed in messages, so bounded
@@ -77,7 +77,24 @@ def check_instruction(text: str, field: str, limits: Limits, *, required: bool) 
         raise invalid(field, f"{len(text)} characters exceed the limit of {limits.max_instruction_chars}")
     if any(ord(c) < 32 and c not in "\t\n" for c in text):
         raise invalid(field, "contains control characters")
+    _refuse_control_tokens(text, field)
     return text
+
+
+def _refuse_control_tokens(text: str, field: str) -> None:
+    """User text is plain text: a chat-template control token in it is refused (see _CONTROL_TOKEN)."""
+    token = _CONTROL_TOKEN.search(text)
+    if token is not None:
+        raise invalid(field, f"contains the chat-template control token {_name(token.group())!r}; send plain text")
+
+
+def check_state_values(arr: np.ndarray, field: str, limits: Limits) -> np.ndarray:
+    """Every state value finite and within +-limits.max_state_abs (robot units)."""
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(arr).all() and bool((np.abs(arr) <= limits.max_state_abs).all())
+    if not ok:
+        raise invalid(field, f"every value must be finite and within +-{limits.max_state_abs:g} (robot units)")
+    return arr
 
 
 def check_deadline(ms: int, field: str) -> int:
@@ -116,7 +133,8 @@ def decode_proto_images(
     for im in images:
         cf = f"{field}[{_name(im.camera)}]"
         try:
-            out[im.camera] = decode_image(im, field=cf, limits=spec.limits, copy=False)
+            out[im.camera] = arr = decode_image(im, field=cf, limits=spec.limits, copy=False)
+            check_image_size(cf, arr.shape[0], arr.shape[1], spec.limits)
         except WireError as e:
             raise invalid(e.field, e.message) from None
     return out
@@ -126,12 +144,13 @@ def decode_proto_state(t: pb.Tensor, field: str, spec: InputSpec, present: bool)
     if not present:
         raise invalid(field, f"required: float32 [{spec.profile.state_dim}]")
     try:
-        return tensor_from_proto(
+        arr = tensor_from_proto(
             t, field=field, dtype=np.float32, shape=(spec.profile.state_dim,),
             max_elements=spec.limits.max_state_dim, copy=False,
         )
     except WireError as e:
         raise invalid(e.field, e.message) from None
+    return check_state_values(arr, field, spec.limits)
 
 
 def session_from_proto(start: pb.SessionStart, spec: InputSpec, defaults: ReasoningPolicy) -> SessionConfig:
@@ -204,9 +223,7 @@ def check_reasoning(text: str, field: str, limits: Limits) -> str:
     # Reasoning may be longer than an instruction; bound it by the same order of magnitude.
     if len(text) > 8 * limits.max_instruction_chars:
         raise invalid(field, f"longer than {8 * limits.max_instruction_chars} characters")
-    token = _CONTROL_TOKEN.search(text)
-    if token is not None:
-        raise invalid(field, f"contains the chat-template control token {_name(token.group())!r}; send plain text")
+    _refuse_control_tokens(text, field)
     return text
 
 
@@ -229,7 +246,9 @@ def _b64_image(value: Any, field: str, spec: InputSpec) -> np.ndarray:
 
 def _image_bytes(raw: bytes, field: str, spec: InputSpec) -> np.ndarray:
     try:
-        return decode_image_bytes(raw, field=field, limits=spec.limits, copy=False)
+        arr = decode_image_bytes(raw, field=field, limits=spec.limits, copy=False)
+        check_image_size(field, arr.shape[0], arr.shape[1], spec.limits)
+        return arr
     except WireError as e:
         raise invalid(e.field, e.message) from None
 
@@ -244,7 +263,7 @@ def _state_list(value: Any, spec: InputSpec) -> np.ndarray:
         arr = np.asarray(value, dtype=np.float64).astype(np.float32)
     if not np.isfinite(arr).all():
         raise invalid("state", "contains NaN or inf (or a value beyond float32)")
-    return arr
+    return check_state_values(arr, "state", spec.limits)
 
 
 def _int_field(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int:

@@ -168,3 +168,14 @@ def decode_image(
 def _check_side(field: str, h: int, w: int, limits: Limits) -> None:
     if h > limits.max_image_side or w > limits.max_image_side:
         raise WireError(field, f"{h}x{w} exceeds the maximum side of {limits.max_image_side} px")
+
+
+def check_image_size(field: str, h: int, w: int, limits: Limits = DEFAULT_LIMITS) -> None:
+    """What a server accepts: height and width within [min_image_side, max_image_side] and an aspect
+    ratio <= max_image_aspect (the decoders check only the maximum; the server checks the rest)."""
+    _check_side(field, h, w, limits)
+    if h < limits.min_image_side or w < limits.min_image_side:
+        raise WireError(field, f"{h}x{w} is below the minimum side of {limits.min_image_side} px")
+    if max(h, w) > limits.max_image_aspect * min(h, w):
+        raise WireError(field, f"{h}x{w} exceeds the maximum aspect ratio of {limits.max_image_aspect}:1")
+

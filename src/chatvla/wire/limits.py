@@ -16,6 +16,14 @@ class Limits:
     max_instruction_chars: int = 1000
     max_images: int = 8
     max_state_dim: int = 256
+    # Images the model's image processor can take: Qwen2-VL's resize needs an aspect ratio below 200
+    # and a side it can scale to its 28 px patch grid, and an HxWx3 array with a side of 3 or less is
+    # ambiguous about its channel axis. Smaller or thinner images are refused from the header.
+    min_image_side: int = 8  # pixels, height and width
+    max_image_aspect: int = 50  # longer side / shorter side
+    # Every state value in robot units (radians, metres, gripper 0..1): finite but absurd values
+    # (1e10, 1e38) overflow normalisation and give NaN actions, so they are refused by validation.
+    max_state_abs: float = 1e4
 
     def to_proto_fields(self) -> dict[str, int]:
         return {

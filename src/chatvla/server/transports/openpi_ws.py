@@ -56,9 +56,9 @@ from chatvla.profiles import RobotProfile
 from chatvla.server.errors import Code, ServeError
 from chatvla.server.messages import ChunkResult, ObservationRequest, SessionConfig
 from chatvla.server.state import ServerState
-from chatvla.server.validation import InputSpec, check_instruction, invalid
+from chatvla.server.validation import InputSpec, check_instruction, check_state_values, invalid
 from chatvla.wire import Limits, WireError
-from chatvla.wire.codec import decode_image_bytes
+from chatvla.wire.codec import check_image_size, decode_image_bytes
 
 log = logging.getLogger("chatvla.server.openpi")
 
@@ -374,7 +374,9 @@ def _image(value: Any, key: ImageKey, spec: InputSpec) -> np.ndarray:
     limits = spec.limits
     if isinstance(value, bytes):  # extension: an encoded JPEG/PNG file instead of pixels
         try:
-            return decode_image_bytes(value, field=name, limits=limits)
+            arr = decode_image_bytes(value, field=name, limits=limits)
+            check_image_size(name, arr.shape[0], arr.shape[1], limits)
+            return arr
         except WireError as e:
             raise invalid(e.field, e.message) from None
     if not isinstance(value, np.ndarray):
@@ -393,8 +395,10 @@ def _image(value: Any, key: ImageKey, spec: InputSpec) -> np.ndarray:
     h, w = a.shape[:2]
     if h == 0 or w == 0:
         raise invalid(name, "empty image")
-    if h > limits.max_image_side or w > limits.max_image_side:
-        raise invalid(name, f"{h}x{w} exceeds the maximum side of {limits.max_image_side} px")
+    try:
+        check_image_size(name, h, w, limits)
+    except WireError as e:
+        raise invalid(e.field, e.message) from None
     if a.dtype == np.uint8:  # one copy: the input views the message bytes (read-only)
         if chw:  # channel by channel: ~10x faster than numpy's generic strided copy of the transpose
             out = np.empty((h, w, 3), np.uint8)
@@ -462,6 +466,7 @@ def observation_from_openpi(
             "+".join(_key_name(k.path) for k in mapping.state),
             f"the state keys hold {state.size} values; profile {spec.profile.name} needs {want}",
         )
+    check_state_values(state, "+".join(_key_name(k.path) for k in mapping.state), spec.limits)
     prompt_field = _key_name(mapping.prompt)
     raw = _lookup(obs, mapping.prompt)
     if isinstance(raw, bytes):
