@@ -214,3 +214,17 @@ async def test_readiness_off_while_draining(serve):
     engine.release()
     assert (await pending).status_code == 200  # the in-flight request is answered
     assert await shutdown is True
+
+
+async def test_deeply_nested_json_is_422_naming_the_field(serve):
+    srv = await serve()
+    r = await srv.http.post("/v1/infer", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body", r.text
+    nested = json.dumps(body()).replace(json.dumps(state_vec().tolist()), "[" * 100_000 + "]" * 100_000)
+    r = await srv.http.post("/v1/infer", content=nested, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body", r.text
+    r = await srv.http.post("/v1/infer", files={CAMERAS[0]: ("a.png", base64.b64decode(png_b64()), "image/png")},
+                            data={"instruction": "go", "state": "[" * 60_000})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "state", r.text
+    assert len(r.content) <= 1024
+    assert (await srv.http.post("/v1/infer", json=body())).status_code == 200

@@ -322,7 +322,7 @@ def infer_from_form(fields: Mapping[str, str], files: Mapping[str, bytes], spec:
         parsed = json.loads(raw_state) if raw_state.startswith("[") else [
             float(x) for x in raw_state.replace(",", " ").split()
         ]
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a list nested deeper than the parser goes
         raise invalid("state", "must be a JSON list or comma-separated numbers") from None
     state = _state_list(parsed, spec)
     _check_cameras(list(files), "images", spec, None)

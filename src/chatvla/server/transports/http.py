@@ -148,6 +148,8 @@ def create_app(state: ServerState) -> FastAPI:
                 def decode() -> Any:
                     try:
                         parsed = json.loads(body)
+                    except RecursionError:  # `[` x 100000: nested deeper than the parser goes
+                        raise ServeError(Code.INVALID_ARGUMENT, "JSON nested too deeply", "body") from None
                     except (ValueError, UnicodeDecodeError) as e:
                         raise ServeError(Code.INVALID_ARGUMENT, f"not valid JSON: {e}", "body") from None
                     return infer_from_json(parsed, spec)
