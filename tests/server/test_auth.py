@@ -125,3 +125,20 @@ async def test_tls_on_both_ports(serve, tls_pair):
         assert (await client.get(srv.app.http_url + "/healthz")).status_code == 200
     with pytest.raises(grpc.aio.AioRpcError):  # plaintext is refused
         await srv.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=2)
+
+
+def _clear_text_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "travel in clear" in r.getMessage()]
+
+
+async def test_plaintext_grpc_on_a_non_loopback_address_warns(serve, tokens_file, tls_pair, caplog):
+    caplog.set_level("WARNING")
+    await serve(tokens_file=tokens_file, openpi_port=0)  # loopback: quiet
+    assert not _clear_text_warnings(caplog)
+    await serve(tokens_file=tokens_file, host="0.0.0.0", openpi_port=0)
+    [msg] = _clear_text_warnings(caplog)
+    assert "gRPC and openpi" in msg and "0.0.0.0" in msg and "bearer tokens" in msg
+    caplog.clear()
+    cert, key = tls_pair
+    await serve(tokens_file=tokens_file, host="0.0.0.0", tls_cert=cert, tls_key=key)  # TLS: quiet
+    assert not _clear_text_warnings(caplog)

@@ -113,6 +113,14 @@ class ServerApp:
         s = self.settings
         if not s.http_is_loopback and self.state.tokens is None:
             log.warning("HTTP listens on %s without tokens: anyone who can reach it can drive the model", s.http_host)
+        if not s.host_is_loopback and not s.tls:
+            ports = "gRPC and openpi" if s.openpi_port is not None else "gRPC"
+            if self.state.tokens is not None:
+                log.warning("%s listen on %s without TLS: bearer tokens and observations travel in clear; "
+                            "set --tls-cert/--tls-key", ports, s.host)
+            else:
+                log.warning("%s listen on %s without TLS or tokens: observations travel in clear and anyone "
+                            "who can reach it can drive the model", ports, s.host)
         try:
             tls_grpc = (s.tls_key.read_bytes(), s.tls_cert.read_bytes()) if s.tls_key and s.tls_cert else None
             self.grpc = await start_grpc(self.state, s.host, s.grpc_port, tls=tls_grpc)

@@ -134,6 +134,11 @@ class ServerSettings(BaseModel):
     def http_is_loopback(self) -> bool:
         return self.http_host in _LOOPBACK
 
+    @property
+    def host_is_loopback(self) -> bool:
+        """gRPC (and openpi, which binds on `host`) listen on loopback only."""
+        return self.host in _LOOPBACK or self.host.startswith("127.")
+
 
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
