@@ -16,6 +16,7 @@ and two set-ups per case, both on the same server code:
   one in flight  executor max_in_flight=1, server --max-in-flight 1 (the previous server's behaviour)
   pipelined      executor max_in_flight=2, server --max-in-flight 2: the next observation is sent
                  while the previous one is still being answered
+  pipelined 3    the same with 3 in flight
 
 Columns: stall ticks (after the first action, the arm held), their share of the run, requests sent,
 and the p50 chunk latency the executor measured. Prints a table and writes
@@ -42,7 +43,7 @@ from chatvla.client.executor import ExecutorConfig
 from chatvla.client.fakes import FakeRobot
 from chatvla.profiles import FRANKA_JOINT
 
-SETUPS = {"one in flight": 1, "pipelined": 2}
+SETUPS = {"one in flight": 1, "pipelined": 2, "pipelined 3": 3}
 COMPUTE_SHARE_OF_NETWORK_CASE = 0.10  # of a chunk's duration
 
 

@@ -211,7 +211,8 @@ async def test_sixteen_sessions_are_batched_and_get_their_own_seq(serve):
 async def test_newer_observation_supersedes_pending_one(serve):
     engine = GatedEngine()
     srv = await serve(engine=engine)
-    call, _ = await srv.open_stream()
+    call, info = await srv.open_stream(max_in_flight=2)
+    assert info.max_in_flight == 2
     engine.hold()
     await call.write(obs_req(1))
     await engine.wait_entered()  # seq 1 is computing: it cannot be withdrawn
@@ -485,7 +486,7 @@ async def test_two_observations_of_a_session_compute_at_once_and_are_answered_in
     engine = GatedEngine()
     srv = await serve(engine=engine)
     call, info = await srv.open_stream()
-    assert info.max_in_flight == 2  # the server's default
+    assert info.max_in_flight == 3  # the server's default
     engine.hold()
     await call.write(obs_req(1))
     await engine.wait_entered()

@@ -65,12 +65,12 @@ class ExecutorConfig:
     # None = 1.5 x the latency quantile + 2 ticks. Presuming too early costs one redundant request (the
     # server keeps only the newest per session); too late costs stall ticks.
     request_timeout_s: float | None = None
-    # Requests in flight at once (the session start tells chatvla-serve this value; it computes up to
-    # 2 per session). Raise it to 2 when the latency is mostly the network (a robot on Wi-Fi or a WAN):
-    # the next observation then travels while the previous one is answered, and latencies above half a
-    # chunk run without stalls. Keep 1 when the latency is mostly the model's compute: a second request
-    # only queues behind the first on the server and ages, and the longer latency it measures makes
-    # the executor ask earlier still (benchmarks/control_loop_served.py measures both cases).
+    # Requests in flight at once (the session start tells chatvla-serve this value; it takes up to 3
+    # per session by default). Raise it to 2-3 when the latency is mostly the network (a robot on Wi-Fi
+    # or a WAN): the next observations then travel while the previous one is answered, and latencies
+    # above half a chunk run without stalls (3 for about 60% of a chunk). When the latency is mostly
+    # the model's compute, more in flight gains nothing: requests are paced so that none queues
+    # behind our own previous one on the server (benchmarks/control_loop_served.py measures both).
     max_in_flight: int = 1
     # Fewest ticks between two requests when several may be in flight (caps the request rate by
     # giving up blend overlap first, never the latency cover).

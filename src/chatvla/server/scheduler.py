@@ -58,7 +58,7 @@ class SchedulerConfig:
     compute: ComputeConfig = DEFAULT_COMPUTE
     max_queue: int = 128
     max_sessions: int = 256
-    max_in_flight: int = 2
+    max_in_flight: int = 3
     deadline_s: float = 5.0
     reasoning: ReasoningPolicy = DEFAULT_REASONING
 

@@ -78,8 +78,9 @@ class ServerSettings(BaseModel):
         "this process may run on (CPU affinity and cgroup quota).",
     )
     max_in_flight: int = Field(
-        2, ge=1, le=8, description="Observations one session may have computing at once, unless its "
-        "SessionStart asks for fewer (observation n+1 reasons while n is in the expert).",
+        3, ge=1, le=8, description="Observations one session may have computing or travelling at once, "
+        "unless its SessionStart asks for fewer (n+1 reasons while n is in the expert; over a slow network, "
+        "several cross it at once).",
     )
     deadline_ms: int = Field(
         5000, ge=1, le=600_000, description="Default per-observation deadline (a request may set its own)."
