@@ -193,6 +193,19 @@ async def test_dangerous_or_inconsistent_arrays_are_refused(openpi_server, dtype
         await expect_error(ws, "INVALID_ARGUMENT")
 
 
+@pytest.mark.parametrize(("dtype", "value"), [("|u1", 300), ("<i1", -129), ("<i2", 40000), ("|u1", -1)])
+async def test_numpy_scalar_that_overflows_its_dtype_is_invalid_argument(openpi_server, dtype, value):
+    app = await openpi_server()
+    obs = aloha_obs()
+    obs["extra"] = {b"__npgeneric__": True, b"data": value, b"dtype": dtype}
+    async with connect(app.openpi_url, compression=None) as ws:
+        await ws.recv()
+        await ws.send(encode(obs))
+        await expect_error(ws, "INVALID_ARGUMENT", "scalar")
+    assert app.metrics.registry.get_sample_value(
+        "chatvla_requests_total", {"transport": "openpi_ws", "outcome": "invalid_argument"}) == 1
+
+
 @pytest.mark.parametrize("frame", ["a text frame", b"\xc1not msgpack", msgpack.packb([1, 2, 3]),
                                    msgpack.packb({"x": msgpack.ExtType(5, b"ab")})])
 async def test_malformed_frames(openpi_server, frame):
@@ -240,6 +253,11 @@ async def test_api_key_is_required_when_tokens_are_configured(openpi_server, tmp
     async with httpx.AsyncClient() as client:  # probes stay open
         assert (await client.get(http_url(app) + "/healthz")).status_code == 200
     assert app.metrics.registry.get_sample_value("chatvla_rejected_total", {"reason": "unauthenticated"}) == 3
+    twice = [("Authorization", "Api-Key secret-token"), ("Authorization", "Api-Key secret-token")]
+    with pytest.raises(InvalidStatus) as e:  # two headers are ambiguous: refused, never a 500
+        async with connect(app.openpi_url, additional_headers=twice):
+            pass
+    assert e.value.response.status_code == 401
 
 
 async def test_ready_line_and_shutdown_close_connections(openpi_server):

@@ -121,7 +121,10 @@ def _object_hook(obj: dict[Any, Any]) -> Any:
         data = _get(obj, b"data")
         if isinstance(data, bool) or not isinstance(data, int | float):
             raise invalid("scalar", "numpy scalar data must be a number")
-        return dt.type(data)
+        try:
+            return dt.type(data)
+        except (OverflowError, ValueError, TypeError):  # e.g. uint8 300: not representable in its dtype
+            raise invalid("scalar", f"numpy scalar value does not fit its dtype {dt.str}") from None
     return obj
 
 
@@ -512,7 +515,10 @@ def error_text(e: ServeError) -> str:
 # --- the server -----------------------------------------------------------------------------------------------
 def api_key(headers: Headers) -> str | None:
     """The token of `Authorization: Api-Key <token>` (openpi-client); `Bearer <token>` is accepted too."""
-    value = headers.get("Authorization")
+    values = headers.get_all("Authorization")
+    if len(values) != 1:  # none, or ambiguous: two Authorization headers authenticate nobody
+        return None
+    value = values[0]
     if not value:
         return None
     scheme, _, token = value.strip().partition(" ")
