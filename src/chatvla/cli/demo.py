@@ -42,8 +42,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--target", help="use running servers instead of starting one: HOST:PORT, several "
                    "separated by commas, or dns:///NAME:PORT (robots are spread over the replicas)")
     p.add_argument("--token", help="bearer token for --target")
-    p.add_argument("--split", choices=("train", "heldout"), default="train", help="task variants to draw")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("train", "heldout"), default="train",
+                   help="task variants to draw: train (what the model saw) or heldout")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed of the task variants and sims (robot i, episode e use seed + 1000*i + e)")
     p.add_argument("--record", metavar="DIR", help="write each episode to DIR (msgpack, see docs/recording.md)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")

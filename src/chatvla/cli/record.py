@@ -30,17 +30,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--robot-option", action="append", default=[], metavar="KEY=VALUE",
                    help="constructor option of the robot adapter (repeatable)")
     p.add_argument("--out", required=True, help="directory for the episode files")
-    p.add_argument("--policy", choices=("server", "oracle"), default="server")
+    p.add_argument("--policy", choices=("server", "oracle"), default="server",
+                   help="who drives the robot: server (a policy server at --target) or oracle (the sim's "
+                   "scripted expert, simulated robots only)")
     p.add_argument("--target", help="policy server HOST:PORT, several separated by commas, or dns:///NAME:PORT")
     p.add_argument("--token", help="bearer token for the server")
     p.add_argument("--robot-id", help="name for logs and replica choice (default: the robot name)")
-    p.add_argument("--episodes", type=int, default=1)
-    p.add_argument("--seconds", type=float, default=10.0, help="episode length with the server policy")
+    p.add_argument("--episodes", type=int, default=1, help="episodes to record, one file each")
+    p.add_argument("--seconds", type=float, default=10.0, help="episode length in seconds with the server policy "
+                   "(the oracle runs until its plan ends)")
     p.add_argument("--task", choices=(*TASKS, "both"), default="both", help="sim task (alternates if both)")
-    p.add_argument("--split", choices=("train", "heldout"), default="train")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("train", "heldout"), default="train",
+                   help="sim task variants to draw: train or heldout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sim task (episode e uses seed + e)")
     p.add_argument("--instruction", help="instruction for a real robot (sims take the task's)")
-    p.add_argument("--image-encoding", choices=("jpeg", "rgb8"), default="jpeg")
+    p.add_argument("--image-encoding", choices=("jpeg", "rgb8"), default="jpeg",
+                   help="how camera frames are stored: jpeg (small) or rgb8 (lossless)")
     p.add_argument("--images-every", type=int, default=1, help="store images on every Nth tick only")
     return p
 

@@ -12,7 +12,10 @@ def sim_unavailable(command: str) -> bool:
         import chatvla.client.sim  # noqa: F401 - registers the sim robots
         from chatvla.client.sim.render import rendering_available
     except ImportError as e:
-        print(f"chatvla {command}: the simulator is not installed ({e}); pip install 'chatvla-serve[sim]'",
+        from chatvla.cli.main import missing_optional_message
+
+        message = missing_optional_message(f"chatvla {command}", e)
+        print(message or f"chatvla {command}: the simulator does not import ({e}); pip install 'chatvla-serve[sim]'",
               file=sys.stderr)
         return True
     ok, detail = rendering_available()
