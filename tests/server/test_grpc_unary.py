@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serverkit import CAMERAS, PROFILE, infer_request, state_vec
 
+from chatvla.engines.null import NullEngine
 from chatvla.server.errors import FIELD_METADATA_KEY
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.wire import encode_image, tensor_from_proto, tensor_to_proto
@@ -158,3 +161,16 @@ async def test_an_error_message_never_echoes_unbounded_input(serve):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(e.value.trailing_metadata())[FIELD_METADATA_KEY] == "state"
     assert len(e.value.details()) <= 1024
+
+
+async def test_admission_refuses_at_once_what_its_deadline_cannot_cover(serve):
+    srv = await serve(engine=NullEngine(reason_ms=100), max_batch=1, expert_max_batch=1)
+    await srv.stub.Infer(infer_request())  # one answered observation tells the server what one costs
+    calls = [srv.stub.Infer(infer_request(), timeout=0.3) for _ in range(6)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    ok = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert ok and refused and len(ok) + len(refused) == 6
+    for e in refused:  # refused before any work, with the reason; none admitted only to time out
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "expected wait" in e.details()
+    assert srv.sample("chatvla_requests_total", transport="grpc_infer", outcome="deadline_exceeded") == 0

@@ -78,6 +78,7 @@ class Scheduler:
         self.accepting = True
         self._admitted = 0
         self._with_work: set[str] = set()  # sessions with something admitted and unanswered
+        self._per_obs_s = 0.0  # recent compute cost of one observation in its batch (moving average)
         self._idle: asyncio.Event | None = None
         self._compute: ComputeLoop | None = None
 
@@ -134,7 +135,8 @@ class Scheduler:
         received = time.monotonic()
         try:
             self._check_accepting()
-            self._reserve(can_replace=False)
+            budget = self.config.deadline_s if deadline_s is None else min(deadline_s, self.config.deadline_s)
+            self._reserve(can_replace=False, budget_s=budget)
         except ServeError as e:
             self._count(transport, e)
             raise
@@ -200,7 +202,9 @@ class Scheduler:
         try:
             self._check_accepting()
             session.check_seq(seq)
-            self._reserve(can_replace=session.can_replace)
+            default_ms = session.config.default_deadline_ms
+            self._reserve(can_replace=session.can_replace,
+                          budget_s=default_ms / 1e3 if default_ms else self.config.deadline_s)
         except ServeError as e:
             self._count(transport, e)
             session.emit(seq, e)
@@ -413,6 +417,10 @@ class Scheduler:
         self._release()
         self._count(job.transport, answer if isinstance(answer, ServeError) else None)
         if isinstance(answer, ChunkResult):
+            t = answer.timings
+            cost = (t.preprocess_ms + t.reasoning_ms / max(1, t.reasoning_batch_size)
+                    + t.expert_ms / max(1, t.expert_batch_size)) / 1e3
+            self._per_obs_s = cost if self._per_obs_s == 0 else 0.9 * self._per_obs_s + 0.1 * cost
             if answer.reasoning_refreshed and job.session is None:
                 self.metrics.reasoning_tokens.inc(answer.reasoning_tokens)
             self._observe(answer.timings)
@@ -464,12 +472,26 @@ class Scheduler:
         if not self.accepting:
             raise ServeError(Code.UNAVAILABLE, "server is draining; reconnect to another replica", reason="draining")
 
-    def _reserve(self, can_replace: bool) -> None:
-        if self._admitted >= self.config.max_queue and not can_replace:
+    def _reserve(self, can_replace: bool, budget_s: float) -> None:
+        """Admit one observation, or refuse it at once (before any decoding): when `max_queue` are
+        admitted already, or when the expected wait (observations ahead x the recent cost of one)
+        would not leave it time to be answered within its deadline. A late chunk is a wasted chunk:
+        refusing it keeps the server's time for the ones that can still make it."""
+        if can_replace:
+            pass  # it replaces a waiting observation of its session: no extra load
+        elif self._admitted >= self.config.max_queue:
             raise ServeError(
                 Code.RESOURCE_EXHAUSTED, f"server is at capacity ({self.config.max_queue} observations queued)",
                 reason="overload",
             )
+        elif self._per_obs_s > 0:
+            expected = (self._admitted + 1) * self._per_obs_s
+            if expected > budget_s:
+                raise ServeError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"server is overloaded: expected wait {expected * 1e3:.0f} ms exceeds the "
+                    f"{budget_s * 1e3:.0f} ms deadline", reason="overload",
+                )
         self._admitted += 1
         if self._idle is not None:
             self._idle.clear()
