@@ -96,19 +96,26 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero():
             proc.wait()
 
 
-async def test_port_in_use_fails_fast_with_a_message():
+@pytest.mark.parametrize("transport,flag", [("gRPC", "--grpc-port"), ("HTTP", "--http-port"),
+                                            ("openpi", "--openpi-port")])
+async def test_port_in_use_fails_fast_with_a_message(transport, flag):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = launch("--http-port", str(port))
+        ports = {"--grpc-port": "0", "--http-port": "0", "--openpi-port": "0", flag: str(port)}
+        proc = launch(*(x for kv in ports.items() for x in kv))
         try:
             rc = await asyncio.to_thread(proc.wait, 60)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert rc == 1
-        assert "chatvla serve:" in proc.stderr.read()
+        err = proc.stderr.read()
+        # The transport, the address and the flag that moves it, not a bare "[Errno 98] Address already in use".
+        assert f"chatvla serve: {transport} port 127.0.0.1:{port} is already in use" in err, err
+        assert f"{flag} 0 to let the OS pick a free one" in err
+        assert "Traceback" not in err
         assert proc.stdout.read() == ""  # no ready line
 
 

@@ -121,15 +121,50 @@ class ServerApp:
             else:
                 log.warning("%s listen on %s without TLS or tokens: observations travel in clear and anyone "
                             "who can reach it can drive the model", ports, s.host)
+        from collections.abc import Awaitable
+        from typing import Any
+
+        async def bind(transport: str, flags: tuple[str, str], host: str, port: int, starting: Awaitable[Any]) -> Any:
+            """Start a transport. `[Errno 98] Address already in use` names no port: a failure to bind is
+            re-raised naming the transport, its address and the flag that moves it."""
+            import errno
+            import socket
+
+            try:
+                return await starting
+            except (OSError, RuntimeError) as e:  # grpc raises RuntimeError("Failed to bind to address ...")
+                code, reason = getattr(e, "errno", None), getattr(e, "strerror", None) or str(e)
+                if code is None and "bind" in str(e).lower():  # gRPC says no more: ask the OS why
+                    try:
+                        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                            probe.bind((host, port))
+                    except OSError as why:
+                        code, reason = why.errno, why.strerror or str(why)
+                elif code not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES) and not isinstance(
+                    e, socket.gaierror
+                ):
+                    raise  # not about the address (TLS, a bad openpi mapping, ...)
+                address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                host_flag, port_flag = flags
+                if code == errno.EADDRINUSE:
+                    raise OSError(f"{transport} port {address} is already in use (another server running?); pick "
+                                  f"another with {port_flag} PORT, or {port_flag} 0 to let the OS pick a free one"
+                                  ) from e
+                raise OSError(f"{transport} cannot listen on {address}: {reason}; check {host_flag} and {port_flag} "
+                              f"({port_flag} 0 lets the OS pick a free port)") from e
+
         try:
             tls_grpc = (s.tls_key.read_bytes(), s.tls_cert.read_bytes()) if s.tls_key and s.tls_cert else None
-            self.grpc = await start_grpc(self.state, s.host, s.grpc_port, tls=tls_grpc)
+            self.grpc = await bind("gRPC", ("--host", "--grpc-port"), s.host, s.grpc_port,
+                                   start_grpc(self.state, s.host, s.grpc_port, tls=tls_grpc))
             tls_http = (s.tls_cert, s.tls_key) if s.tls_key and s.tls_cert else None
-            self.http = await start_http(self.state, s.http_host, s.http_port, tls=tls_http, drain_s=s.drain_timeout_s)
+            self.http = await bind("HTTP", ("--http-host", "--http-port"), s.http_host, s.http_port,
+                                   start_http(self.state, s.http_host, s.http_port, tls=tls_http,
+                                              drain_s=s.drain_timeout_s))
             if s.openpi_port is not None:
-                self.openpi = await start_openpi(
+                self.openpi = await bind("openpi", ("--host", "--openpi-port"), s.host, s.openpi_port, start_openpi(
                     self.state, s.host, s.openpi_port, mapping=s.openpi_mapping, tls=tls_http
-                )
+                ))
             loop = asyncio.get_running_loop()
             threads = s.compute_threads or available_cores()
             if self.engine is None:
