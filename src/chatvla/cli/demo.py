@@ -64,6 +64,7 @@ class RobotReport:
     missed_ticks: int = 0
     holds: int = 0
     interventions: int = 0
+    safety: dict[str, int] = field(default_factory=dict)  # interventions by kind (ticks x kinds)
     chunks: int = 0
     latency: dict[str, Any] = field(default_factory=dict)
     reasoning_sample: str = ""
@@ -125,12 +126,14 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
             out.stalls += int(ex.get("stalls", 0))
             out.missed_ticks += int(res.summary.get("missed_ticks", 0))
             out.holds += int(res.summary.get("holds", 0))
-            out.interventions += sum(int(v) for v in dict(res.summary.get("safety", {})).values())
+            for kind_name, count in dict(res.summary.get("safety", {})).items():
+                out.safety[kind_name] = out.safety.get(kind_name, 0) + int(count)
+                out.interventions += int(count)
             out.outcomes.append(f"{kind}:{'ok' if res.success else 'fail'}")
             print(f"[demo] {out.name} episode {ep + 1}/{args.episodes} ({kind}): "
                   f"{'success' if res.success else 'no success'}, {res.ticks} ticks in {res.seconds:.1f} s, "
                   f"{ex.get('stalls', 0)} stalls; board {getattr(task, 'a', '?')}+{getattr(task, 'b', '?')}, "
-                  f"reasoning: {first.text or '-'}", file=sys.stderr, flush=True)
+                  f"reasoning: {quoted(first.text)}", file=sys.stderr, flush=True)
         out.chunks = lat.chunks
         out.latency = lat.percentiles()
         out.reasoning_sample = lat.reasoning[-1] if lat.reasoning else ""
@@ -154,6 +157,18 @@ def _model_profile(address: str, token: str | None) -> str:
     return info.profile.name
 
 
+def quoted(text: str) -> str:
+    """Reasoning as a reader wants it: plain text on one line in double quotes, no escapes; '-' if none."""
+    text = " ".join(text.split())
+    return f'"{text}"' if text else "-"
+
+
+def safety_text(counts: dict[str, int]) -> str:
+    """Safety-filter interventions with their names, as `chatvla inspect` prints them."""
+    items = sorted(((k, v) for k, v in counts.items() if v), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{k} x{v}" for k, v in items) if items else "no interventions"
+
+
 def _fmt_ms(d: dict[str, Any]) -> str:
     return f"{d['p50']:.0f}/{d['p99']:.0f}" if d.get("n") else "-"
 
@@ -172,10 +187,12 @@ def print_report(reports: list[RobotReport], model: str) -> None:
     for r in reports:
         if r.error:
             print(f"{r.name}: ERROR {r.error}")
-        elif r.reasoning_sample:
-            print(f"{r.name} reasoning sample: {r.reasoning_sample!r}")
+            continue
+        print(f"{r.name} safety: {safety_text(r.safety)}")
+        if r.reasoning_sample:
+            print(f"{r.name} reasoning sample: {quoted(r.reasoning_sample)}")
     print("latency columns are p50/p99 in ms: rtt = client round trip, reason/expert = server stages; "
-          "safety = interventions of the safety filter (limits, holds, stops)")
+          "safety = interventions of the safety filter (limits, holds, stops), per tick and kind, named above")
     total = sum(r.successes for r in reports)
     n = sum(r.episodes for r in reports)
     if model.startswith("tiny"):
