@@ -52,6 +52,10 @@ DEFAULT_COMPUTE = ComputeConfig()
 DEFAULT_REASONING = ReasoningPolicy()
 
 
+# Admit only what is expected to be answered within this share of its deadline.
+ADMISSION_HEADROOM = 0.8
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     limits: Limits = DEFAULT_LIMITS
@@ -486,7 +490,7 @@ class Scheduler:
             )
         elif self._per_obs_s > 0:
             expected = (self._admitted + 1) * self._per_obs_s
-            if expected > budget_s:
+            if expected > ADMISSION_HEADROOM * budget_s:  # headroom: batches form in steps, costs vary
                 raise ServeError(
                     Code.RESOURCE_EXHAUSTED,
                     f"server is overloaded: expected wait {expected * 1e3:.0f} ms exceeds the "
