@@ -3,7 +3,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.chatvla-installed
 ARGS ?=
 
-.PHONY: setup serve demo test test-fast lint check-proto
+.PHONY: setup serve demo test test-fast fuzz lint check-proto
 
 $(STAMP): pyproject.toml requirements/constraints.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -25,6 +25,13 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow" $(ARGS)
+
+# The fuzz tests (tests/fuzz) with a long budget: hypothesis examples per property and raw-bytes messages
+# per gRPC method (the default, in `make test`, is 150 and deterministic). CHATVLA_FUZZ_SEED varies the
+# raw-bytes mutations.
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	CHATVLA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/fuzz -p no:cacheprovider $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts

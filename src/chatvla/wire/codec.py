@@ -31,6 +31,7 @@ _DTYPES: dict[int, np.dtype] = {
 }
 _DTYPE_ENUM: dict[str, int] = {dt.str.lstrip("<|"): enum for enum, dt in _DTYPES.items()}
 _ENCODINGS = {"rgb8": pb.RGB8, "jpeg": pb.JPEG, "png": pb.PNG}
+_MAX_NDIM = 32  # numpy's limit before 2.0 (64 since)
 
 
 class WireError(ValueError):
@@ -73,9 +74,13 @@ def tensor_from_proto(
     if dtype is not None and dt != np.dtype(dtype).newbyteorder("<"):
         raise WireError(field, f"dtype must be {np.dtype(dtype).name}, got {dt.name}")
     dims = tuple(int(s) for s in t.shape)
+    if len(dims) > _MAX_NDIM:  # numpy cannot build it (and the shape would swell every message)
+        raise WireError(field, f"{len(dims)} dimensions exceed the limit of {_MAX_NDIM}")
     n = math.prod(dims)
     if n > max_elements:
         raise WireError(field, f"{n} elements exceed the limit of {max_elements}")
+    if n == 0 and math.prod(max(d, 1) for d in dims) > max_elements:  # e.g. [0, 2**32-1, 2**32-1]
+        raise WireError(field, f"shape {list(dims)} exceeds the limit of {max_elements} elements")
     if shape is not None and dims != tuple(shape):
         raise WireError(field, f"shape must be {list(shape)}, got {list(dims)}")
     data = t.data  # a fresh copy on every access: read it once
