@@ -259,8 +259,11 @@ def _state_list(value: Any, spec: InputSpec) -> np.ndarray:
         raise invalid("state", f"must be a list of {d} numbers")
     if len(value) != d:
         raise invalid("state", f"must have {d} values, got {len(value)}")
-    with np.errstate(over="ignore"):
-        arr = np.asarray(value, dtype=np.float64).astype(np.float32)
+    try:
+        with np.errstate(over="ignore"):
+            arr = np.asarray(value, dtype=np.float64).astype(np.float32)
+    except OverflowError:  # a JSON integer beyond float64 (`1` and 400 zeros is valid JSON)
+        raise invalid("state", "contains a value beyond float32") from None
     if not np.isfinite(arr).all():
         raise invalid("state", "contains NaN or inf (or a value beyond float32)")
     return check_state_values(arr, "state", spec.limits)
@@ -269,7 +272,10 @@ def _state_list(value: Any, spec: InputSpec) -> np.ndarray:
 def _int_field(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
     v = body.get(key, 0)
     if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        v = int(v)
+        try:
+            v = int(v)
+        except ValueError:  # digits int() refuses: "²" (isdigit, not decimal), more than 4300 of them
+            raise invalid(key, f"must be an integer between {lo} and {hi}") from None
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise invalid(key, f"must be an integer between {lo} and {hi}")
     return v
@@ -287,13 +293,19 @@ def _common_http(body: Mapping[str, Any], spec: InputSpec) -> dict[str, Any]:
     }
 
 
+def _unknown(key: object, hint: str) -> tuple[str, str]:
+    """(field, message) refusing an unknown key; an empty key names the body (a field must be non-empty)."""
+    name = str(key)[:_MAX_NAME_CHARS]
+    return (name, f"unknown field; {hint}") if name else ("body", f"unknown field ''; {hint}")
+
+
 def infer_from_json(body: Any, spec: InputSpec) -> ObservationRequest:
     """`{"images": {camera: base64}, "state": [..], "instruction": str, ...}` -> request."""
     if not isinstance(body, dict):
         raise invalid("body", "must be a JSON object")
     unknown = sorted(set(body) - _JSON_KEYS)
     if unknown:
-        raise invalid(str(unknown[0])[:_MAX_NAME_CHARS], f"unknown field; accepted: {', '.join(sorted(_JSON_KEYS))}")
+        raise invalid(*_unknown(unknown[0], f"accepted: {', '.join(sorted(_JSON_KEYS))}"))
     instruction = check_instruction(body.get("instruction", ""), "instruction", spec.limits, required=True)
     common = _common_http(body, spec)
     state = _state_list(body.get("state"), spec)
@@ -314,7 +326,7 @@ def infer_from_form(fields: Mapping[str, str], files: Mapping[str, bytes], spec:
     """
     unknown = sorted(set(fields) - _JSON_KEYS - {"images"})
     if unknown:
-        raise invalid(str(unknown[0])[:_MAX_NAME_CHARS], "unknown form field")
+        raise invalid(*_unknown(unknown[0], "not a form field of /v1/infer"))
     instruction = check_instruction(fields.get("instruction", ""), "instruction", spec.limits, required=True)
     common = _common_http(fields, spec)
     raw_state = fields.get("state", "").strip()
