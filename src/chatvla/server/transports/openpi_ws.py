@@ -122,8 +122,9 @@ def _object_hook(obj: dict[Any, Any]) -> Any:
         if isinstance(data, bool) or not isinstance(data, int | float):
             raise invalid("scalar", "numpy scalar data must be a number")
         try:
-            return dt.type(data)
-        except (OverflowError, ValueError, TypeError):  # e.g. uint8 300: not representable in its dtype
+            with np.errstate(over="raise"):  # float16 1e10: refused, not silently inf
+                return dt.type(data)
+        except (OverflowError, ValueError, TypeError, FloatingPointError):  # e.g. uint8 300: not representable
             raise invalid("scalar", f"numpy scalar value does not fit its dtype {dt.str}") from None
     return obj
 
