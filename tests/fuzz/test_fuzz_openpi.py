@@ -48,7 +48,8 @@ def ndarray_maps(draw: st.DrawFn) -> dict:
 @st.composite
 def npgeneric_maps(draw: st.DrawFn) -> dict:
     return {b"__npgeneric__": True, b"dtype": draw(st.sampled_from(DTYPES)),
-            b"data": draw(st.one_of(st.integers(-(2**63), 2**64 - 1), st.floats(), st.booleans(), st.binary(max_size=4)))}
+            b"data": draw(st.one_of(st.integers(-(2**63), 2**64 - 1), st.floats(), st.booleans(),
+                                    st.binary(max_size=4)))}
 
 
 SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=20),

@@ -62,7 +62,8 @@ def proto_images(draw: st.DrawFn) -> list[pb.Image]:
         if kind == "good":
             out.append(encode_image(np.zeros((16, 16, 3), np.uint8), cam))
         elif kind == "good_png":
-            out.append(pb.Image(camera=cam, encoding=pb.PNG, data=_png(10, 12), height=draw(st.sampled_from([0, 10, 11]))))
+            height = draw(st.sampled_from([0, 10, 11]))
+            out.append(pb.Image(camera=cam, encoding=pb.PNG, data=_png(10, 12), height=height))
         elif kind == "tiny":
             out.append(encode_image(np.zeros((draw(st.integers(1, 9)), 9, 3), np.uint8), cam))
         elif kind == "thin":
@@ -86,7 +87,8 @@ def states(draw: st.DrawFn) -> pb.Tensor | None:
         return tensor_to_proto(values)
     if kind == "shape":
         return tensor_to_proto(np.zeros(draw(st.lists(st.integers(0, 9), max_size=3)), np.float32))
-    return pb.Tensor(dtype=draw(st.integers(0, 6)), shape=draw(st.lists(U32, max_size=4)), data=draw(st.binary(max_size=40)))
+    return pb.Tensor(dtype=draw(st.integers(0, 6)), shape=draw(st.lists(U32, max_size=4)),
+                     data=draw(st.binary(max_size=40)))
 
 
 @st.composite
@@ -177,7 +179,8 @@ def test_messages_parsed_from_random_bytes(data: bytes) -> None:
 GOOD_B64 = base64.b64encode(_png(10, 12)).decode()
 JSON_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
 JSON = st.recursive(
-    JSON_SCALAR, lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)),
+    JSON_SCALAR,
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)),
     max_leaves=12,
 )
 IMAGE_VALUE = st.one_of(st.just(GOOD_B64), st.just("data:image/png;base64," + GOOD_B64), st.just("!!"),
