@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from chatvla.profiles import FRANKA_JOINT
 from chatvla.server.errors import ServeError
 from chatvla.server.messages import ObservationRequest
-from chatvla.server.transports.openpi_ws import observation_from_openpi, pack_message, preset, unpack_message
+from chatvla.server.transports.openpi.codec import pack_message, unpack_message
+from chatvla.server.transports.openpi.endpoint import observation_from_openpi
+from chatvla.server.transports.openpi.mappings import preset
 from chatvla.server.validation import InputSpec
 from chatvla.wire.limits import Limits
 

@@ -14,14 +14,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT
-from chatvla.server.transports.openpi_ws import (
-    ERROR_CLOSE_REASON,
-    MappingError,
-    load_mapping,
-    pack_message,
-    preset,
-    unpack_message,
-)
+from chatvla.server.transports.openpi.codec import pack_message, unpack_message
+from chatvla.server.transports.openpi.endpoint import ERROR_CLOSE_REASON
+from chatvla.server.transports.openpi.mappings import MappingError, load_mapping, preset
 from chatvla.wire.limits import DEFAULT_LIMITS
 
 

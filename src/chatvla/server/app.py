@@ -30,7 +30,7 @@ from chatvla.server.settings import ServerSettings
 from chatvla.server.state import ServerState
 from chatvla.server.transports.grpc_service import GrpcServer, start_grpc
 from chatvla.server.transports.http import HttpServer, start_http
-from chatvla.server.transports.openpi_ws import OpenpiServer, start_openpi
+from chatvla.server.transports.openpi import OpenpiServer, start_openpi
 
 log = logging.getLogger("chatvla.server")
 
