@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 from chatvla.client.balancing import Balancer, Endpoint, parse_target, rank, system_resolver
-from chatvla.client.policy_client import BackoffConfig, ClientConfig, GrpcPolicyClient, SessionConfig
-from chatvla.client.runtime import (
+from chatvla.client.connection import (
     ChunkReply,
     ConnectionChanged,
     ObservationRequest,
@@ -31,6 +30,7 @@ from chatvla.client.runtime import (
     RequestFailed,
     Unavailable,
 )
+from chatvla.client.policy_client import BackoffConfig, ClientConfig, GrpcPolicyClient, SessionConfig
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.v1 import policy_pb2_grpc as pb_grpc
 

@@ -14,15 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from chatvla.client.policy_client import (
-    BackoffConfig,
-    ClientConfig,
-    GrpcPolicyClient,
-    SessionConfig,
-    TlsConfig,
-    error_from_code,
-)
-from chatvla.client.runtime import (
+from chatvla.client.connection import (
     Aborted,
     ChunkReply,
     ConnectionChanged,
@@ -34,6 +26,14 @@ from chatvla.client.runtime import (
     SessionRejected,
     Unauthenticated,
     Unavailable,
+)
+from chatvla.client.policy_client import (
+    BackoffConfig,
+    ClientConfig,
+    GrpcPolicyClient,
+    SessionConfig,
+    TlsConfig,
+    error_from_code,
 )
 from chatvla.v1 import policy_pb2 as pb
 

@@ -9,17 +9,11 @@ import threading
 import numpy as np
 import pytest
 
+from chatvla.client.connection import MonotonicClock, ObservationRequest, PolicyConnection, ResourceExhausted
 from chatvla.client.executor import ChunkExecutor, ExecutorConfig
 from chatvla.client.fakes import FakeClock, FakePolicyConnection, FakeRobot, TrackingPolicy
 from chatvla.client.robots.base import RobotError
-from chatvla.client.runtime import (
-    ControlLoop,
-    MonotonicClock,
-    ObservationRequest,
-    PolicyConnection,
-    ResourceExhausted,
-    TickRecord,
-)
+from chatvla.client.runtime import ControlLoop, TickRecord
 from chatvla.client.safety import SafetyConfig, SafetyFilter, Verdict
 
 

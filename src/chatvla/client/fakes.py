@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chatvla.client.robots.base import Robot, RobotError, RobotObservation
-from chatvla.client.runtime import (
+from chatvla.client.connection import (
     ChunkReply,
     ObservationRequest,
     PolicyConnection,
@@ -22,6 +21,7 @@ from chatvla.client.runtime import (
     RequestFailed,
     Unavailable,
 )
+from chatvla.client.robots.base import Robot, RobotError, RobotObservation
 from chatvla.profiles import RobotProfile
 
 

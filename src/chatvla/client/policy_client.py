@@ -42,8 +42,7 @@ import grpc
 import numpy as np
 
 from chatvla.client.balancing import BALANCE_POLICIES, Balancer, Endpoint, Resolver, parse_target
-from chatvla.client.framing import ObservationFramer
-from chatvla.client.runtime import (
+from chatvla.client.connection import (
     Aborted,
     ChunkReply,
     Clock,
@@ -64,6 +63,7 @@ from chatvla.client.runtime import (
     Unavailable,
     Unimplemented,
 )
+from chatvla.client.framing import ObservationFramer
 from chatvla.profiles import RobotProfile
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.v1 import policy_pb2_grpc as pb_grpc

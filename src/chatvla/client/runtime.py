@@ -1,10 +1,9 @@
-"""The robot-side control loop and the small interfaces it is built from.
+"""The robot-side control loop and the small interfaces it needs from its executor and subscribers.
 
 One loop per robot ties Robot -> ChunkExecutor -> SafetyFilter -> Robot at the profile's control rate on
-its own thread. It talks to the policy only through `PolicyConnection`, whose `submit` and `poll` must
-never block: that is what lets the arm keep ticking whatever the network does, and what lets a fake
-policy with scripted latency and loss (chatvla.client.fakes) stand in for the gRPC client in tests and
-benchmarks. Time comes from a `Clock`, so the same loop runs on wall time or on a fake clock.
+its own thread. It talks to the policy only through `PolicyConnection` (chatvla.client.connection), whose
+`submit` and `poll` never block, so the arm keeps ticking whatever the network does. Time comes from a
+`Clock`, so the same loop runs on wall time or on a fake clock.
 
 The shape follows openpi-client's runtime (environment / agent / subscribers) but the agent is split in
 two: a non-blocking connection and a tick-indexed queue, because a blocking `infer()` is exactly what
@@ -17,15 +16,22 @@ import contextlib
 import logging
 import math
 import threading
-import time
-from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 
+from chatvla.client.connection import (
+    ChunkReply,
+    Clock,
+    ConnectionChanged,
+    MonotonicClock,
+    ObservationRequest,
+    PolicyConnection,
+    RequestFailed,
+)
 from chatvla.client.executor import ChunkMerge
 from chatvla.client.robots.base import Robot, RobotError, RobotObservation
 from chatvla.client.safety import SafetyDecision, SafetyFilter, Verdict
@@ -33,171 +39,7 @@ from chatvla.client.safety import SafetyDecision, SafetyFilter, Verdict
 log = logging.getLogger(__name__)
 
 
-# ---- time ----------------------------------------------------------------------------------------
-@runtime_checkable
-class Clock(Protocol):
-    """Seconds on a monotonic scale. The control loop, the executor's latency measurements and the
-    watchdog all read the same clock so a fake one makes them deterministic together."""
-
-    def now(self) -> float: ...
-
-    def sleep_until(self, deadline: float) -> None: ...
-
-
-class MonotonicClock:
-    """Wall time for real robots."""
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def sleep_until(self, deadline: float) -> None:
-        delay = deadline - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-
-
-# ---- what crosses the connection -----------------------------------------------------------------
-class PolicyError(Exception):
-    """An error reported by (or about) the policy server; `message` is the server's own text.
-    `fatal` errors will not go away by retrying (bad token, unknown profile); the connection stops
-    reconnecting after one."""
-
-    code: str = "UNKNOWN"
-    fatal: bool = False
-
-    def __init__(self, message: str, *, field: str = "", seq: int | None = None) -> None:
-        super().__init__(f"{self.code}: {message}" + (f" [{field}]" if field else ""))
-        self.message = message
-        self.field = field
-        self.seq = seq
-
-
-class InvalidArgument(PolicyError):
-    code = "INVALID_ARGUMENT"
-
-
-class DeadlineExceeded(PolicyError):
-    code = "DEADLINE_EXCEEDED"
-
-
-class ResourceExhausted(PolicyError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Aborted(PolicyError):
-    """The observation was superseded by a newer one of the same session."""
-
-    code = "ABORTED"
-
-
-class Internal(PolicyError):
-    code = "INTERNAL"
-
-
-class Unavailable(PolicyError):
-    code = "UNAVAILABLE"
-
-
-class Unauthenticated(PolicyError):
-    code = "UNAUTHENTICATED"
-    fatal = True
-
-
-class PermissionDenied(PolicyError):
-    code = "PERMISSION_DENIED"
-    fatal = True
-
-
-class Unimplemented(PolicyError):
-    code = "UNIMPLEMENTED"
-    fatal = True
-
-
-class SessionRejected(PolicyError):
-    """The server refused the session start (unknown profile or camera, bad control rate...)."""
-
-    code = "SESSION_REJECTED"
-    fatal = True
-
-
-@dataclass(frozen=True)
-class ObservationRequest:
-    """One observation to send. Arrays are encoded off the control thread by the connection."""
-
-    tick: int
-    images: Mapping[str, np.ndarray]
-    state: np.ndarray
-    instruction: str | None = None  # None: keep the session's instruction
-    force_reasoning: bool = False
-    deadline_ms: int | None = None  # None: the connection's default
-    seed: int = 0
-    # Reasoning override: the server pre-fills this text instead of decoding its own, for this
-    # observation only (operators steering the robot, evaluations asking "does it follow this?").
-    # None: the model's own reasoning, decoded or cached as the session's policy says.
-    reasoning: str | None = None
-
-
-@dataclass(frozen=True)
-class ChunkReply:
-    """A chunk answering observation `seq` (captured at `tick`); row i is for tick `tick + i`."""
-
-    seq: int
-    tick: int
-    actions: np.ndarray
-    received_at: float
-    reasoning: str = ""
-    reasoning_refreshed: bool = False
-    reasoning_tokens: int = 0
-    timings: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RequestFailed:
-    """Observation `seq` will not be answered (server error, deadline, lost connection)."""
-
-    seq: int
-    error: PolicyError
-    at: float
-
-
-@dataclass(frozen=True)
-class ConnectionChanged:
-    connected: bool
-    address: str
-    at: float
-    error: PolicyError | None = None
-    session_id: str = ""
-
-
-PolicyEvent = ChunkReply | RequestFailed | ConnectionChanged
-
-
-class PolicyConnection(ABC):
-    """A policy the control loop can use without ever waiting for it."""
-
-    def start(self) -> None:
-        """Begin connecting (in the background). Idempotent."""
-
-    @abstractmethod
-    def submit(self, request: ObservationRequest) -> int:
-        """Queue an observation and return its seq at once. A newer submit may supersede an older one
-        that has not left yet; the superseded seq is then reported as failed (Aborted)."""
-
-    @abstractmethod
-    def poll(self) -> list[PolicyEvent]:
-        """Everything that happened since the last poll, oldest first. Returns at once."""
-
-    def close(self) -> None:
-        """Stop background work. Safe to call twice."""
-
-    def __enter__(self) -> PolicyConnection:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
+# ---- what the loop needs from its parts ----------------------------------------------------------
 class ActionQueue(Protocol):
     """What the loop needs from an executor; `ChunkExecutor` is the real one, a synchronous broker
     (benchmarks/control_loop.py) implements it too for comparison."""

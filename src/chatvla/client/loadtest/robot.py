@@ -17,15 +17,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from chatvla.client.executor import ChunkExecutor, ExecutorConfig
-from chatvla.client.loadtest.sources import ReplayEpisode
-from chatvla.client.runtime import (
+from chatvla.client.connection import (
     ChunkReply,
     ConnectionChanged,
     ObservationRequest,
     PolicyConnection,
     RequestFailed,
 )
+from chatvla.client.executor import ChunkExecutor, ExecutorConfig
+from chatvla.client.loadtest.sources import ReplayEpisode
 
 STAGES = ("queue_ms", "preprocess_ms", "reasoning_ms", "expert_ms", "total_ms")
 # (seconds since the run started, robot index, client round trip ms, server stage ms in STAGES order)
