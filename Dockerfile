@@ -29,7 +29,7 @@ RUN groupadd --system --gid 10001 chatvla \
         --shell /usr/sbin/nologin chatvla
 
 # ---------------------------------------------------------------------------------------------------
-# Robot client: `pip install .` (numpy, grpcio, protobuf, pillow, msgpack, pydantic, pyyaml).
+# Robot client: `pip install .` (numpy, grpcio, protobuf, pillow, msgpack; no torch, pydantic or pyyaml).
 # CLIENT_EXTRAS adds robot or sim extras, e.g. --build-arg CLIENT_EXTRAS=sim or =panda.
 FROM base AS client-build
 WORKDIR /src
