@@ -42,6 +42,8 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "prometheus_client": ("prometheus-client", "server"),
     "websockets": ("websockets", "server"),
     "tqdm": ("tqdm", "server"),
+    "pydantic": ("pydantic", "server"),
+    "yaml": ("pyyaml", "server"),
     "mujoco": ("mujoco", "sim"),
     "matplotlib": ("matplotlib", "plot"),
     "panda_py": ("panda-python", "panda"),
