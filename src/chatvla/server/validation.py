@@ -1,4 +1,5 @@
-"""Turn untrusted input (protobuf or JSON/multipart) into validated pipeline requests.
+"""Turn untrusted input (protobuf, JSON/multipart, or the arrays of a decoded openpi msgpack frame) into
+validated pipeline requests.
 
 Every field is checked before anything is trusted, and every refusal is a `ServeError` with code
 INVALID_ARGUMENT that names the field in the caller's own vocabulary ("observation.state" on a
@@ -8,7 +9,7 @@ raw little-endian bytes, images go through PIL's JPEG/PNG decoders only.
 
 Decoded images and states are read-only arrays: an RGB8 image or a state is a view of the one copy
 of its bytes that reading the protobuf field makes, not a second copy. Engines only read them; one
-that needs to write must copy first.
+that needs to write must copy first. (Images from openpi arrays are the one exception: copies of their own.)
 """
 
 from __future__ import annotations
@@ -244,9 +245,9 @@ def _b64_image(value: Any, field: str, spec: InputSpec) -> np.ndarray:
     return _image_bytes(raw, field, spec)
 
 
-def _image_bytes(raw: bytes, field: str, spec: InputSpec) -> np.ndarray:
+def _image_bytes(raw: bytes, field: str, spec: InputSpec, *, copy: bool = False) -> np.ndarray:
     try:
-        arr = decode_image_bytes(raw, field=field, limits=spec.limits, copy=False)
+        arr = decode_image_bytes(raw, field=field, limits=spec.limits, copy=copy)
         check_image_size(field, arr.shape[0], arr.shape[1], spec.limits)
         return arr
     except WireError as e:
@@ -341,4 +342,85 @@ def infer_from_form(fields: Mapping[str, str], files: Mapping[str, bytes], spec:
     decoded = {cam: _image_bytes(data, f"images[{cam}]", spec) for cam, data in files.items()}
     return ObservationRequest(
         obs=EngineObservation(images=decoded, state=state, instruction=instruction), **common
+    )
+
+
+# --- decoded arrays (the openpi websocket: msgpack-numpy frames) ---------------------------------
+
+
+def image_from_array(value: Any, field: str, spec: InputSpec, layout: str = "auto") -> np.ndarray:
+    """A decoded image -> an HxWx3 uint8 array that owns its pixels: a uint8 array laid out HxWx3 or
+    3xHxW (`layout` "hwc"/"chw"; "auto" tells them apart by where the 3 is), a float array in [0, 1]
+    (openpi's own input transforms accept those), or the bytes of a JPEG/PNG file."""
+    limits = spec.limits
+    if isinstance(value, bytes):  # an encoded JPEG/PNG file instead of pixels
+        return _image_bytes(value, field, spec, copy=True)
+    if not isinstance(value, np.ndarray):
+        raise invalid(field, f"must be a uint8 image array (HxWx3 or 3xHxW), got {type(value).__name__}")
+    a = value
+    if a.ndim != 3:
+        raise invalid(field, f"must be HxWx3 or 3xHxW, got shape {list(a.shape)}")
+    resolved = layout
+    if resolved == "auto":
+        resolved = "hwc" if a.shape[2] == 3 else "chw" if a.shape[0] == 3 else "?"
+    chw = resolved == "chw" and a.shape[0] == 3
+    if chw:
+        a = a.transpose(1, 2, 0)
+    elif resolved != "hwc" or a.shape[2] != 3:
+        raise invalid(field, f"must be HxWx3 or 3xHxW ({layout}), got shape {list(a.shape)}")
+    h, w = a.shape[:2]
+    if h == 0 or w == 0:
+        raise invalid(field, "empty image")
+    try:
+        check_image_size(field, h, w, limits)
+    except WireError as e:
+        raise invalid(e.field, e.message) from None
+    if a.dtype == np.uint8:  # one copy: the input may view the message bytes (read-only)
+        if chw:  # channel by channel: ~10x faster than numpy's generic strided copy of the transpose
+            out = np.empty((h, w, 3), np.uint8)
+            for c in range(3):
+                out[:, :, c] = a[:, :, c]
+            return out
+        return np.array(a, dtype=np.uint8, order="C", copy=True)
+    if a.dtype.kind == "f":
+        f = a.astype(np.float32)
+        if not np.isfinite(f).all():
+            raise invalid(field, "contains NaN or inf")
+        return (np.clip(f, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    raise invalid(field, f"images must be uint8 (or float in [0, 1]), got {a.dtype}")
+
+
+def observation_from_arrays(
+    images: Mapping[str, np.ndarray],
+    state: np.ndarray,
+    instruction: object,
+    spec: InputSpec,
+    *,
+    state_field: str = "state",
+    instruction_field: str = "instruction",
+    default_instruction: str = "",
+    seq: int = 0,
+    tick: int = 0,
+) -> ObservationRequest:
+    """Decoded images (camera -> HxWx3 uint8, see `image_from_array`; the caller has matched them to the
+    profile's cameras), a float32 state vector and an instruction -> a validated request.
+
+    The state must have the profile's size and every value in bounds. The instruction may be a string or
+    UTF-8 bytes; a missing (None) or blank one falls back to `default_instruction`, and one is required."""
+    want = spec.profile.state_dim
+    if state.shape != (want,):
+        raise invalid(state_field, f"must have {want} values, got {state.size}")
+    check_state_values(state, state_field, spec.limits)
+    if isinstance(instruction, bytes):
+        try:
+            instruction = instruction.decode("utf-8")
+        except UnicodeDecodeError:
+            raise invalid(instruction_field, "is not valid UTF-8") from None
+    if instruction is None or (isinstance(instruction, str) and not instruction.strip()):
+        instruction = default_instruction
+        if not instruction:
+            raise invalid(instruction_field, "required (the language instruction)")
+    text = check_instruction(instruction, instruction_field, spec.limits, required=True)  # type: ignore[arg-type]
+    return ObservationRequest(
+        obs=EngineObservation(images=dict(images), state=state, instruction=text), seq=seq, tick=tick
     )
