@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from chatvla.client.balancing import Balancer, Endpoint, parse_target, rank, system_resolver
+from chatvla.client.config import BackoffConfig, ClientConfig, SessionConfig
 from chatvla.client.connection import (
     ChunkReply,
     ConnectionChanged,
@@ -30,7 +31,7 @@ from chatvla.client.connection import (
     RequestFailed,
     Unavailable,
 )
-from chatvla.client.policy_client import BackoffConfig, ClientConfig, GrpcPolicyClient, SessionConfig
+from chatvla.client.policy_client import GrpcPolicyClient
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.v1 import policy_pb2_grpc as pb_grpc
 

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+from chatvla.client.config import BackoffConfig, ClientConfig, SessionConfig, TlsConfig
 from chatvla.client.connection import (
     Aborted,
     ChunkReply,
@@ -27,14 +28,8 @@ from chatvla.client.connection import (
     Unauthenticated,
     Unavailable,
 )
-from chatvla.client.policy_client import (
-    BackoffConfig,
-    ClientConfig,
-    GrpcPolicyClient,
-    SessionConfig,
-    TlsConfig,
-    error_from_code,
-)
+from chatvla.client.conversion import error_from_code
+from chatvla.client.policy_client import GrpcPolicyClient
 from chatvla.v1 import policy_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -301,6 +296,19 @@ def test_status_codes_map_to_typed_errors():
     e = error_from_code(pb.INVALID_ARGUMENT, "bad", field="images[front]", seq=4)
     assert (e.message, e.field, e.seq) == ("bad", "images[front]", 4)
     assert "images[front]" in str(e)
+
+
+def test_the_public_names_stay_importable_from_policy_client():
+    """docs/deployment.md imports the configuration from chatvla.client.policy_client: it re-exports it."""
+    from chatvla.client import config, connection, conversion, policy_client
+
+    assert policy_client.ClientConfig is config.ClientConfig
+    assert policy_client.SessionConfig is config.SessionConfig
+    assert policy_client.TlsConfig is config.TlsConfig
+    assert policy_client.BackoffConfig is config.BackoffConfig
+    assert policy_client.Unavailable is connection.Unavailable
+    assert policy_client.error_from_code is conversion.error_from_code
+    assert all(hasattr(policy_client, name) for name in policy_client.__all__)
 
 
 def test_config_validation(toy):

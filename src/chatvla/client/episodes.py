@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from chatvla.client.config import ClientConfig, SessionConfig
 from chatvla.client.executor import ChunkExecutor, ExecutorConfig
-from chatvla.client.policy_client import ClientConfig, GrpcPolicyClient, SessionConfig
+from chatvla.client.policy_client import GrpcPolicyClient
 from chatvla.client.recording import ChunkRecord, EpisodeWriter
 from chatvla.client.robots.base import Robot
 from chatvla.client.runtime import ControlLoop, TickObserver, TickRecord

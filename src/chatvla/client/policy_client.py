@@ -21,10 +21,15 @@ Why it is built like this:
   drained, refused the session or stopped answering) the next session opens on another replica,
   with DNS re-resolved. Each session is a new stream, and every reply is matched to its observation
   by a seq that is never reused, so nothing of a dead session can land on the new one's ticks.
-* Observations go on the wire as bytes made by `chatvla.client.framing`: each image is copied once,
-  from the caller's array into the request, instead of once per message layer.
+* Observations go on the wire as bytes made by `chatvla.client.conversion` (framed by
+  `chatvla.client.framing`): each image is copied once, from the caller's array into the request,
+  instead of once per message layer.
 * Server errors become typed `PolicyError`s carrying the server's own message (and the offending field
   for INVALID_ARGUMENT), delivered as `RequestFailed` events, or raised from the synchronous helpers.
+
+This module is the stream and its state machine; the configuration lives in `chatvla.client.config`,
+the proto conversion in `chatvla.client.conversion`, the events and errors in
+`chatvla.client.connection`. The names users import from here are re-exported (`__all__`).
 """
 
 from __future__ import annotations
@@ -35,16 +40,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
-from chatvla.client.balancing import BALANCE_POLICIES, Balancer, Endpoint, Resolver, parse_target
+from chatvla.client.balancing import Balancer, Endpoint, Resolver
+from chatvla.client.config import BackoffConfig, ClientConfig, SessionConfig, TlsConfig
 from chatvla.client.connection import (
     Aborted,
-    ChunkReply,
     Clock,
     ConnectionChanged,
     DeadlineExceeded,
@@ -63,14 +66,17 @@ from chatvla.client.connection import (
     Unavailable,
     Unimplemented,
 )
+from chatvla.client.conversion import decode_chunk, encode_observation, error_from_code
 from chatvla.client.framing import ObservationFramer
 from chatvla.profiles import RobotProfile
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.v1 import policy_pb2_grpc as pb_grpc
-from chatvla.wire import Limits, WireError, tensor_from_proto, tensor_to_proto
+from chatvla.wire import WireError
 
 log = logging.getLogger(__name__)
 
+# What users import from here; the configuration, the errors and `error_from_code` are re-exported
+# from chatvla.client.config, .connection and .conversion.
 __all__ = [
     "Aborted",
     "BackoffConfig",
@@ -92,153 +98,9 @@ __all__ = [
     "error_from_code",
 ]
 
-_STATUS_ERRORS: dict[grpc.StatusCode, type[PolicyError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.ABORTED: Aborted,
-    grpc.StatusCode.INTERNAL: Internal,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
-}
-_STREAM_ERRORS: dict[int, type[PolicyError]] = {
-    pb.INVALID_ARGUMENT: InvalidArgument,
-    pb.DEADLINE_EXCEEDED: DeadlineExceeded,
-    pb.RESOURCE_EXHAUSTED: ResourceExhausted,
-    pb.ABORTED: Aborted,
-    pb.INTERNAL: Internal,
-    pb.UNAVAILABLE: Unavailable,
-}
-
-
 # The stream's requests are serialised by the client itself (see chatvla.client.framing), so its calls
 # go through a method handle that sends bytes as they are.
 _STREAM_METHOD = "/" + pb.DESCRIPTOR.services_by_name["Policy"].full_name + "/Stream"
-
-
-def error_from_code(
-    code: grpc.StatusCode | int, message: str, *, field: str = "", seq: int | None = None
-) -> PolicyError:
-    """Map a gRPC status (or an in-band `ErrorCode`) to its typed exception."""
-    if isinstance(code, grpc.StatusCode):
-        cls = _STATUS_ERRORS.get(code, Unavailable if code == grpc.StatusCode.CANCELLED else Internal)
-    else:
-        cls = _STREAM_ERRORS.get(int(code), Internal)
-    return cls(message, field=field, seq=seq)
-
-
-# ---- configuration ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TlsConfig:
-    """PEM bytes. `root_certificates=None` trusts the system roots; key + chain enable mutual TLS;
-    `server_name` overrides the name checked against the certificate (e.g. when dialling an IP)."""
-
-    root_certificates: bytes | None = None
-    private_key: bytes | None = None
-    certificate_chain: bytes | None = None
-    server_name: str | None = None
-
-    @classmethod
-    def from_files(
-        cls,
-        ca: str | Path | None = None,
-        cert: str | Path | None = None,
-        key: str | Path | None = None,
-        server_name: str | None = None,
-    ) -> TlsConfig:
-        def read(p: str | Path | None) -> bytes | None:
-            return None if p is None else Path(p).read_bytes()
-
-        return cls(read(ca), read(key), read(cert), server_name)
-
-
-@dataclass(frozen=True)
-class BackoffConfig:
-    """Delay before reconnect attempt `n` (0-based): `initial_s * multiplier**n`, capped at `max_s`,
-    times a uniform factor in [1 - jitter, 1 + jitter]."""
-
-    initial_s: float = 0.1
-    max_s: float = 5.0
-    multiplier: float = 2.0
-    jitter: float = 0.3
-
-    def __post_init__(self) -> None:
-        if self.initial_s <= 0 or self.max_s < self.initial_s or self.multiplier < 1:
-            raise ValueError("backoff needs 0 < initial_s <= max_s and multiplier >= 1")
-        if not 0 <= self.jitter < 1:
-            raise ValueError("jitter must be in [0, 1)")
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.max_s, self.initial_s * self.multiplier ** min(attempt, 64))
-        return base * rng.uniform(1 - self.jitter, 1 + self.jitter)
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How to reach the server. `addresses` are replicas: `host:port`, or `dns:///name:port` for every
-    address a name resolves to. `balance="spread"` spreads robots over them by `robot_id` (rendezvous
-    hashing), `"ordered"` tries them in the given order (a primary and its backups). See
-    chatvla.client.balancing."""
-
-    addresses: tuple[str, ...]
-    token: str | None = None  # sent as `authorization: Bearer <token>`
-    tls: TlsConfig | None = None
-    deadline_ms: int = 1000  # per observation, unless the request sets one
-    backoff: BackoffConfig = field(default_factory=BackoffConfig)
-    max_reconnects: int | None = None  # consecutive failed attempts before giving up; None = never
-    # Consecutive overdue replies after which the stream is presumed dead and re-established.
-    reconnect_after_timeouts: int = 3
-    image_encoding: str = "rgb8"  # rgb8 | jpeg | png
-    jpeg_quality: int = 90
-    limits: Limits = field(default_factory=Limits)
-    keepalive_ms: int = 0  # 0 = off; the server must permit pings at this interval
-    robot_id: str = ""
-    balance: str = "spread"  # spread | ordered
-    failover_cooldown_s: float = 10.0  # a replica whose stream failed is avoided this long
-    # Bound on opening a connection (TCP + TLS). gRPC's own is 20 s, far too long to find out that a
-    # replica's address has gone dark (no RST) while the arm holds.
-    connect_timeout_ms: int = 3000
-
-    def __post_init__(self) -> None:
-        if not self.addresses:
-            raise ValueError("at least one server address is needed")
-        if isinstance(self.addresses, str):
-            raise TypeError("addresses must be a tuple of strings, not one string")
-        if self.deadline_ms <= 0:
-            raise ValueError("deadline_ms must be positive")
-        for address in self.addresses:
-            parse_target(address)
-        if self.balance not in BALANCE_POLICIES:
-            raise ValueError(f"balance must be one of {BALANCE_POLICIES}, got {self.balance!r}")
-        if self.failover_cooldown_s < 0 or self.connect_timeout_ms <= 0:
-            raise ValueError("failover_cooldown_s must be >= 0 and connect_timeout_ms positive")
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """What the session start says about this robot. Unset fields come from the profile."""
-
-    profile: RobotProfile
-    instruction: str = ""
-    cameras: tuple[str, ...] | None = None
-    control_rate_hz: float | None = None
-    reasoning_every_n: int = 0  # 0 = server default
-    reasoning_every_seconds: float = 0.0
-    max_in_flight: int = 0  # observations the server may compute at once for this robot; 0 = its default
-
-    def to_proto(self, *, instruction: str, robot_id: str, deadline_ms: int) -> pb.SessionStart:
-        return pb.SessionStart(
-            robot_profile=self.profile.name,
-            cameras=list(self.cameras if self.cameras is not None else self.profile.camera_names),
-            control_rate_hz=self.control_rate_hz or self.profile.control_rate_hz,
-            instruction=instruction,
-            robot_id=robot_id,
-            reasoning=pb.ReasoningPolicy(every_n=self.reasoning_every_n, every_seconds=self.reasoning_every_seconds),
-            default_deadline_ms=deadline_ms,
-            max_in_flight=self.max_in_flight,
-        )
 
 
 # ---- the client ------------------------------------------------------------------------------------
@@ -573,37 +435,15 @@ class GrpcPolicyClient(PolicyConnection):
         return None
 
     def _on_chunk(self, chunk: pb.ActionChunk, now: float) -> None:
-        d = self.session.profile.action_dim
         with self._lock:
             self._in_flight.pop(chunk.seq, None)
             self._overdue_streak = 0
         try:
-            actions = tensor_from_proto(chunk.actions, field="chunk.actions", dtype=np.float32)
-            if actions.ndim != 2 or actions.shape[1] != d or actions.shape[0] == 0:
-                raise WireError("chunk.actions", f"shape must be [n, {d}], got {list(actions.shape)}")
+            reply = decode_chunk(chunk, action_dim=self.session.profile.action_dim, received_at=now)
         except WireError as e:
             self._events.append(RequestFailed(chunk.seq, Internal(f"server sent a bad chunk: {e}"), now))
             return None
-        t = chunk.timings
-        timings = {
-            "queue_ms": t.queue_ms,
-            "preprocess_ms": t.preprocess_ms,
-            "reasoning_ms": t.reasoning_ms,
-            "expert_ms": t.expert_ms,
-            "total_ms": t.total_ms,
-        }
-        self._events.append(
-            ChunkReply(
-                seq=chunk.seq,
-                tick=chunk.tick,
-                actions=actions,
-                received_at=now,
-                reasoning=chunk.reasoning,
-                reasoning_refreshed=chunk.reasoning_refreshed,
-                reasoning_tokens=chunk.reasoning_tokens,
-                timings=timings,
-            )
-        )
+        self._events.append(reply)
         return None
 
     def _requests(self, att: _Attempt) -> Iterator[bytes]:
@@ -659,18 +499,9 @@ class GrpcPolicyClient(PolicyConnection):
             return None
         try:
             cams = self.session.cameras if self.session.cameras is not None else self.session.profile.camera_names
-            images = [self._framer.image(name, r.images[name]) for name in cams if name in r.images]
-            head = pb.Observation(
-                seq=p.seq,
-                tick=r.tick,
-                state=tensor_to_proto(np.asarray(r.state, dtype=np.float32)),
-                instruction=r.instruction or "",
-                deadline_ms=max(1, int(remaining_ms)),
-                force_reasoning=r.force_reasoning,
-                seed=r.seed,
-                reasoning=r.reasoning or "",
+            msg = encode_observation(
+                self._framer, r, seq=p.seq, cameras=cams, deadline_ms=max(1, int(remaining_ms))
             )
-            msg = self._framer.request(head, images)
         except (WireError, ValueError, TypeError) as e:
             field_name = e.field if isinstance(e, WireError) else "observation"
             self._events.append(

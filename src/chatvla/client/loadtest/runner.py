@@ -23,13 +23,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from chatvla.client.config import ClientConfig, SessionConfig
 from chatvla.client.connection import PolicyConnection, PolicyError
 from chatvla.client.executor import ExecutorConfig
 from chatvla.client.loadtest.robot import STAGES, RobotStats, Sample, SharedBudget, VirtualRobot
 from chatvla.client.loadtest.scrape import Scraper, batch_histogram, batch_series, deltas, value
 from chatvla.client.loadtest.sources import ReplayEpisode, SourceError, load_recordings, synthetic_episodes
 from chatvla.client.loadtest.targets import check_target, check_url
-from chatvla.client.policy_client import ClientConfig, GrpcPolicyClient, SessionConfig
+from chatvla.client.policy_client import GrpcPolicyClient
 from chatvla.profiles import RobotProfile, get_profile
 
 log = logging.getLogger(__name__)
