@@ -113,7 +113,10 @@ class EpisodeHeader:
 
 
 @dataclass(frozen=True)
-class TickRecord:
+class EpisodeTick:
+    """One tick object of an episode file, as read back (what the loop hands its observers live is a
+    chatvla.client.runtime.TickRecord)."""
+
     index: int  # object index in the file (the header is 0)
     tick: int
     timestamp: float  # seconds, the recording clock of the header (monotonic)
@@ -136,7 +139,7 @@ class EpisodeFooter:
 @dataclass(frozen=True)
 class Episode:
     header: EpisodeHeader
-    records: tuple[TickRecord, ...]
+    records: tuple[EpisodeTick, ...]
     footer: EpisodeFooter | None  # None: the writer never closed (crash, kill, power loss)
     truncated_bytes: int  # bytes of an incomplete last object (0 for a clean file)
 
@@ -186,7 +189,9 @@ def decode_array(
     return np.frombuffer(data, dtype=dt).reshape(dims).astype(dt.newbyteorder("="), copy=True)
 
 
-def encode_image(image: np.ndarray | EncodedImage, encoding: str, quality: int) -> dict[str, Any]:
+def encode_episode_image(image: np.ndarray | EncodedImage, encoding: str, quality: int) -> dict[str, Any]:
+    """The image map an episode file stores ({"encoding", "height", "width", "data"}); not the wire's
+    `chatvla.wire.encode_image`."""
     if isinstance(image, EncodedImage):  # already encoded (e.g. for the wire): store as is
         img = image
     else:
@@ -337,7 +342,9 @@ class EpisodeWriter:
             "timestamp": float(timestamp),
             "state": self._vector(state, self.profile.state_dim, "state"),
             "action": None if action is None else self._vector(action, self.profile.action_dim, "action"),
-            "images": {n: encode_image(imgs[n], self._encoding, self._quality) for n in self.cameras if n in imgs},
+            "images": {
+                n: encode_episode_image(imgs[n], self._encoding, self._quality) for n in self.cameras if n in imgs
+            },
             "chunk": None,
             "stall": bool(stall),
             "interventions": [str(i) for i in interventions],
@@ -465,7 +472,7 @@ def _parse_chunk(obj: object, profile: RobotProfile, record: int) -> ChunkRecord
     )
 
 
-def _parse_tick(obj: dict[str, Any], header: EpisodeHeader, record: int) -> TickRecord:
+def _parse_tick(obj: dict[str, Any], header: EpisodeHeader, record: int) -> EpisodeTick:
     p = header.profile
     images = _need(obj, "images", dict, record)
     action = obj.get("action", ...)
@@ -478,7 +485,7 @@ def _parse_tick(obj: dict[str, Any], header: EpisodeHeader, record: int) -> Tick
         raise EpisodeFormatError("missing", record=record, field="state")
     if "chunk" not in obj:
         raise EpisodeFormatError("missing", record=record, field="chunk")
-    return TickRecord(
+    return EpisodeTick(
         index=record,
         tick=_need(obj, "tick", int, record),
         timestamp=float(_need(obj, "timestamp", (int, float), record)),
@@ -547,7 +554,7 @@ class EpisodeReader:
         self._consumed = self._unpacker.tell()
         return obj
 
-    def __iter__(self) -> Iterator[TickRecord]:
+    def __iter__(self) -> Iterator[EpisodeTick]:
         if self._iterated:
             raise RuntimeError("an EpisodeReader can be iterated once; open the file again")
         self._iterated = True
