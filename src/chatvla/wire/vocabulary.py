@@ -1,0 +1,72 @@
+"""The names that cross a boundary, defined once: timing fields, stage labels, metric names, header keys.
+
+Server, client, load test, dashboards and alerts all speak these names; each is written here and
+imported everywhere else, so a rename is one edit and a test (tests/deploy/test_metric_names.py)
+checks every consumer against it. Torch-free and dependency-free: the standard library and the
+generated protobuf only, so the robot-side client can import it.
+"""
+
+from __future__ import annotations
+
+from chatvla.v1 import policy_pb2 as pb
+
+# --- timings: the fields of proto `Timings`, in proto order -------------------------------------------------
+TIMING_FIELDS: tuple[str, ...] = tuple(f.name for f in pb.Timings.DESCRIPTOR.fields)
+# Server-side milliseconds per stage: queue_ms, preprocess_ms, reasoning_ms, expert_ms, total_ms.
+TIMING_MS_FIELDS: tuple[str, ...] = tuple(n for n in TIMING_FIELDS if n.endswith("_ms"))
+# The rest are counts: reasoning_batch_size, expert_batch_size.
+TIMING_COUNT_FIELDS: tuple[str, ...] = tuple(n for n in TIMING_FIELDS if not n.endswith("_ms"))
+
+# --- stage labels: the values of the `stage` label on chatvla_* metrics ------------------------------------
+STAGE_QUEUE = "queue"
+STAGE_PREPROCESS = "preprocess"
+STAGE_REASONING = "reasoning"
+STAGE_EXPERT = "expert"
+STAGE_TOTAL = "total"
+# chatvla_stage_latency_seconds: one stage per millisecond timing field (queue_ms -> "queue"), same order.
+LATENCY_STAGES: tuple[str, ...] = tuple(n.removesuffix("_ms") for n in TIMING_MS_FIELDS)
+# chatvla_queue_depth: the stages observations wait for (exposed at 0 from the start).
+QUEUE_STAGES: tuple[str, ...] = (STAGE_PREPROCESS, STAGE_REASONING, STAGE_EXPERT)
+# chatvla_batch_size: the stages that run observations in batches.
+BATCH_STAGES: tuple[str, ...] = (STAGE_REASONING, STAGE_EXPERT)
+STAGE_LABELS: frozenset[str] = frozenset((*LATENCY_STAGES, *QUEUE_STAGES, *BATCH_STAGES))
+
+# --- Prometheus metric families (names as registered; counters are exposed with a `_total` suffix) ---------
+METRIC_REQUESTS = "chatvla_requests"  # counter: transport, outcome
+METRIC_STAGE_LATENCY = "chatvla_stage_latency_seconds"  # histogram: stage (LATENCY_STAGES)
+METRIC_BATCH_SIZE = "chatvla_batch_size"  # histogram: stage (BATCH_STAGES)
+METRIC_QUEUE_DEPTH = "chatvla_queue_depth"  # gauge: stage (QUEUE_STAGES)
+METRIC_ACTIVE_SESSIONS = "chatvla_active_sessions"  # gauge
+METRIC_REASONING_TOKENS = "chatvla_reasoning_tokens"  # counter
+METRIC_REJECTED = "chatvla_rejected"  # counter: reason
+METRIC_REASONING_REFRESH = "chatvla_reasoning_refresh"  # counter: reason
+METRICS: tuple[str, ...] = (
+    METRIC_REQUESTS, METRIC_STAGE_LATENCY, METRIC_BATCH_SIZE, METRIC_QUEUE_DEPTH, METRIC_ACTIVE_SESSIONS,
+    METRIC_REASONING_TOKENS, METRIC_REJECTED, METRIC_REASONING_REFRESH,
+)
+
+
+def counter_total(name: str) -> str:
+    """The exposed sample name of counter `name`: chatvla_requests -> chatvla_requests_total."""
+    return f"{name}_total"
+
+
+def histogram_sample(name: str, part: str) -> str:
+    """An exposed sample of histogram `name`; `part` is "bucket", "count" or "sum"."""
+    if part not in ("bucket", "count", "sum"):
+        raise ValueError(f"a histogram exposes bucket, count and sum, not {part!r}")
+    return f"{name}_{part}"
+
+
+# --- headers and metadata ---------------------------------------------------------------------------------
+# gRPC metadata keys are lowercase; HTTP and websocket headers match it case-insensitively.
+AUTHORIZATION_KEY = "authorization"
+BEARER_SCHEME = "Bearer"
+API_KEY_SCHEME = "Api-Key"  # openpi-client's scheme, accepted on the openpi websocket
+# Trailing metadata of a refused gRPC call: the request field at fault, e.g. "images[wrist]".
+FIELD_METADATA_KEY = "chatvla-field"
+
+
+def bearer_header(token: str) -> str:
+    """The `authorization` value that carries `token`: "Bearer <token>"."""
+    return f"{BEARER_SCHEME} {token}"
