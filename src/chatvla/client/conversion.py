@@ -32,6 +32,7 @@ from chatvla.client.connection import (
 from chatvla.client.framing import ObservationFramer
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.wire import WireError, tensor_from_proto, tensor_to_proto
+from chatvla.wire.vocabulary import TIMING_MS_FIELDS
 
 _STATUS_ERRORS: dict[grpc.StatusCode, type[PolicyError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
@@ -98,13 +99,7 @@ def decode_chunk(chunk: pb.ActionChunk, *, action_dim: int, received_at: float) 
     if actions.ndim != 2 or actions.shape[1] != action_dim or actions.shape[0] == 0:
         raise WireError("chunk.actions", f"shape must be [n, {action_dim}], got {list(actions.shape)}")
     t = chunk.timings
-    timings = {
-        "queue_ms": t.queue_ms,
-        "preprocess_ms": t.preprocess_ms,
-        "reasoning_ms": t.reasoning_ms,
-        "expert_ms": t.expert_ms,
-        "total_ms": t.total_ms,
-    }
+    timings = {k: getattr(t, k) for k in TIMING_MS_FIELDS}
     return ChunkReply(
         seq=chunk.seq,
         tick=chunk.tick,

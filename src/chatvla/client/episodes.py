@@ -21,8 +21,7 @@ from chatvla.client.recording import ChunkRecord, EpisodeWriter
 from chatvla.client.robots.base import Robot
 from chatvla.client.runtime import ControlLoop, TickObserver, TickRecord
 from chatvla.client.safety import SafetyConfig, SafetyFilter
-
-SERVER_STAGES = ("queue_ms", "preprocess_ms", "reasoning_ms", "expert_ms", "total_ms")
+from chatvla.wire.vocabulary import TIMING_MS_FIELDS
 
 
 @dataclass
@@ -30,7 +29,7 @@ class LatencyObserver:
     """Client round trips (observation sent -> chunk received) and the server's stage timings."""
 
     round_trip_ms: list[float] = field(default_factory=list)
-    server_ms: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SERVER_STAGES})
+    server_ms: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in TIMING_MS_FIELDS})
     reasoning: list[str] = field(default_factory=list)
     chunks: int = 0
     _sent_at: dict[int, float] = field(default_factory=dict)
@@ -43,7 +42,7 @@ class LatencyObserver:
             sent = self._sent_at.pop(reply.seq, None)
             if sent is not None:
                 self.round_trip_ms.append((reply.received_at - sent) * 1000.0)
-            for k in SERVER_STAGES:
+            for k in TIMING_MS_FIELDS:
                 if k in reply.timings:
                     self.server_ms[k].append(float(reply.timings[k]))
             if reply.reasoning and len(self.reasoning) < 50:

@@ -10,6 +10,7 @@ from chatvla.profiles import RobotProfile
 from chatvla.server.messages import ChunkResult, ReasoningPolicy
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.wire import Limits, tensor_to_proto
+from chatvla.wire.vocabulary import TIMING_FIELDS
 
 
 def profile_proto(p: RobotProfile) -> pb.RobotProfile:
@@ -47,9 +48,5 @@ def chunk_proto(r: ChunkResult) -> pb.ActionChunk:
         seq=r.seq, tick=r.tick, actions=tensor_to_proto(r.actions), reasoning=r.reasoning,
         reasoning_refreshed=r.reasoning_refreshed, reasoning_tokens=r.reasoning_tokens,
         reasoning_seq=r.reasoning_seq, reasoning_age_ms=r.reasoning_age_ms,
-        timings=pb.Timings(
-            queue_ms=t.queue_ms, preprocess_ms=t.preprocess_ms, reasoning_ms=t.reasoning_ms,
-            expert_ms=t.expert_ms, total_ms=t.total_ms, reasoning_batch_size=t.reasoning_batch_size,
-            expert_batch_size=t.expert_batch_size,
-        ),
+        timings=pb.Timings(**{k: getattr(t, k) for k in TIMING_FIELDS}),
     )

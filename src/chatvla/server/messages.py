@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chatvla.engines.base import EngineObservation
+from chatvla.wire.vocabulary import TIMING_FIELDS
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class ObservationRequest:
 
 @dataclass(frozen=True)
 class StageTimings:
-    """Server-side time of one observation in milliseconds (mirrors proto `Timings`)."""
+    """Server-side time of one observation in milliseconds (mirrors proto `Timings`: the fields are
+    wire.vocabulary.TIMING_FIELDS, in that order, checked at import)."""
 
     queue_ms: float = 0.0
     preprocess_ms: float = 0.0
@@ -59,7 +61,11 @@ class StageTimings:
     expert_batch_size: int = 0
 
     def to_dict(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: getattr(self, k) for k in TIMING_FIELDS}
+
+
+if tuple(StageTimings.__dataclass_fields__) != TIMING_FIELDS:  # the proto changed: update StageTimings
+    raise ImportError(f"StageTimings fields {tuple(StageTimings.__dataclass_fields__)} != proto {TIMING_FIELDS}")
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ from chatvla.client.connection import (
 )
 from chatvla.client.executor import ChunkExecutor, ExecutorConfig
 from chatvla.client.loadtest.sources import ReplayEpisode
+from chatvla.wire.vocabulary import TIMING_MS_FIELDS
 
-STAGES = ("queue_ms", "preprocess_ms", "reasoning_ms", "expert_ms", "total_ms")
-# (seconds since the run started, robot index, client round trip ms, server stage ms in STAGES order)
+# (seconds since the run started, robot index, client round trip ms, server ms in TIMING_MS_FIELDS order)
 Sample = tuple[float, int, float, tuple[float, ...]]
 
 
@@ -183,7 +183,7 @@ class VirtualRobot(threading.Thread):
             if len(s.samples) < self.max_samples:
                 rtt = (ev.received_at - sent) * 1e3
                 s.samples.append((sent - self.t0, self.index, rtt, tuple(float(ev.timings.get(k, 0.0))
-                                                                      for k in STAGES)))
+                                                                      for k in TIMING_MS_FIELDS)))
         elif isinstance(ev, RequestFailed):
             sent_at.pop(ev.seq, None)
             executor.on_request_failed(ev.seq, now)

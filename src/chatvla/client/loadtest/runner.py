@@ -26,12 +26,13 @@ import numpy as np
 from chatvla.client.config import ClientConfig, SessionConfig
 from chatvla.client.connection import PolicyConnection, PolicyError
 from chatvla.client.executor import ExecutorConfig
-from chatvla.client.loadtest.robot import STAGES, RobotStats, Sample, SharedBudget, VirtualRobot
+from chatvla.client.loadtest.robot import RobotStats, Sample, SharedBudget, VirtualRobot
 from chatvla.client.loadtest.scrape import Scraper, batch_histogram, batch_series, deltas, value
 from chatvla.client.loadtest.sources import ReplayEpisode, SourceError, load_recordings, synthetic_episodes
 from chatvla.client.loadtest.targets import check_target, check_url
 from chatvla.client.policy_client import GrpcPolicyClient
 from chatvla.profiles import RobotProfile, get_profile
+from chatvla.wire.vocabulary import TIMING_MS_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,8 @@ def summarize(
     samples: list[Sample] = sorted((x for s in stats for x in s.samples), key=lambda x: x[0])
     rtt = [x[2] for x in samples]
     latency = {"client_rtt_ms": _percentiles(rtt)}
-    for j, stage in enumerate(STAGES):
-        latency[f"server_{stage}"] = _percentiles([x[3][j] for x in samples])
+    for j, name in enumerate(TIMING_MS_FIELDS):
+        latency[f"server_{name}"] = _percentiles([x[3][j] for x in samples])
     errors: Counter = Counter()
     for s in stats:
         errors.update(s.errors)

@@ -32,6 +32,7 @@ from chatvla.server.state import ServerState
 from chatvla.server.transports.openpi.codec import pack_message, unpack_message
 from chatvla.server.transports.openpi.mappings import PRESETS, MappingError, OpenpiMapping, apply_mapping, load_mapping
 from chatvla.server.validation import InputSpec
+from chatvla.wire.vocabulary import TIMING_COUNT_FIELDS, TIMING_MS_FIELDS
 
 log = logging.getLogger("chatvla.server.openpi")
 
@@ -53,9 +54,8 @@ def response_message(r: ChunkResult, prev_total_ms: float | None) -> dict[str, A
     compute = t.preprocess_ms + t.reasoning_ms + t.expert_ms
     server_timing: dict[str, float] = {
         "infer_ms": float(t.total_ms),
-        "queue_ms": float(t.queue_ms), "preprocess_ms": float(t.preprocess_ms),
-        "reasoning_ms": float(t.reasoning_ms), "expert_ms": float(t.expert_ms), "total_ms": float(t.total_ms),
-        "reasoning_batch_size": int(t.reasoning_batch_size), "expert_batch_size": int(t.expert_batch_size),
+        **{k: float(getattr(t, k)) for k in TIMING_MS_FIELDS},
+        **{k: int(getattr(t, k)) for k in TIMING_COUNT_FIELDS},
     }
     if prev_total_ms is not None:
         server_timing["prev_total_ms"] = float(prev_total_ms)
