@@ -124,12 +124,12 @@ def promql_matchers(expr: str) -> list[tuple[str, str, str, str]]:
 def server_label_values() -> dict[str, set[str]]:
     """Label values the server code emits, for the labels alerts and dashboards filter on."""
     from chatvla.server.errors import Code
-    from chatvla.server.metrics import STAGES
+    from chatvla.wire.vocabulary import STAGE_LABELS
 
     src = "\n".join(p.read_text() for p in (REPO / "src/chatvla/server").rglob("*.py"))
     codes = {c.value for c in Code}
     return {
-        "stage": set(STAGES) | set(re.findall(r'stage="(\w+)"', src)),
+        "stage": set(STAGE_LABELS) | set(re.findall(r'stage="(\w+)"', src)),
         "reason": codes | set(re.findall(r'reason="(\w+)"', src)) | {"stateless"},
         "outcome": codes | {"ok"},
     }

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from deploykit import (
     DEPLOY,
     K8S,
+    REPO,
     TARGET_LABELS,
     load_yaml,
     promql_matchers,
@@ -27,7 +28,9 @@ from deploykit import (
     server_metrics,
 )
 
-DASHBOARD = DEPLOY / "grafana/dashboards/chatvla-serve.json"
+from chatvla.wire.vocabulary import BATCH_STAGES, METRICS, QUEUE_STAGES
+
+DASHBOARDS = sorted((DEPLOY / "grafana/dashboards").glob("*.json"))
 ADAPTER = K8S / "monitoring/prometheus-adapter-values.yaml"
 
 
@@ -38,15 +41,16 @@ def rule_exprs(path: Path) -> dict[str, str]:
 
 
 def dashboard_exprs() -> dict[str, str]:
-    dash = json.loads(DASHBOARD.read_text())
     out = {}
-    for p in dash["panels"]:
-        for t in p.get("targets", []):
-            out[f"panel {p['id']} {p['title']!r} {t['refId']}"] = t["expr"]
-    for v in dash["templating"]["list"]:
-        if v["type"] == "query":
-            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
-            out[f"variable {v['name']}"] = q
+    for path in DASHBOARDS:
+        dash = json.loads(path.read_text())
+        for p in dash["panels"]:
+            for t in p.get("targets", []):
+                out[f"{path.name} panel {p['id']} {p['title']!r} {t['refId']}"] = t["expr"]
+        for v in dash["templating"]["list"]:
+            if v["type"] == "query":
+                q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+                out[f"{path.name} variable {v['name']}"] = q
     return out
 
 
@@ -121,3 +125,77 @@ def test_hpa_metrics_are_served_by_the_adapter():
     for rule in load_yaml(ADAPTER)["rules"]["custom"]:
         assert re.fullmatch(rule["name"]["matches"], re.match(r"\s*(\w+)", rule["seriesQuery"]).group(1))
         assert {"namespace", "pod"} <= set(rule["resources"]["overrides"]), "per-pod metrics need pod/namespace"
+
+
+# --- the vocabulary (chatvla.wire.vocabulary) and its consumers -------------------------------------------------
+_SAMPLE_SUFFIXES = ("_total", "_created", "_bucket", "_count", "_sum")
+
+
+def _family(sample: str) -> str:
+    for suffix in _SAMPLE_SUFFIXES:
+        if sample.endswith(suffix) and sample.removesuffix(suffix) in METRICS:
+            return sample.removesuffix(suffix)
+    return sample
+
+
+def test_the_vocabulary_names_every_server_metric():
+    assert DASHBOARDS, "no Grafana dashboard found"
+    assert {d.name for d in server_metrics().values()} == set(METRICS)
+
+
+def test_the_dashboards_use_only_vocabulary_metrics():
+    errors = [
+        f"{where}: {name} is not a metric of chatvla.wire.vocabulary"
+        for where, expr in dashboard_exprs().items()
+        for name in sorted(promql_names(expr))
+        if _family(name) not in METRICS
+    ]
+    assert not errors, "\n".join(errors)
+
+
+def test_the_load_test_reads_names_the_server_exposes():
+    from chatvla.client.loadtest import scrape
+
+    samples = set(server_metrics())
+    families = {d.name for d in server_metrics().values()}
+    read = {
+        "BATCH_SIZE_BUCKET": scrape.BATCH_SIZE_BUCKET, "BATCH_SIZE_COUNT": scrape.BATCH_SIZE_COUNT,
+        "BATCH_SIZE_SUM": scrape.BATCH_SIZE_SUM, "REJECTED_TOTAL": scrape.REJECTED_TOTAL,
+        "REQUESTS_TOTAL": scrape.REQUESTS_TOTAL, "QUEUE_DEPTH": scrape.QUEUE_DEPTH,
+        "ACTIVE_SESSIONS": scrape.ACTIVE_SESSIONS,
+    }
+    errors = [f"scrape.{k} = {v!r} is not a sample the server exposes" for k, v in read.items() if v not in samples]
+    errors += [
+        f"scrape.FAMILIES has {f!r}, not a server metric" for f in scrape.FAMILIES if f not in samples | families
+    ]
+    # No metric name written by hand anywhere in the load test: every one comes from the vocabulary.
+    for path in sorted((REPO / "src/chatvla/client/loadtest").glob("*.py")):
+        for name in sorted(re.findall(r'["\'](chatvla_[a-z0-9_]+)["\']', path.read_text())):
+            errors.append(f"{path.name}: metric name {name!r} written by hand; import it from the vocabulary")
+    stages = server_label_values()["stage"]
+    errors += [f"the load test reads stage={s!r}, which the server never sets"
+               for s in (*BATCH_STAGES, *QUEUE_STAGES) if s not in stages]
+    assert not errors, "\n".join(errors)
+
+
+def test_the_load_test_parses_the_servers_exposition():
+    pytest.importorskip("prometheus_client")
+    from chatvla.client.loadtest import scrape
+    from chatvla.server.metrics import Metrics
+
+    m = Metrics()
+    for stage in BATCH_STAGES:
+        m.batch_size.labels(stage=stage).observe(2)
+    m.requests.labels(transport="grpc", outcome="ok").inc()
+    m.rejected.labels(reason="overloaded").inc()
+    m.active_sessions.set(1)
+    parsed = scrape.parse_metrics(m.exposition().decode())
+    for name in (scrape.BATCH_SIZE_BUCKET, scrape.BATCH_SIZE_COUNT, scrape.BATCH_SIZE_SUM, scrape.REJECTED_TOTAL,
+                 scrape.REQUESTS_TOTAL, scrape.QUEUE_DEPTH, scrape.ACTIVE_SESSIONS):
+        assert name in parsed, f"{name} not in the server's /metrics"
+    for stage in BATCH_STAGES:
+        assert scrape.value(parsed, scrape.BATCH_SIZE_COUNT, stage=stage) == 1
+        assert scrape.batch_series([scrape.Snapshot(0, {}), scrape.Snapshot(1, parsed)], stage) == [(1, 2.0, 1.0)]
+    assert {dict(k)["stage"] for k in parsed[scrape.QUEUE_DEPTH]} == set(QUEUE_STAGES)
+    assert scrape.value(parsed, scrape.REQUESTS_TOTAL, outcome="ok") == 1
+    assert scrape.value(parsed, scrape.ACTIVE_SESSIONS) == 1

@@ -47,6 +47,7 @@ import numpy as np
 
 from chatvla.engines.base import ActItem, Engine, EngineObservation, ReasoningResult, ReasonItem
 from chatvla.server.errors import Code, ServeError
+from chatvla.wire.vocabulary import STAGE_EXPERT, STAGE_REASONING
 
 log = logging.getLogger("chatvla.server")
 
@@ -167,7 +168,7 @@ class ComputeLoop:
                 self._bg_q.append(work)
             else:
                 self._reason_q.append(work)
-                self._on_depth("reasoning", len(self._reason_q))
+                self._on_depth(STAGE_REASONING, len(self._reason_q))
             self._cv.notify_all()
 
     def withdraw(self, work: Work) -> bool:
@@ -182,7 +183,7 @@ class ComputeLoop:
                     continue
                 break
             work.status = WITHDRAWN
-            self._on_depth("reasoning", len(self._reason_q))
+            self._on_depth(STAGE_REASONING, len(self._reason_q))
             return True
 
     @property
@@ -227,9 +228,9 @@ class ComputeLoop:
 
     def _run_stage(self, stage: str, batch: list[Work]) -> None:
         try:
-            if stage == "reasoning":
+            if stage == STAGE_REASONING:
                 self._run_reasoning(batch, None)
-            elif stage == "expert":
+            elif stage == STAGE_EXPERT:
                 self._run_expert(batch)
             else:  # a background refresh: waiting batches run between its tokens
                 self._in_decode = True
@@ -261,19 +262,19 @@ class ComputeLoop:
             now = time.monotonic()
             r, a = self._reason_q, self._act_q
             if r and self._self_batching:
-                return "reasoning", self._take(r, len(r), "reasoning", now)
+                return STAGE_REASONING, self._take(r, len(r), STAGE_REASONING, now)
             # Only reasoning that runs elsewhere (a self-batching engine) can add to a waiting expert
             # batch; reasoning that would run on this thread would only delay the waiting chunks.
             if a and (len(a) >= c.expert_max_batch or self._engine_pending == 0
                       or now - a[0].queued_at >= c.expert_max_wait_s):
-                return "expert", self._take(a, c.expert_max_batch, "expert", now)
+                return STAGE_EXPERT, self._take(a, c.expert_max_batch, STAGE_EXPERT, now)
             timeout = a[0].queued_at + c.expert_max_wait_s - now if a else None
             if r:
                 # Wait from when this thread became free, not from the oldest arrival: robots that
                 # just got their chunks send their next observation within a few milliseconds.
                 remaining = max(r[0].queued_at, self._free_since) + c.max_wait_s - now
                 if a or len(r) >= c.max_batch or remaining <= 0 or not self._more_coming():
-                    return "reasoning", self._take(r, c.max_batch, "reasoning", now)
+                    return STAGE_REASONING, self._take(r, c.max_batch, STAGE_REASONING, now)
                 timeout = remaining if timeout is None else min(timeout, remaining)
             if block and self._bg_q and not self._in_decode:
                 return "refresh", self._take(self._bg_q, c.max_batch, "refresh", now)
@@ -326,7 +327,7 @@ class ComputeLoop:
             return
         items = [ReasonItem(w.prepared, w.reasoning, w.reasoning_token_ids) for w in ready]
         if not self._self_batching:  # a self-batching engine reports its own forward passes (`on_step`)
-            self._on_batch("reasoning", len(items))
+            self._on_batch(STAGE_REASONING, len(items))
         t0 = time.perf_counter()
         if self._self_batching:
             with self._cv:
@@ -348,7 +349,7 @@ class ComputeLoop:
 
     def _reasoned(self, w: Work, res: ReasoningResult | BaseException, seconds: float, size: int) -> None:
         if isinstance(res, BaseException):
-            self._fail(w, _as_serve_error(res, "reasoning"))
+            self._fail(w, _as_serve_error(res, STAGE_REASONING))
             return
         w.reasoning_result, w.reasoning_s, w.reasoned_at = res, seconds, time.monotonic()
         w.reasoning_batch = size or res.batch_size or 1
@@ -361,17 +362,17 @@ class ComputeLoop:
         with self._cv:
             w.queued_at, w.status = time.monotonic(), REASONED
             self._act_q.append(w)
-            self._on_depth("expert", len(self._act_q))
+            self._on_depth(STAGE_EXPERT, len(self._act_q))
             self._cv.notify_all()
 
     def _run_expert(self, batch: list[Work]) -> None:
-        self._on_batch("expert", len(batch))
+        self._on_batch(STAGE_EXPERT, len(batch))
         t0 = time.perf_counter()
         outs = self._act(batch)
         seconds = time.perf_counter() - t0
         for w, out in zip(batch, outs):
             if isinstance(out, BaseException):
-                self._fail(w, _as_serve_error(out, "expert"))
+                self._fail(w, _as_serve_error(out, STAGE_EXPERT))
                 continue
             w.actions, w.expert_s, w.expert_batch = out, seconds, len(batch)
             w.status = DONE

@@ -2,18 +2,29 @@
 
 A dedicated `CollectorRegistry` (not the global default) keeps two servers in one process — tests,
 benchmarks — from double-registering, and keeps library metrics out of our exposition. The names
-are part of the operations contract (dashboards, alerts): change them only together with the docs.
+are part of the operations contract (dashboards, alerts, the load test): they and the stage labels are
+defined in chatvla.wire.vocabulary; change them only together with the docs.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from chatvla.wire.vocabulary import (
+    METRIC_ACTIVE_SESSIONS,
+    METRIC_BATCH_SIZE,
+    METRIC_QUEUE_DEPTH,
+    METRIC_REASONING_REFRESH,
+    METRIC_REASONING_TOKENS,
+    METRIC_REJECTED,
+    METRIC_REQUESTS,
+    METRIC_STAGE_LATENCY,
+    QUEUE_STAGES,
+)
+
 # Stage latencies span sub-millisecond queueing to multi-second reasoning on a CPU.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-STAGES = ("preprocess", "reasoning", "expert")
 
 
 class Metrics:
@@ -23,36 +34,36 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "chatvla_requests", "Observations answered, by transport and outcome.",
+            METRIC_REQUESTS, "Observations answered, by transport and outcome.",
             ["transport", "outcome"], registry=r,
         )
         self.stage_latency = Histogram(
-            "chatvla_stage_latency_seconds",
+            METRIC_STAGE_LATENCY,
             "Time per observation in each stage (queue = waiting, total = receipt to chunk ready).",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.batch_size = Histogram(
-            "chatvla_batch_size", "Observations per batch run by a stage.", ["stage"],
+            METRIC_BATCH_SIZE, "Observations per batch run by a stage.", ["stage"],
             buckets=_BATCH_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge(
-            "chatvla_queue_depth", "Observations waiting for a stage.", ["stage"], registry=r,
+            METRIC_QUEUE_DEPTH, "Observations waiting for a stage.", ["stage"], registry=r,
         )
-        self.active_sessions = Gauge("chatvla_active_sessions", "Open Stream sessions.", registry=r)
+        self.active_sessions = Gauge(METRIC_ACTIVE_SESSIONS, "Open Stream sessions.", registry=r)
         self.reasoning_tokens = Counter(
-            "chatvla_reasoning_tokens", "Reasoning tokens decoded (pre-filled cached text is not counted).",
+            METRIC_REASONING_TOKENS, "Reasoning tokens decoded (pre-filled cached text is not counted).",
             registry=r,
         )
         self.rejected = Counter(
-            "chatvla_rejected", "Observations or calls refused before completion, by reason.", ["reason"],
+            METRIC_REJECTED, "Observations or calls refused before completion, by reason.", ["reason"],
             registry=r,
         )
         self.reasoning_refresh = Counter(
-            "chatvla_reasoning_refresh",
+            METRIC_REASONING_REFRESH,
             "New reasoning written for a session observation, by the policy condition that fired.",
             ["reason"], registry=r,
         )
-        for stage in STAGES:
+        for stage in QUEUE_STAGES:
             self.queue_depth.labels(stage=stage).set(0)
 
     def exposition(self) -> bytes:

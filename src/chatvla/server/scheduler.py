@@ -44,6 +44,14 @@ from chatvla.server.sessions import Emit, Job, ReasoningCache, Session, TextRef
 from chatvla.server.validation import InputSpec
 from chatvla.wire import Limits
 from chatvla.wire.limits import DEFAULT_LIMITS
+from chatvla.wire.vocabulary import (
+    BATCH_STAGES,
+    STAGE_EXPERT,
+    STAGE_PREPROCESS,
+    STAGE_QUEUE,
+    STAGE_REASONING,
+    STAGE_TOTAL,
+)
 
 log = logging.getLogger("chatvla.server")
 
@@ -91,10 +99,10 @@ class Scheduler:
     async def start(self) -> None:
         self._idle = asyncio.Event()
         self._idle.set()
-        depth = {s: self.metrics.queue_depth.labels(stage=s) for s in ("reasoning", "expert")}
-        sizes = {s: self.metrics.batch_size.labels(stage=s) for s in ("reasoning", "expert")}
+        depth = {s: self.metrics.queue_depth.labels(stage=s) for s in BATCH_STAGES}
+        sizes = {s: self.metrics.batch_size.labels(stage=s) for s in BATCH_STAGES}
         if self.engine.batches_reasoning_itself:
-            self.engine.on_step = sizes["reasoning"].observe  # it reports every forward pass it runs
+            self.engine.on_step = sizes[STAGE_REASONING].observe  # it reports every forward pass it runs
         self._compute = ComputeLoop(
             self.engine, self.config.compute, asyncio.get_running_loop(),
             on_depth=lambda stage, n: depth[stage].set(n),
@@ -512,8 +520,8 @@ class Scheduler:
 
     def _observe(self, t: StageTimings) -> None:
         h = self.metrics.stage_latency
-        h.labels(stage="queue").observe(t.queue_ms / 1e3)
-        h.labels(stage="preprocess").observe(t.preprocess_ms / 1e3)
-        h.labels(stage="reasoning").observe(t.reasoning_ms / 1e3)
-        h.labels(stage="expert").observe(t.expert_ms / 1e3)
-        h.labels(stage="total").observe(t.total_ms / 1e3)
+        h.labels(stage=STAGE_QUEUE).observe(t.queue_ms / 1e3)
+        h.labels(stage=STAGE_PREPROCESS).observe(t.preprocess_ms / 1e3)
+        h.labels(stage=STAGE_REASONING).observe(t.reasoning_ms / 1e3)
+        h.labels(stage=STAGE_EXPERT).observe(t.expert_ms / 1e3)
+        h.labels(stage=STAGE_TOTAL).observe(t.total_ms / 1e3)

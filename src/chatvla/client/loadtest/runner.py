@@ -27,12 +27,23 @@ from chatvla.client.config import ClientConfig, SessionConfig
 from chatvla.client.connection import PolicyConnection, PolicyError
 from chatvla.client.executor import ExecutorConfig
 from chatvla.client.loadtest.robot import RobotStats, Sample, SharedBudget, VirtualRobot
-from chatvla.client.loadtest.scrape import Scraper, batch_histogram, batch_series, deltas, value
+from chatvla.client.loadtest.scrape import (
+    ACTIVE_SESSIONS,
+    BATCH_SIZE_SUM,
+    QUEUE_DEPTH,
+    REJECTED_TOTAL,
+    REQUESTS_TOTAL,
+    Scraper,
+    batch_histogram,
+    batch_series,
+    deltas,
+    value,
+)
 from chatvla.client.loadtest.sources import ReplayEpisode, SourceError, load_recordings, synthetic_episodes
 from chatvla.client.loadtest.targets import check_target, check_url
 from chatvla.client.policy_client import GrpcPolicyClient
 from chatvla.profiles import RobotProfile, get_profile
-from chatvla.wire.vocabulary import TIMING_MS_FIELDS
+from chatvla.wire.vocabulary import BATCH_STAGES, QUEUE_STAGES, TIMING_MS_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -317,24 +328,24 @@ def _server_metrics(scraper: Scraper | None) -> dict[str, Any] | None:
         return None if scraper is None else {"url": scraper.url, "snapshots": len(scraper.snapshots)}
     snaps = scraper.snapshots
     out: dict[str, Any] = {"url": scraper.url, "snapshots": len(snaps), "scrape_errors": scraper.errors}
-    for stage in ("reasoning", "expert"):
+    for stage in BATCH_STAGES:
         series = batch_series(snaps, stage)
         hist = batch_histogram(snaps, stage)
         total = sum(hist.values())
         mean = None
         if total:
-            sums = value(snaps[-1].metrics, "chatvla_batch_size_sum", stage=stage) - value(
-                snaps[0].metrics, "chatvla_batch_size_sum", stage=stage)
+            sums = value(snaps[-1].metrics, BATCH_SIZE_SUM, stage=stage) - value(
+                snaps[0].metrics, BATCH_SIZE_SUM, stage=stage)
             mean = sums / total
         out[f"batch_{stage}"] = {"mean": mean, "batches": total, "histogram": hist,
                                  "series": [[round(t, 2), round(m, 3), n] for t, m, n in series]}
-    out["rejected_by_reason"] = deltas(snaps, "chatvla_rejected_total", "reason")
-    out["requests_by_outcome"] = deltas(snaps, "chatvla_requests_total", "outcome")
+    out["rejected_by_reason"] = deltas(snaps, REJECTED_TOTAL, "reason")
+    out["requests_by_outcome"] = deltas(snaps, REQUESTS_TOTAL, "outcome")
     out["queue_depth_max"] = {
-        stage: max(value(s.metrics, "chatvla_queue_depth", stage=stage) for s in snaps)
-        for stage in ("preprocess", "reasoning", "expert")
+        stage: max(value(s.metrics, QUEUE_DEPTH, stage=stage) for s in snaps)
+        for stage in QUEUE_STAGES
     }
-    out["active_sessions_max"] = max(value(s.metrics, "chatvla_active_sessions") for s in snaps)
+    out["active_sessions_max"] = max(value(s.metrics, ACTIVE_SESSIONS) for s in snaps)
     return out
 
 

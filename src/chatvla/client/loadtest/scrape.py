@@ -16,12 +16,34 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from chatvla.wire.vocabulary import (
+    AUTHORIZATION_KEY,
+    METRIC_ACTIVE_SESSIONS,
+    METRIC_BATCH_SIZE,
+    METRIC_QUEUE_DEPTH,
+    METRIC_REJECTED,
+    METRIC_REQUESTS,
+    METRIC_STAGE_LATENCY,
+    bearer_header,
+    counter_total,
+    histogram_sample,
+)
+
 log = logging.getLogger(__name__)
 
 _LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-FAMILIES = ("chatvla_batch_size", "chatvla_queue_depth", "chatvla_rejected_total", "chatvla_active_sessions",
-            "chatvla_requests_total", "chatvla_stage_latency_seconds")
+# The exposed sample names the load test reads (tests/deploy/test_metric_names.py checks them).
+BATCH_SIZE_BUCKET = histogram_sample(METRIC_BATCH_SIZE, "bucket")
+BATCH_SIZE_COUNT = histogram_sample(METRIC_BATCH_SIZE, "count")
+BATCH_SIZE_SUM = histogram_sample(METRIC_BATCH_SIZE, "sum")
+REJECTED_TOTAL = counter_total(METRIC_REJECTED)
+REQUESTS_TOTAL = counter_total(METRIC_REQUESTS)
+QUEUE_DEPTH = METRIC_QUEUE_DEPTH
+ACTIVE_SESSIONS = METRIC_ACTIVE_SESSIONS
+# Prefixes of the sample lines kept from a scrape.
+FAMILIES = (METRIC_BATCH_SIZE, METRIC_QUEUE_DEPTH, REJECTED_TOTAL, METRIC_ACTIVE_SESSIONS, REQUESTS_TOTAL,
+            METRIC_STAGE_LATENCY)
 MAX_BODY = 4 << 20
 
 Labels = tuple[tuple[str, str], ...]
@@ -76,7 +98,7 @@ class Scraper:
     def scrape_once(self) -> Snapshot | None:
         req = urllib.request.Request(self.url, headers={"Accept": "text/plain"})
         if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
+            req.add_header(AUTHORIZATION_KEY, bearer_header(self.token))
         try:
             with urllib.request.urlopen(req, timeout=max(1.0, self.interval_s)) as resp:
                 body = resp.read(MAX_BODY + 1)
@@ -112,10 +134,8 @@ def batch_series(snaps: list[Snapshot], stage: str) -> list[tuple[float, float, 
     """(t, mean batch size, batches) per scrape interval for `stage`, from histogram sum/count deltas."""
     out = []
     for a, b in itertools.pairwise(snaps):
-        dc = value(b.metrics, "chatvla_batch_size_count", stage=stage) - value(
-            a.metrics, "chatvla_batch_size_count", stage=stage)
-        ds = value(b.metrics, "chatvla_batch_size_sum", stage=stage) - value(
-            a.metrics, "chatvla_batch_size_sum", stage=stage)
+        dc = value(b.metrics, BATCH_SIZE_COUNT, stage=stage) - value(a.metrics, BATCH_SIZE_COUNT, stage=stage)
+        ds = value(b.metrics, BATCH_SIZE_SUM, stage=stage) - value(a.metrics, BATCH_SIZE_SUM, stage=stage)
         if dc > 0:
             out.append((b.t, ds / dc, dc))
     return out
@@ -128,7 +148,7 @@ def batch_histogram(snaps: list[Snapshot], stage: str) -> dict[str, float]:
     first, last = snaps[0].metrics, snaps[-1].metrics
 
     def buckets(m: Mapping[str, Mapping[Labels, float]]) -> dict[str, float]:
-        return {dict(k)["le"]: v for k, v in m.get("chatvla_batch_size_bucket", {}).items()
+        return {dict(k)["le"]: v for k, v in m.get(BATCH_SIZE_BUCKET, {}).items()
                 if dict(k).get("stage") == stage and "le" in dict(k)}
 
     b0, b1 = buckets(first), buckets(last)
