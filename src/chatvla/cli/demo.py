@@ -150,9 +150,10 @@ def _model_profile(address: str, token: str | None) -> str:
 
     from chatvla.v1 import policy_pb2 as pb
     from chatvla.v1 import policy_pb2_grpc as pbg
+    from chatvla.wire.vocabulary import AUTHORIZATION_KEY, bearer_header
 
     with grpc.insecure_channel(address) as ch:
-        md = (("authorization", f"Bearer {token}"),) if token else None
+        md = ((AUTHORIZATION_KEY, bearer_header(token)),) if token else None
         info = pbg.PolicyStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=md)
     return info.profile.name
 

@@ -72,6 +72,7 @@ from chatvla.profiles import RobotProfile
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.v1 import policy_pb2_grpc as pb_grpc
 from chatvla.wire import WireError
+from chatvla.wire.vocabulary import AUTHORIZATION_KEY, bearer_header
 
 log = logging.getLogger(__name__)
 
@@ -314,12 +315,8 @@ class GrpcPolicyClient(PolicyConnection):
         return grpc.secure_channel(address, creds, options=options)
 
     def _metadata(self) -> list[tuple[str, str]]:
-        md = []
-        if self.config.token:
-            md.append(("authorization", f"Bearer {self.config.token}"))
-        if self.config.robot_id:
-            md.append(("x-robot-id", self.config.robot_id))
-        return md
+        # The robot id travels in SessionStart.robot_id (the server labels by token, then by that).
+        return [(AUTHORIZATION_KEY, bearer_header(self.config.token))] if self.config.token else []
 
     def _run(self) -> None:
         failures = 0

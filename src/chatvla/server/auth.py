@@ -25,6 +25,8 @@ from pathlib import Path
 
 import grpc
 
+from chatvla.wire.vocabulary import AUTHORIZATION_KEY, BEARER_SCHEME
+
 TOKEN_PREFIX = "sha256:"
 OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -91,12 +93,12 @@ def bearer(value: str | None) -> str | None:
     if not value:
         return None
     scheme, _, token = value.strip().partition(" ")
-    return (token.strip() or None) if scheme.lower() == "bearer" else None
+    return (token.strip() or None) if scheme.lower() == BEARER_SCHEME.lower() else None
 
 
 def metadata_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     for key, value in metadata or ():
-        if key.lower() == "authorization":
+        if key.lower() == AUTHORIZATION_KEY:
             return bearer(value.decode() if isinstance(value, bytes) else value)
     return None
 

@@ -12,6 +12,7 @@ import enum
 import grpc
 
 from chatvla.v1 import policy_pb2 as pb
+from chatvla.wire.vocabulary import FIELD_METADATA_KEY as FIELD_METADATA_KEY  # re-exported for the transports
 
 
 class Code(enum.Enum):
@@ -54,9 +55,8 @@ HTTP_STATUS: dict[Code, int] = {
     Code.UNAUTHENTICATED: 401,
 }
 
-# gRPC trailing-metadata key that carries the offending field of an INVALID_ARGUMENT, so clients do
-# not have to parse it out of the message.
-FIELD_METADATA_KEY = "chatvla-field"
+# FIELD_METADATA_KEY (from wire.vocabulary): the gRPC trailing-metadata key that carries the offending
+# field of an INVALID_ARGUMENT, so clients do not have to parse it out of the message.
 
 # Refusals never echo unbounded input: a message is capped here, once, for every transport (a 30 KB
 # message would not even reach a gRPC client), and a field name, which may embed a caller-chosen name

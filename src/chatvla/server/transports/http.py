@@ -30,6 +30,7 @@ from chatvla.server.info import to_json
 from chatvla.server.messages import ChunkResult
 from chatvla.server.state import ServerState
 from chatvla.server.validation import infer_from_form, infer_from_json
+from chatvla.wire.vocabulary import AUTHORIZATION_KEY
 
 TRANSPORT = "http"
 
@@ -104,7 +105,7 @@ def create_app(state: ServerState) -> FastAPI:
     def authenticated(request: Request) -> str | None:
         if state.tokens is None:
             return None
-        robot = state.robot_for(bearer(request.headers.get("authorization")))
+        robot = state.robot_for(bearer(request.headers.get(AUTHORIZATION_KEY)))
         if robot is None:
             state.metrics.rejected.labels(reason="unauthenticated").inc()
             raise ServeError(Code.UNAUTHENTICATED, "missing or invalid bearer token")

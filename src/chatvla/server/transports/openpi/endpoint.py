@@ -32,7 +32,13 @@ from chatvla.server.state import ServerState
 from chatvla.server.transports.openpi.codec import pack_message, unpack_message
 from chatvla.server.transports.openpi.mappings import PRESETS, MappingError, OpenpiMapping, apply_mapping, load_mapping
 from chatvla.server.validation import InputSpec
-from chatvla.wire.vocabulary import TIMING_COUNT_FIELDS, TIMING_MS_FIELDS
+from chatvla.wire.vocabulary import (
+    API_KEY_SCHEME,
+    AUTHORIZATION_KEY,
+    BEARER_SCHEME,
+    TIMING_COUNT_FIELDS,
+    TIMING_MS_FIELDS,
+)
 
 log = logging.getLogger("chatvla.server.openpi")
 
@@ -75,14 +81,14 @@ def error_text(e: ServeError) -> str:
 # --- the server -----------------------------------------------------------------------------------------------
 def api_key(headers: Headers) -> str | None:
     """The token of `Authorization: Api-Key <token>` (openpi-client); `Bearer <token>` is accepted too."""
-    values = headers.get_all("Authorization")
+    values = headers.get_all(AUTHORIZATION_KEY)
     if len(values) != 1:  # none, or ambiguous: two Authorization headers authenticate nobody
         return None
     value = values[0]
     if not value:
         return None
     scheme, _, token = value.strip().partition(" ")
-    return (token.strip() or None) if scheme.lower() in ("api-key", "bearer") else None
+    return (token.strip() or None) if scheme.lower() in (API_KEY_SCHEME.lower(), BEARER_SCHEME.lower()) else None
 
 
 class OpenpiEndpoint:
