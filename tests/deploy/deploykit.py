@@ -64,9 +64,11 @@ class MetricDef:
     @property
     def samples(self) -> tuple[str, ...]:
         if self.type == "counter":
-            return (self.name + "_total", self.name + "_created")
+            return (self.name + "_total",)
         if self.type == "histogram":
-            return tuple(self.name + s for s in ("_bucket", "_count", "_sum", "_created"))
+            return tuple(self.name + s for s in ("_bucket", "_count", "_sum"))
+        if self.type == "info":
+            return (self.name + "_info",)
         return (self.name,)
 
 
@@ -80,6 +82,7 @@ DOCUMENTED_METRICS = (
     MetricDef("chatvla_reasoning_tokens", "counter", ()),
     MetricDef("chatvla_rejected", "counter", ("reason",)),
     MetricDef("chatvla_reasoning_refresh", "counter", ("reason",)),
+    MetricDef("chatvla_build", "info", ("version", "model", "engine", "profile")),
 )
 
 

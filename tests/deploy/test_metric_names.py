@@ -128,7 +128,7 @@ def test_hpa_metrics_are_served_by_the_adapter():
 
 
 # --- the vocabulary (chatvla.wire.vocabulary) and its consumers -------------------------------------------------
-_SAMPLE_SUFFIXES = ("_total", "_created", "_bucket", "_count", "_sum")
+_SAMPLE_SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_info")
 
 
 def _family(sample: str) -> str:

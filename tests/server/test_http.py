@@ -228,3 +228,12 @@ async def test_deeply_nested_json_is_422_naming_the_field(serve):
     assert r.status_code == 422 and r.json()["error"]["field"] == "state", r.text
     assert len(r.content) <= 1024
     assert (await srv.http.post("/v1/infer", json=body())).status_code == 200
+
+
+async def test_metrics_carry_process_and_build_info_and_no_created_series(serve):
+    srv = await serve()
+    text = (await srv.http.get("/metrics")).text
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
+        assert f"\n{name} " in text, name
+    assert 'chatvla_build_info{engine="null",model="null",profile="franka_joint",version="' in text
+    assert "_created" not in text

@@ -184,6 +184,8 @@ class ServerApp:
             await scheduler.start()
             self.state.pipeline = scheduler
             self.state.model_info = model_info_proto(self.engine.info, s.limits, self.config.reasoning)
+            info = self.engine.info
+            self.metrics.set_build(info.model_id, info.engine, info.profile.name)
             await self.state.set_ready(True)
         except BaseException:
             await self._close_transports(grace=0)

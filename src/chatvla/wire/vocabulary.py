@@ -40,9 +40,10 @@ METRIC_ACTIVE_SESSIONS = "chatvla_active_sessions"  # gauge
 METRIC_REASONING_TOKENS = "chatvla_reasoning_tokens"  # counter
 METRIC_REJECTED = "chatvla_rejected"  # counter: reason
 METRIC_REASONING_REFRESH = "chatvla_reasoning_refresh"  # counter: reason
+METRIC_BUILD = "chatvla_build"  # info (exposed as chatvla_build_info = 1): version, model, engine, profile
 METRICS: tuple[str, ...] = (
     METRIC_REQUESTS, METRIC_STAGE_LATENCY, METRIC_BATCH_SIZE, METRIC_QUEUE_DEPTH, METRIC_ACTIVE_SESSIONS,
-    METRIC_REASONING_TOKENS, METRIC_REJECTED, METRIC_REASONING_REFRESH,
+    METRIC_REASONING_TOKENS, METRIC_REJECTED, METRIC_REASONING_REFRESH, METRIC_BUILD,
 )
 
 
