@@ -9,6 +9,7 @@ high for a longer exploration (and CHATVLA_FUZZ_SEED picks another fixed seed fo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from hypothesis import HealthCheck, settings
 
@@ -42,3 +43,12 @@ def assert_clean_wire_error(e: WireError) -> None:
     assert isinstance(e, WireError), repr(e)
     assert e.field, f"no field: {e}"
     assert len(e.message.encode()) <= MAX_ERROR_BYTES, len(e.message)
+
+
+def check_clean(call: Callable[[], object]) -> object | None:
+    """`call()`'s result, or None if it raised a clean ServeError (any other exception fails the test)."""
+    try:
+        return call()
+    except ServeError as e:
+        assert_clean_serve_error(e)
+        return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import msgpack
 import numpy as np
-from fuzzkit import FUZZ, assert_clean_serve_error
+from fuzzkit import FUZZ, assert_clean_serve_error, check_clean
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -102,14 +102,6 @@ def frames(draw: st.DrawFn) -> dict:
     return frame
 
 
-def _check(call) -> object | None:
-    try:
-        return call()
-    except ServeError as e:
-        assert_clean_serve_error(e)
-        return None
-
-
 def _pack(obj: object) -> bytes | None:
     try:
         return pack_message(obj)
@@ -122,7 +114,7 @@ def _pack(obj: object) -> bytes | None:
 @example(data=b"\xdd\xff\xff\xff\xff")  # array32 announcing 4 G elements
 @example(data=b"\x91" * 5000)  # deeply nested arrays
 def test_unpack_message_of_random_bytes(data: bytes) -> None:
-    _check(lambda: unpack_message(data, SPEC.limits))
+    check_clean(lambda: unpack_message(data, SPEC.limits))
 
 
 @FUZZ
@@ -130,7 +122,7 @@ def test_unpack_message_of_random_bytes(data: bytes) -> None:
 def test_unpack_message_of_arbitrary_values(value: object) -> None:
     data = _pack(value)
     if data is not None:
-        _check(lambda: unpack_message(data, SPEC.limits))
+        check_clean(lambda: unpack_message(data, SPEC.limits))
 
 
 @st.composite
@@ -157,7 +149,7 @@ def test_observation_from_openpi_of_arbitrary_frames(frame: dict, mapping, instr
     data = _pack(frame)
     if data is None:
         return
-    r = _check(lambda: observation_from_openpi(data, mapping, SPEC, 3, instruction))
+    r = check_clean(lambda: observation_from_openpi(data, mapping, SPEC, 3, instruction))
     if r is not None:
         assert isinstance(r, ObservationRequest) and r.seq == 3
         assert r.obs.state.shape == (PROFILE.state_dim,) and np.isfinite(r.obs.state).all()
@@ -167,7 +159,7 @@ def test_observation_from_openpi_of_arbitrary_frames(frame: dict, mapping, instr
 @FUZZ
 @given(data=mutations())
 def test_observation_from_openpi_of_mutated_frames(data: bytes) -> None:
-    _check(lambda: observation_from_openpi(data, DROID, SPEC, 1, ""))
+    check_clean(lambda: observation_from_openpi(data, DROID, SPEC, 1, ""))
 
 
 def test_the_valid_frame_decodes() -> None:

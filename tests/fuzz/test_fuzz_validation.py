@@ -9,7 +9,7 @@ import json
 import math
 
 import numpy as np
-from fuzzkit import FUZZ, assert_clean_serve_error
+from fuzzkit import FUZZ, assert_clean_serve_error, check_clean
 from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image as PILImage
@@ -104,20 +104,12 @@ def infer_requests(draw: st.DrawFn) -> pb.InferRequest:
     return req
 
 
-def _check(call) -> object | None:
-    try:
-        return call()
-    except ServeError as e:
-        assert_clean_serve_error(e)
-        return None
-
-
 @FUZZ
 @given(req=infer_requests())
 @example(req=pb.InferRequest(images=[encode_image(np.zeros((16, 16, 3), np.uint8), CAMS[0])],
                              state=tensor_to_proto(HOME), instruction="go"))
 def test_infer_from_proto(req: pb.InferRequest) -> None:
-    r = _check(lambda: infer_from_proto(req, SPEC))
+    r = check_clean(lambda: infer_from_proto(req, SPEC))
     if r is not None:
         assert isinstance(r, ObservationRequest)
         assert r.obs.state.shape == (PROFILE.state_dim,) and np.isfinite(r.obs.state).all()
@@ -132,7 +124,7 @@ def test_observation_from_proto(req: pb.InferRequest, seq: int, force: bool, cam
                          deadline_ms=req.deadline_ms, force_reasoning=force, seed=req.seed, reasoning=req.reasoning)
     if req.HasField("state"):
         obs.state.CopyFrom(req.state)
-    r = _check(lambda: observation_from_proto(obs, SPEC, cams, "session instruction"))
+    r = check_clean(lambda: observation_from_proto(obs, SPEC, cams, "session instruction"))
     if r is not None:
         assert isinstance(r, ObservationRequest) and r.seq == seq
         assert set(r.obs.images) == set(cams)
@@ -153,7 +145,7 @@ def session_starts(draw: st.DrawFn) -> pb.SessionStart:
 @given(start=session_starts())
 @example(start=pb.SessionStart(instruction="go", control_rate_hz=15.0))
 def test_session_from_proto(start: pb.SessionStart) -> None:
-    r = _check(lambda: session_from_proto(start, SPEC, DEFAULTS))
+    r = check_clean(lambda: session_from_proto(start, SPEC, DEFAULTS))
     if r is not None:
         assert isinstance(r, SessionConfig) and r.instruction
         assert set(r.cameras) <= set(CAMS) and math.isfinite(r.control_rate_hz)
@@ -172,7 +164,7 @@ def test_messages_parsed_from_random_bytes(data: bytes) -> None:
             msg = cls.FromString(data)
         except Exception:  # not a message: the gRPC deserializer's job (test_fuzz_grpc.py)
             continue
-        _check(lambda fn=fn, msg=msg: fn(msg))
+        check_clean(lambda fn=fn, msg=msg: fn(msg))
 
 
 # --- HTTP ----------------------------------------------------------------------------------------------
@@ -210,7 +202,7 @@ def json_bodies(draw: st.DrawFn) -> object:
 @given(body=json_bodies())
 @example(body={"images": {CAMS[0]: GOOD_B64}, "state": HOME.tolist(), "instruction": "go"})
 def test_infer_from_json(body: object) -> None:
-    r = _check(lambda: infer_from_json(body, SPEC))
+    r = check_clean(lambda: infer_from_json(body, SPEC))
     if r is not None:
         assert r.obs.state.shape == (PROFILE.state_dim,) and r.obs.images
 
@@ -222,7 +214,7 @@ def test_infer_from_json_after_a_json_round_trip(body: object) -> None:
         parsed = json.loads(json.dumps(body))
     except ValueError:
         return
-    _check(lambda: infer_from_json(parsed, SPEC))
+    check_clean(lambda: infer_from_json(parsed, SPEC))
 
 
 @FUZZ
@@ -237,7 +229,7 @@ def test_infer_from_json_after_a_json_round_trip(body: object) -> None:
 )
 @example(fields={"instruction": "go", "state": " ".join(map(str, HOME.tolist()))}, files={CAMS[0]: _png(10, 12)})
 def test_infer_from_form(fields: dict[str, str], files: dict[str, bytes]) -> None:
-    r = _check(lambda: infer_from_form(fields, files, SPEC))
+    r = check_clean(lambda: infer_from_form(fields, files, SPEC))
     if r is not None:
         assert r.obs.state.shape == (PROFILE.state_dim,) and set(r.obs.images) <= set(CAMS)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import httpx
 import numpy as np
+import pytest
 
 from chatvla.engines.base import ReasoningResult, ReasonItem
 from chatvla.engines.null import NullEngine
@@ -135,3 +136,23 @@ async def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < end, "condition not reached"
         await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., object]]:
+    """`await serve(engine=..., **settings)` -> Running; everything is shut down after the test.
+    Conftests that need it import it from here (pytest collects fixtures imported into a conftest)."""
+    running: list[Running] = []
+
+    async def _serve(engine: NullEngine | None = None, **kw: object) -> Running:
+        engine = engine or NullEngine()
+        app = ServerApp(settings(**kw), engine=engine)
+        await app.start()
+        r = Running(app, engine)
+        running.append(r)
+        return r
+
+    yield _serve
+    for r in running:
+        await r.close()
+        await r.app.shutdown()
