@@ -243,9 +243,7 @@ class Scheduler:
         superseded = ServeError(Code.ABORTED, f"superseded by seq {job.request.seq}", reason="superseded")
         if not session.has_slot:
             newest = next((j for j in reversed(session.inflight) if j.answer is None), None)
-            if newest is not None and self._abort(newest, superseded):
-                pass  # its slot is free now
-            else:
+            if newest is None or not self._abort(newest, superseded):  # no queued one to replace: wait
                 old, session.pending = session.pending, job
                 if old is not None:
                     self._abort(old, superseded)
@@ -489,14 +487,13 @@ class Scheduler:
         admitted already, or when the expected wait (observations ahead x the recent cost of one)
         would not leave it time to be answered within its deadline. A late chunk is a wasted chunk:
         refusing it keeps the server's time for the ones that can still make it."""
-        if can_replace:
-            pass  # it replaces a waiting observation of its session: no extra load
-        elif self._admitted >= self.config.max_queue:
+        # One that replaces a waiting observation of its session adds no load: always admitted.
+        if not can_replace and self._admitted >= self.config.max_queue:
             raise ServeError(
                 Code.RESOURCE_EXHAUSTED, f"server is at capacity ({self.config.max_queue} observations queued)",
                 reason="overload",
             )
-        elif self._per_obs_s > 0:
+        if not can_replace and self._per_obs_s > 0:
             expected = (self._admitted + 1) * self._per_obs_s
             if expected > ADMISSION_HEADROOM * budget_s:  # headroom: batches form in steps, costs vary
                 raise ServeError(
