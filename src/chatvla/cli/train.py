@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=1000,
                    help="extra rendered scenes for image-text questions (default 1000; 0: the episodes' first "
                    "frames only)")
+    p.add_argument("--place-weight", type=float, default=d.place_weight,
+                   help=f"weight of the stage-1 place read-out loss on the pooled hidden states (default "
+                   f"{d.place_weight}; 0: off)")
     p.add_argument("--stage2-tick-stride", type=int, default=d.stage2_tick_stride,
                    help=f"cache every Nth tick for stage 2 (default {d.stage2_tick_stride})")
     p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0 = all)")
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(seed=args.seed, device=args.device, batch_size=args.batch_size,
                        stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                        stage2_batch_size=args.stage2_batch_size, stage2_tick_stride=args.stage2_tick_stride,
-                       save_every=args.save_every)
+                       save_every=args.save_every, place_weight=args.place_weight)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)
     if args.relative_actions and not cfg_model.expert.relative_to_state:

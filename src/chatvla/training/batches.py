@@ -73,6 +73,7 @@ class Item:
     target: str
     state: np.ndarray | None = None
     chunk: np.ndarray | None = None  # [H, A] robot units
+    places: np.ndarray | None = None  # labels.place_targets of the scene, for the place read-out loss
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Batch:
     robot_rows: list[int]
     states: torch.Tensor | None  # [R, S] robot units, R = len(robot_rows)
     chunks: torch.Tensor | None  # [R, H, A] robot units
+    places: torch.Tensor | None = None  # [R, 5] when every robot row has place targets
 
 
 def target_ids(model: ChatVLA2, item: Item) -> list[int]:
@@ -110,11 +112,13 @@ def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
         pspans.append((start, start + lp))
         rspans.append((start + lp, start + lp + max(len(t) - 1, 0)))
     robot = [i for i, it in enumerate(items) if it.chunk is not None]
-    states = chunks = None
+    states = chunks = places = None
     if robot:
         states = torch.from_numpy(np.stack([np.asarray(items[i].state, np.float32) for i in robot]))
         chunks = torch.from_numpy(np.stack([np.asarray(items[i].chunk, np.float32) for i in robot]))
-    return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks)
+        if all(items[i].places is not None for i in robot):
+            places = torch.from_numpy(np.stack([np.asarray(items[i].places, np.float32) for i in robot]))
+    return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks, places)
 
 
 def pool_spans(hidden: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:

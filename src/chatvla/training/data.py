@@ -20,7 +20,7 @@ from chatvla.client.sim.catalog import TRAIN_NUMBERS
 from chatvla.client.sim.tasks import MathMatchingTask, Pose, Task, make_task
 from chatvla.model.config import NormStats
 from chatvla.profiles import RobotProfile
-from chatvla.training.labels import image_text_pairs, reasoning_for
+from chatvla.training.labels import image_text_pairs, place_targets, reasoning_for
 
 
 class DataError(ValueError):
@@ -37,6 +37,7 @@ class RobotEpisode:
     states: np.ndarray  # [T, state_dim] float32
     actions: np.ndarray  # [T, action_dim] float32
     poses0: dict[str, Pose] | None = None  # object poses at the first tick (task frame)
+    places: np.ndarray | None = None  # [T, 5] per tick: labels.place_targets (math matching only)
 
     def chunk(self, t: int, horizon: int) -> np.ndarray:
         """Actions for ticks t .. t+horizon-1; past the end the last action is held (the arm rests)."""
@@ -133,6 +134,8 @@ def load_episodes(paths: Iterable[str | Path], profile: RobotProfile, *, kinds: 
             path=str(f), task=task, instruction=h.instruction,
             reasoning=[reasoning_for(task, p) for p in poses], images=[dict(r.images) for r in recs],
             states=states, actions=actions, poses0=poses[0],
+            places=(np.stack([place_targets(task, p) for p in poses]) if isinstance(task, MathMatchingTask)
+                    else None),
         ))
         if progress and (i + 1) % 50 == 0:
             print(f"[data] read {i + 1}/{len(files)} episode files", file=sys.stderr, flush=True)

@@ -45,6 +45,20 @@ def pick_text(task: MathMatchingTask, card: int, poses: dict[str, Pose] | None =
     return f"Pick card {card} at {place(poses[card_name(card)])}, place at {square}."
 
 
+PLACE_TARGETS = ("card_x", "card_y", "card_yaw", "square_x", "square_y")
+
+
+def place_targets(task: MathMatchingTask, poses: dict[str, Pose]) -> np.ndarray:
+    """Where the answer card and the green square are (task frame, metres; the card's yaw in radians,
+    folded into (-pi/2, pi/2] since a card looks the same turned by pi): the training-only read-out
+    targets of `chatvla.training.stages.PlaceProbe`, in `PLACE_TARGETS` order."""
+    pose = poses[card_name(task.answer)]
+    yaw = float(np.arctan2(pose.rot[1, 0], pose.rot[0, 0]))
+    yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
+    zone = next(f for f in task.fixtures if f.name == task.zone)
+    return np.array([pose.pos[0], pose.pos[1], yaw, zone.xy[0], zone.xy[1]], np.float32)
+
+
 def reasoning_for(task: Task, poses: dict[str, Pose] | None = None) -> str:
     """The reasoning a correct model writes for `task` with its objects at `poses` (task frame; default:
     where they start), without the end marker."""

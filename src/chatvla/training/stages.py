@@ -35,6 +35,7 @@ from chatvla.training.data import Dataset, decode
 
 STATE_DIR = "train"  # inside the output directory: resumable state
 PROGRESS = "progress.json"
+PROBE = "place_probe.safetensors"
 
 
 @dataclass
@@ -50,6 +51,7 @@ class TrainConfig:
     warmup_steps: int = 100
     qa_fraction: float = 0.25  # share of each stage-1 batch that is image-text questions
     diffusion_weight: float = 1.0
+    place_weight: float = 1.0  # PlaceProbe read-out loss in stage 1 (0: off)
     balance_weight: float = 0.01
     stage2_tick_stride: int = 3  # cache every Nth tick for stage 2 (neighbouring ticks look alike)
     save_every: int = 200
@@ -116,6 +118,33 @@ def diffusion_loss(model: ChatVLA2, prompt_pooled: torch.Tensor, reasoning_poole
     return F.mse_loss(ex.policy_head(xt, t, obs_c, rea_c), eps)
 
 
+class PlaceProbe(torch.nn.Module):
+    """Training-only linear read-outs that make the pooled hidden states carry where things are.
+
+    The expert sees the reasoning only as the mean of its hidden rows. Trained on next-token loss
+    alone, that mean is a bag of digits: "(-8, -6)" and "(-6, -8)" pool alike, and a ridge probe on the
+    first shipped model's pooled reasoning recovered the stated card place no better than its mean
+    (`benchmarks/feature_probe.py`), so the expert could not follow the text. These heads ask
+    the mean of the reasoning rows to hold the places the text states (card x, y, square x, y, rounded
+    to even centimetres as written), and the mean of the prompt rows to hold the answer card's true
+    place and yaw and the square's place (what the images show). The heads are not part of the model:
+    they live in the training state only and are dropped from the servable checkpoint."""
+
+    POS_SCALE, YAW_SCALE = 10.0, 3.0  # metres and radians -> about unit range
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.prompt = torch.nn.Linear(dim, 5)
+        self.reasoning = torch.nn.Linear(dim, 4)
+
+    def loss(self, prompt_pooled: torch.Tensor, reasoning_pooled: torch.Tensor, places: torch.Tensor
+             ) -> torch.Tensor:
+        scale = places.new_tensor([self.POS_SCALE, self.POS_SCALE, self.YAW_SCALE, self.POS_SCALE, self.POS_SCALE])
+        stated = torch.round(places[:, [0, 1, 3, 4]] * 50) / 50  # labels.cm: even centimetres
+        return (F.mse_loss(self.prompt(prompt_pooled), places * scale)
+                + F.mse_loss(self.reasoning(reasoning_pooled), stated * self.POS_SCALE))
+
+
 def vlm_forward(model: ChatVLA2, batch: Batch) -> torch.Tensor:
     """Last-layer (post-norm) hidden states [B, L, D]: what `reason`/`prefill` hand the expert."""
     dev = model.device
@@ -136,7 +165,7 @@ def robot_item(data: Dataset, e: int, t: int) -> Item:
     ep = data.episodes[e]
     h = data.profile.chunk_size
     return Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, ep.reasoning[t],
-                ep.states[t], ep.chunk(t, h))
+                ep.states[t], ep.chunk(t, h), None if ep.places is None else ep.places[t])
 
 
 def stage1_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
@@ -189,6 +218,9 @@ class Trainer:
         self.state_dir = self.out / STATE_DIR
         self.progress = Progress()
         self.bars = progress_bars
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the heads start the same in a resumed run (then load their state)
+            self.probe = PlaceProbe(model.expert.input_action_proj.mlps[0].in_features).to(cfg.device)
         self._t0 = time.monotonic()
         self._seconds0 = 0.0
 
@@ -204,11 +236,15 @@ class Trainer:
         self.model.load_state_dict(saved.state_dict())
         self.model.expert.set_stats(saved.stats)
         self.model.stats = saved.stats
+        probe = self.state_dir / PROBE
+        if probe.is_file():
+            self.probe.load_state_dict(load_file(str(probe)))
         return True
 
     def _save(self, opt: torch.optim.Optimizer | None) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.model, self.state_dir / "model")
+        save_file({k: v.contiguous() for k, v in self.probe.state_dict().items()}, str(self.state_dir / PROBE))
         if opt is not None:
             save_optimizer(opt, self.state_dir / f"optimizer-stage{self.progress.stage}")
         self.progress.seconds = self._seconds0 + time.monotonic() - self._t0
@@ -228,7 +264,7 @@ class Trainer:
         if self.progress.stage > 1 or cfg.stage1_steps == 0:
             return
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] + list(self.probe.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr_stage1, weight_decay=0.01)
         opt_path = self.state_dir / "optimizer-stage1"
         if self.progress.step and opt_path.with_suffix(".json").is_file():
@@ -252,8 +288,11 @@ class Trainer:
                     rp = pool_spans(hidden[rows], [batch.reasoning_spans[i] for i in rows])
                     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
                     losses["diffusion"] = diffusion_loss(model, pp, rp, batch.states, batch.chunks, gen)
+                    if cfg.place_weight and batch.places is not None:
+                        losses["place"] = self.probe.loss(pp, rp, batch.places.to(pp.device))
                 total = (losses["lm"] + cfg.diffusion_weight * losses.get("diffusion", 0.0)
-                         + cfg.balance_weight * losses.get("balance", 0.0))
+                         + cfg.balance_weight * losses.get("balance", 0.0)
+                         + cfg.place_weight * losses.get("place", 0.0))
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
