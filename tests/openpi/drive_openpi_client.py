@@ -1,7 +1,7 @@
 """Run by tests/openpi/test_openpi_client.py with the isolated `.venv-openpi` interpreter (openpi-client
 0.1.2 from PyPI, numpy<2): drives our endpoint with the real client and prints one JSON line.
 
-    python drive_openpi_client.py URL STYLE [API_KEY]      STYLE: aloha | droid | connect-only
+    python drive_openpi_client.py URL STYLE [API_KEY]   STYLE: aloha | aloha-no-prompt | droid | connect-only
 """
 
 import json
@@ -24,7 +24,10 @@ def observation(style: str) -> dict:
     # openpi's ALOHA client: four cameras as 3x224x224 uint8, a 14-d state, a prompt
     images = {c: rng.integers(0, 255, (3, 224, 224), dtype=np.uint8)
               for c in ("cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist")}
-    return {"state": np.zeros(14, np.float32), "images": images, "prompt": "fold the towel"}
+    obs = {"state": np.zeros(14, np.float32), "images": images}
+    if style == "aloha":  # openpi's ALOHA environments send no prompt at all ("aloha-no-prompt")
+        obs["prompt"] = "stack the cups"
+    return obs
 
 
 def main() -> None:
@@ -44,7 +47,10 @@ def main() -> None:
         a = reply["actions"]
         out.update(keys=sorted(reply), shape=list(a.shape), dtype=str(a.dtype), finite=bool(np.isfinite(a).all()),
                    reasoning=reply.get("reasoning"), server_timing=reply["server_timing"],
-                   policy_timing=reply["policy_timing"])
+                   policy_timing=reply["policy_timing"], actions=a.tolist())
+        if style == "aloha-no-prompt":
+            print(json.dumps(out, default=str))
+            return
         second = policy.infer(obs)
         out["second_has_prev_total"] = "prev_total_ms" in second["server_timing"]
         # openpi's runtime path: the chunk broker slices one action per step and calls infer again after
@@ -61,6 +67,8 @@ def main() -> None:
             out["error"] = None
         except RuntimeError as e:
             out["error"] = str(e)
+        # the error answered that frame only: the same connection serves the next observation
+        out["after_error_shape"] = list(policy.infer(obs)["actions"].shape)
     print(json.dumps(out, default=str))
 
 

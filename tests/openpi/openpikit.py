@@ -32,6 +32,22 @@ class RecordingEngine(NullEngine):
         return super().preprocess(obs)
 
 
+class RampEngine(RecordingEngine):
+    """Known actions, to check conversions: from the observed state each joint moves RAMP[j] rad per tick
+    and the gripper goes to GRIPPER_WIDTH metres."""
+
+    RAMP = np.array([0.01, -0.02, 0.005, 0.0, 0.03, -0.01, 0.02])
+    GRIPPER_WIDTH = 0.02
+
+    def actions_for(self, state: np.ndarray, seed: int) -> np.ndarray:
+        p = self.info.profile
+        ticks = np.arange(1, p.chunk_size + 1, dtype=np.float64)[:, None]
+        a = np.empty((p.chunk_size, p.action_dim), np.float32)
+        a[:, :7] = np.asarray(state[:7], np.float64) + ticks * self.RAMP
+        a[:, 7] = self.GRIPPER_WIDTH
+        return a
+
+
 def settings(**kw: object) -> ServerSettings:
     base: dict[str, object] = {"engine": "null", "model": "test", "grpc_port": 0, "http_port": 0, "openpi_port": 0,
                                "max_wait_ms": 1.0, "drain_timeout_s": 5.0}
@@ -69,7 +85,7 @@ def decode(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, object_hook=hook)
 
 
-def aloha_obs(*, chw: bool = True, prompt: str | None = "fold the towel", cameras: Sequence[str] = (
+def aloha_obs(*, chw: bool = True, prompt: str | None = "fold the shirt", cameras: Sequence[str] = (
         "cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist"), value: int | None = None) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     shape = (3, 32, 40) if chw else (32, 40, 3)
@@ -87,7 +103,7 @@ def droid_obs(prompt: str = "put the marker in the cup") -> dict[str, Any]:
         "observation/exterior_image_1_left": rng.integers(0, 255, (24, 24, 3), np.uint8),
         "observation/wrist_image_left": rng.integers(0, 255, (24, 24, 3), np.uint8),
         "observation/joint_position": np.array([0.1, -0.7, 0.0, -2.3, 0.0, 1.6, 0.8]),  # float64 like DROID
-        "observation/gripper_position": np.array([0.04]),
+        "observation/gripper_position": np.array([0.25]),  # DROID: 0..1, 1 = closed
         "observation/cartesian_position": np.zeros(6),  # unmapped: ignored
         "prompt": prompt,
     }

@@ -13,8 +13,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
-from openpikit import RecordingEngine
+from openpikit import RampEngine, RecordingEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 OPENPI_PYTHON = Path(os.environ.get("CHATVLA_OPENPI_PYTHON", ROOT / ".venv-openpi" / "bin" / "python"))
@@ -45,23 +46,39 @@ async def test_aloha_client(openpi_server):
     assert r["metadata"]["robot_profile"] == "arx_r5_bimanual" and r["metadata"]["action_horizon"] == 50
     assert r["shape"] == [50, 14] and r["dtype"] == "float32" and r["finite"]
     assert {"actions", "policy_timing", "server_timing", "reasoning"} <= set(r["keys"])
-    assert "fold the towel" in r["reasoning"]
+    assert "stack the cups" in r["reasoning"]
     assert r["second_has_prev_total"] and "infer_ms" in r["server_timing"]
     assert r["broker_step_shape"] == [14] and r["broker_steps"] == 52
     assert r["codec_ok"]
-    # a bad observation: openpi-client raises RuntimeError with our text frame
-    assert r["error"].startswith("Error in inference server:\nINVALID_ARGUMENT") and "images.cam_high" in r["error"]
+    # a bad observation: openpi-client raises RuntimeError with our text frame, and the connection stays
+    assert r["error"].startswith("Error in inference server:\nINVALID_ARGUMENT: images.cam_high: missing")
+    assert r["after_error_shape"] == [50, 14]
     seen = engine.seen[0]
     assert set(seen.images) == {"cam_top", "cam_left_wrist", "cam_right_wrist"}
     assert seen.images["cam_top"].shape == (224, 224, 3)
 
 
+async def test_aloha_client_without_prompt_gets_the_default(openpi_server):
+    """openpi's ALOHA environments send no prompt: the aloha mapping's default prompt applies."""
+    app = await openpi_server(RecordingEngine(profile="arx_r5_bimanual"))
+    r = await drive(app.openpi_url, "aloha-no-prompt")
+    assert r["shape"] == [50, 14] and "fold the towel" in r["reasoning"]
+    assert r["metadata"]["mapping"]["default_prompt"] == "fold the towel"
+
+
 async def test_droid_client(openpi_server):
-    app = await openpi_server(RecordingEngine(profile="franka_joint"))
+    """What openpi's DROID example executes: 10 rows of 7 joint velocities (1.0 = 3 rad/s, 15 Hz) and a
+    gripper command in 0..1 (1 = closed)."""
+    app = await openpi_server(RampEngine(profile="franka_joint"))
     r = await drive(app.openpi_url, "droid")
-    assert r["metadata"]["mapping"]["name"] == "droid"
-    assert r["shape"] == [16, 8] and r["dtype"] == "float32"
-    assert r["broker_step_shape"] == [8]
+    meta = r["metadata"]
+    assert meta["mapping"]["name"] == "droid" and meta["action_space"] == "joint_velocity+gripper_position"
+    assert meta["action_horizon"] == 10 and meta["control_rate_hz"] == 15.0 and len(meta["action_units"]) == 8
+    assert r["shape"] == [10, 8] and r["dtype"] == "float32"  # the example asserts (10, 8)
+    assert r["broker_step_shape"] == [8] and r["after_error_shape"] == [10, 8]
+    actions = np.array(r["actions"])
+    np.testing.assert_allclose(actions[:, :7], np.tile(RampEngine.RAMP * 15 / 3.0, (10, 1)), atol=1e-4)
+    np.testing.assert_allclose(actions[:, 7], 1 - RampEngine.GRIPPER_WIDTH / 0.08, atol=1e-6)
 
 
 async def test_api_key(openpi_server, tmp_path):

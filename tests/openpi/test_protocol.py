@@ -1,5 +1,6 @@
 """The openpi-compatible endpoint, in-process, with a small independent client (websockets + msgpack):
-metadata first, alternation, healthz, errors as a text frame + 1011, Api-Key, the key mappings."""
+metadata first, alternation, healthz, errors as a text frame that keeps the connection, Api-Key, the key
+mappings, default prompts and the DROID action conversion."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from openpikit import RecordingEngine, aloha_obs, decode, droid_obs, encode, eventually, nd
+from openpikit import RampEngine, RecordingEngine, aloha_obs, decode, droid_obs, encode, eventually, nd
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT
 from chatvla.server.transports.openpi.codec import pack_message, unpack_message
-from chatvla.server.transports.openpi.endpoint import ERROR_CLOSE_REASON
+from chatvla.server.transports.openpi.endpoint import MAX_TEXT_FRAMES
 from chatvla.server.transports.openpi.mappings import MappingError, load_mapping, preset
 from chatvla.wire.limits import DEFAULT_LIMITS
 
@@ -24,16 +25,17 @@ def http_url(app) -> str:
     return app.openpi_url.replace("ws://", "http://")
 
 
-async def expect_error(ws, *needles: str) -> str:
-    """openpi's error convention: one text frame, then a close with 1011."""
+async def expect_error(ws, *needles: str, good: dict | None = None) -> str:
+    """One text frame `CODE: [field: ]message` answers the bad frame; the connection then serves the next
+    observation (`good`, an ALOHA one unless given)."""
     frame = await ws.recv()
     assert isinstance(frame, str), frame
+    code = frame.split(": ", 1)[0]
+    assert code.isupper() and code.replace("_", "").isalpha(), frame
     for n in needles:
         assert n in frame, frame
-    with pytest.raises(ConnectionClosedError) as e:
-        await ws.recv()
-    assert e.value.rcvd is not None and e.value.rcvd.code == 1011
-    assert e.value.rcvd.reason == ERROR_CLOSE_REASON
+    await ws.send(encode(aloha_obs() if good is None else good))
+    assert isinstance(await ws.recv(), bytes)
     return frame
 
 
@@ -60,7 +62,7 @@ async def test_metadata_first_then_strict_alternation(openpi_server):
     assert actions.shape == (50, 14) and np.isfinite(actions).all()
     for r in replies:
         assert set(r) >= {"actions", "policy_timing", "server_timing", "reasoning"}
-        assert "fold the towel" in r["reasoning"]
+        assert "fold the shirt" in r["reasoning"]
         assert {"infer_ms", "queue_ms", "preprocess_ms", "reasoning_ms", "expert_ms", "total_ms"} <= set(
             r["server_timing"])
         assert "infer_ms" in r["policy_timing"]
@@ -73,7 +75,7 @@ async def test_metadata_first_then_strict_alternation(openpi_server):
     np.testing.assert_array_equal(seen.images["cam_top"], obs["images"]["cam_high"].transpose(1, 2, 0))
     np.testing.assert_array_equal(seen.images["cam_right_wrist"], obs["images"]["cam_right_wrist"].transpose(1, 2, 0))
     np.testing.assert_array_equal(seen.state, obs["state"])
-    assert seen.instruction == "fold the towel"
+    assert seen.instruction == "fold the shirt"
     assert app.metrics.registry.get_sample_value(
         "chatvla_requests_total", {"transport": "openpi_ws", "outcome": "ok"}) == 3
     await eventually(lambda: app.metrics.registry.get_sample_value("chatvla_active_sessions") == 0)  # closed
@@ -102,21 +104,46 @@ async def test_prompt_is_kept_for_the_session_and_hwc_images_work(openpi_server)
 
 
 async def test_droid_mapping_for_franka(openpi_server):
-    engine = RecordingEngine(profile="franka_joint")
+    engine = RampEngine(profile="franka_joint")
     app = await openpi_server(engine)
     obs = droid_obs()
     async with connect(app.openpi_url, compression=None) as ws:
         meta = decode(await ws.recv())
-        assert meta["mapping"]["name"] == "droid" and meta["action_horizon"] == FRANKA_JOINT.chunk_size
+        assert meta["mapping"]["name"] == "droid" and meta["mapping"]["actions"] == "droid"
+        assert meta["action_horizon"] == 10 and meta["action_dim"] == 8 and meta["control_rate_hz"] == 15.0
+        assert meta["action_space"] == "joint_velocity+gripper_position"
+        assert meta["action_names"][0] == "joint1_velocity" and meta["action_names"][7] == "gripper_position"
+        assert "3 rad/s" in meta["action_units"][0] and "1 = closed" in meta["action_units"][7]
         await ws.send(encode(obs))
-        reply = decode(await ws.recv())
-    assert reply["actions"].shape == (FRANKA_JOINT.chunk_size, 8)
+        reply = unpack_message(await ws.recv(), DEFAULT_LIMITS)  # our codec, as openpi-client decodes it
     seen = engine.seen[-1]
     np.testing.assert_array_equal(seen.images["front"], obs["observation/exterior_image_1_left"])
     np.testing.assert_array_equal(seen.images["wrist"], obs["observation/wrist_image_left"])
-    expected = np.concatenate([obs["observation/joint_position"], obs["observation/gripper_position"]])
-    np.testing.assert_allclose(seen.state, expected.astype(np.float32))
+    # DROID's gripper_position is 0..1 with 1 = closed; our state holds the width in metres
+    expected = np.concatenate([obs["observation/joint_position"], [0.08 * (1 - 0.25)]])
+    np.testing.assert_allclose(seen.state, expected.astype(np.float32), atol=1e-7)
     assert seen.state.dtype == np.float32
+    # the reply: joint velocities in DROID's unit (rad/s / 3) at 15 Hz, gripper as closed fraction
+    actions = reply["actions"]
+    assert actions.shape == (10, 8) and actions.dtype == np.float32
+    np.testing.assert_allclose(actions[:, :7], np.tile(RampEngine.RAMP * 15 / 3.0, (10, 1)), atol=1e-4)
+    np.testing.assert_allclose(actions[:, 7], 1 - RampEngine.GRIPPER_WIDTH / 0.08, atol=1e-6)
+
+
+def test_droid_actions_resample_to_the_client_rate():
+    """A chunk at another rate is resampled to DROID's 15 Hz: velocities in rad/s stay the same."""
+    from dataclasses import replace as dc_replace
+
+    profile = dc_replace(FRANKA_JOINT, control_rate_hz=30.0, chunk_size=20)
+    out = preset("droid", profile).actions
+    state = np.array([0.0, -0.5, 0.0, -2.0, 0.0, 1.5, 0.5, 0.08], np.float32)
+    ticks = np.arange(1, 21)[:, None]
+    chunk = np.hstack([state[:7] + ticks * 0.01, np.full((20, 1), 0.0)]).astype(np.float32)  # 0.3 rad/s
+    a = out.convert(chunk, state, profile)
+    assert out.rows(profile) == 10 and a.shape == (10, 8)  # 20 ticks at 30 Hz = 10 at 15 Hz
+    np.testing.assert_allclose(a[:, :7], 0.3 / 3.0, atol=1e-5)
+    np.testing.assert_allclose(a[:, 7], 1.0)  # width 0: closed
+    assert preset("native", profile).actions.convert(chunk, state, profile) is not None
 
 
 async def test_custom_mapping_file(openpi_server, tmp_path):
@@ -157,13 +184,12 @@ async def test_custom_mapping_file(openpi_server, tmp_path):
     (lambda o: o["images"].update(cam_high=np.zeros((32, 40), np.uint8)), ["images.cam_high", "HxWx3"]),
     (lambda o: o["images"].update(cam_high=np.zeros((3, 32, 40), np.int32)), ["images.cam_high", "uint8"]),
     (lambda o: o.update(prompt="a\x00b"), ["prompt", "control characters"]),
-    (lambda o: o.pop("prompt"), ["prompt", "required"]),
     (lambda o: o.update(prompt="fold <|image_pad|> it"), ["INVALID_ARGUMENT", "prompt", "control token"]),
     (lambda o: o.update(state=np.full(14, 1e10, np.float32)), ["INVALID_ARGUMENT", "state", "within"]),
     (lambda o: o["images"].update(cam_high=np.zeros((3, 1, 1), np.uint8)), ["images.cam_high", "minimum side"]),
     (lambda o: o["images"].update(cam_high=np.zeros((3, 8, 2048), np.uint8)), ["images.cam_high", "aspect"]),
 ])
-async def test_bad_input_is_a_text_frame_then_1011(openpi_server, mutate, needles):
+async def test_bad_input_is_answered_with_a_text_frame_and_the_connection_stays(openpi_server, mutate, needles):
     app = await openpi_server()
     obs = aloha_obs()
     mutate(obs)
@@ -209,6 +235,69 @@ async def test_malformed_frames(openpi_server, frame):
         await ws.recv()
         await ws.send(frame)
         await expect_error(ws, "INVALID_ARGUMENT")
+
+
+async def test_a_flood_of_text_frames_closes_the_connection(openpi_server):
+    """Protocol breakage, not a bad observation: a peer that only sends text is closed with 1003."""
+    app = await openpi_server()
+    async with connect(app.openpi_url, compression=None) as ws:
+        await ws.recv()
+        for _ in range(MAX_TEXT_FRAMES):
+            await ws.send("hello")
+            assert (await ws.recv()).startswith("INVALID_ARGUMENT: message:")
+        await ws.send("hello")
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 1003
+
+
+async def test_errors_do_not_end_the_session(openpi_server):
+    """Bad, good, bad, good on one connection: every frame gets its own answer, the prompt is kept."""
+    engine = RecordingEngine(profile="arx_r5_bimanual")
+    app = await openpi_server(engine)
+    async with connect(app.openpi_url, compression=None) as ws:
+        await ws.recv()
+        await ws.send(encode(aloha_obs(prompt="stack the cups")))
+        assert isinstance(await ws.recv(), bytes)
+        for _ in range(2):
+            bad = aloha_obs(prompt=None)
+            bad["images"].pop("cam_high")
+            await ws.send(encode(bad))
+            assert (await ws.recv()).startswith("INVALID_ARGUMENT: images.cam_high: missing")
+            await ws.send(encode(aloha_obs(prompt=None)))
+            assert isinstance(await ws.recv(), bytes)
+    assert [o.instruction for o in engine.seen] == ["stack the cups"] * 3
+    registry = app.metrics.registry
+    assert registry.get_sample_value("chatvla_requests_total", {"transport": "openpi_ws", "outcome": "ok"}) == 3
+    assert registry.get_sample_value(
+        "chatvla_requests_total", {"transport": "openpi_ws", "outcome": "invalid_argument"}) == 2
+
+
+async def test_aloha_without_prompt_uses_the_default_prompt(openpi_server):
+    """openpi's ALOHA environments send no prompt; the aloha mapping has a default, and the setting wins."""
+    engine = RecordingEngine(profile="arx_r5_bimanual")
+    app = await openpi_server(engine)
+    async with connect(app.openpi_url, compression=None) as ws:
+        meta = decode(await ws.recv())
+        assert meta["mapping"]["default_prompt"] == "fold the towel"
+        await ws.send(encode(aloha_obs(prompt=None)))
+        assert isinstance(await ws.recv(), bytes)
+    assert engine.seen[-1].instruction == "fold the towel"
+    engine = RecordingEngine(profile="arx_r5_bimanual")
+    app = await openpi_server(engine, openpi_default_prompt="sort the blocks")
+    async with connect(app.openpi_url, compression=None) as ws:
+        assert decode(await ws.recv())["mapping"]["default_prompt"] == "sort the blocks"
+        await ws.send(encode(aloha_obs(prompt=None)))
+        assert isinstance(await ws.recv(), bytes)
+    assert engine.seen[-1].instruction == "sort the blocks"
+
+
+async def test_empty_default_prompt_makes_the_prompt_required(openpi_server):
+    app = await openpi_server(openpi_default_prompt="")
+    async with connect(app.openpi_url, compression=None) as ws:
+        await ws.recv()
+        await ws.send(encode(aloha_obs(prompt=None)))
+        await expect_error(ws, "INVALID_ARGUMENT: prompt:", "required")
 
 
 async def test_float_and_jpeg_images_are_accepted(openpi_server):
@@ -292,6 +381,18 @@ def test_mapping_presets_and_checks(tmp_path):
     bad.write_text("images: [{key: a, camera: front}]\nstate: [s]\nbogus: 1\n")
     with pytest.raises(MappingError, match="bogus"):
         load_mapping(str(bad), FRANKA_JOINT)
+    bad.write_text("images: [{key: a, camera: front}]\nstate: [{key: q, size: 7, unit: closed_fraction}, g]\n")
+    with pytest.raises(MappingError, match="gripper"):
+        load_mapping(str(bad), FRANKA_JOINT)
+    bad.write_text("images: [{key: a, camera: cam_top}]\nstate: [{key: s, size: 14}]\nactions: droid\n")
+    with pytest.raises(MappingError, match="droid actions"):
+        load_mapping(str(bad), ARX_R5_BIMANUAL)
+    good = tmp_path / "good.yaml"
+    good.write_text("images: [{key: a, camera: front}]\nstate: [{key: q, size: 7}, {key: g, size: 1, unit: "
+                    "closed_fraction}]\nactions: {kind: droid, horizon: 4}\n")
+    m = load_mapping(str(good), FRANKA_JOINT)
+    assert m.actions.rows(FRANKA_JOINT) == 4 and m.actions.rate(FRANKA_JOINT) == 15.0
+    assert m.default_prompt == "" and preset("aloha", ARX_R5_BIMANUAL).default_prompt == "fold the towel"
 
 
 def test_codec_round_trip_and_limits():

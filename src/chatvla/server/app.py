@@ -163,7 +163,8 @@ class ServerApp:
                                               drain_s=s.drain_timeout_s))
             if s.openpi_port is not None:
                 self.openpi = await bind("openpi", ("--host", "--openpi-port"), s.host, s.openpi_port, start_openpi(
-                    self.state, s.host, s.openpi_port, mapping=s.openpi_mapping, tls=tls_http
+                    self.state, s.host, s.openpi_port, mapping=s.openpi_mapping, tls=tls_http,
+                    default_prompt=s.openpi_default_prompt,
                 ))
             loop = asyncio.get_running_loop()
             threads = s.compute_threads or available_cores()

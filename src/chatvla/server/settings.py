@@ -58,6 +58,10 @@ class ServerSettings(BaseModel):
         None, description="openpi observation keys -> our cameras/state: `droid`, `aloha`, `native` or a YAML "
         "file; unset = by profile (docs/openpi.md).",
     )
+    openpi_default_prompt: str | None = Field(
+        None, description="openpi instruction until a connection sends a `prompt` (openpi's ALOHA clients never "
+        "do); unset = the mapping's default (aloha: `fold the towel`), empty = a prompt is required.",
+    )
     max_batch: int = Field(8, ge=1, le=1024, description="Reasoning stage: largest batch.")
     max_wait_ms: float = Field(
         5.0, ge=0, le=10_000, description="Reasoning stage: longest wait for a batch to fill."

@@ -71,3 +71,25 @@ FIELD_METADATA_KEY = "chatvla-field"
 def bearer_header(token: str) -> str:
     """The `authorization` value that carries `token`: "Bearer <token>"."""
     return f"{BEARER_SCHEME} {token}"
+
+
+# --- openpi websocket (docs/openpi.md) ----------------------------------------------------------------------
+# Reply keys: openpi's own (`actions`, `policy_timing`, `server_timing`) plus ours. openpi-client reads
+# `actions`; the rest are for people and dashboards.
+OPENPI_ACTIONS_KEY = "actions"
+OPENPI_POLICY_TIMING_KEY = "policy_timing"
+OPENPI_SERVER_TIMING_KEY = "server_timing"
+OPENPI_REASONING_KEY = "reasoning"
+OPENPI_REASONING_REFRESHED_KEY = "reasoning_refreshed"
+# Metadata keys that describe what `actions` holds for the mapping in use (space, per-dimension units).
+OPENPI_ACTION_SPACE_KEY = "action_space"
+OPENPI_ACTION_UNITS_KEY = "action_units"
+
+
+def openpi_error_text(code: str, message: str) -> str:
+    """The payload of an openpi error frame: one websocket *text* frame `"<CODE>: <message>"` (the message
+    starts with the offending field when there is one, `"<field>: ..."`). A text frame is what openpi-client
+    recognises as an error (it raises `RuntimeError("Error in inference server:\\n<text>")`); the code is
+    the upper-case name of the refusal (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...), so a client can tell a
+    bad observation from a busy server by the text before the first colon."""
+    return f"{code}: {message}"

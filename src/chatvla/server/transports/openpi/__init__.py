@@ -10,13 +10,17 @@ The protocol is openpi's (docs/openpi.md has the full description):
   plus the reasoning text under `"reasoning"`;
 * numpy arrays travel as maps with *bytes* keys `__ndarray__`, `data`, `dtype`, `shape` (numpy scalars
   as `__npgeneric__`, `data`, `dtype`); object, void and complex dtypes are refused;
-* any error is one *text* frame with the message, then a close with code 1011;
+* an error answers its frame with one *text* frame `CODE: [field: ]message` (openpi-client raises it as
+  RuntimeError) and the connection keeps serving; only protocol breakage closes it (more than
+  MAX_TEXT_FRAMES text frames in a row: 1003; an oversize frame: 1009; a server bug: 1011);
 * when tokens are configured, the upgrade needs `Authorization: Api-Key <token>` (401 otherwise).
 
 openpi observations are dicts whose keys depend on the policy config (DROID: `observation/...`,
 ALOHA: `state`, `images/cam_high`, ...). An `OpenpiMapping` says which key holds which of our cameras
-and which keys, concatenated, make our state vector; presets cover DROID-style Franka and ALOHA-style
-bimanual clients, and a YAML file (`--openpi-mapping FILE`) covers anything else.
+and which keys, concatenated, make our state vector, which prompt applies when none is sent, and what
+the reply's `actions` hold (our chunk, or DROID's joint velocities + gripper closedness); presets cover
+DROID-style Franka and ALOHA-style bimanual clients, and a YAML file (`--openpi-mapping FILE`) covers
+anything else.
 
 The package has one module per job: `codec` (openpi's msgpack-numpy encoding), `mappings` (openpi
 keys -> our cameras and state) and `endpoint` (the websocket server and its sessions).
@@ -30,6 +34,7 @@ built from an allow-listed dtype, a shape and bytes.
 from chatvla.server.transports.openpi.codec import decode_ndarray, pack_message, unpack_message
 from chatvla.server.transports.openpi.endpoint import (
     ERROR_CLOSE_REASON,
+    MAX_TEXT_FRAMES,
     REASONING_KEY,
     TRANSPORT,
     OpenpiEndpoint,
@@ -38,7 +43,9 @@ from chatvla.server.transports.openpi.endpoint import (
     start_openpi,
 )
 from chatvla.server.transports.openpi.mappings import (
+    DEFAULT_PROMPTS,
     PRESETS,
+    ActionOutput,
     ImageKey,
     MappingError,
     OpenpiMapping,
@@ -51,10 +58,13 @@ from chatvla.server.transports.openpi.mappings import (
 )
 
 __all__ = [
+    "DEFAULT_PROMPTS",
     "ERROR_CLOSE_REASON",
+    "MAX_TEXT_FRAMES",
     "PRESETS",
     "REASONING_KEY",
     "TRANSPORT",
+    "ActionOutput",
     "ImageKey",
     "MappingError",
     "OpenpiEndpoint",

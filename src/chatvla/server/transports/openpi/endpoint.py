@@ -1,6 +1,9 @@
 """The openpi websocket endpoint: the handshake (probes, readiness, Api-Key), one pipeline session per
-connection, metadata first, then strict alternation of observation and answer; errors as openpi reports
-them (one text frame, then close 1011). The package docstring describes the protocol.
+connection, metadata first, then strict alternation of observation and answer. An error answers the
+frame that caused it with one text frame (what openpi-client raises as RuntimeError) and the connection
+keeps serving: openpi-client never reconnects, so closing on a bad frame would end the robot's run. Only
+protocol breakage closes (a flood of text frames, an oversize frame, a server bug). The package
+docstring describes the protocol.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import ssl
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,15 +39,27 @@ from chatvla.wire.vocabulary import (
     API_KEY_SCHEME,
     AUTHORIZATION_KEY,
     BEARER_SCHEME,
+    OPENPI_ACTION_SPACE_KEY,
+    OPENPI_ACTION_UNITS_KEY,
+    OPENPI_ACTIONS_KEY,
+    OPENPI_POLICY_TIMING_KEY,
+    OPENPI_REASONING_KEY,
+    OPENPI_REASONING_REFRESHED_KEY,
+    OPENPI_SERVER_TIMING_KEY,
     TIMING_COUNT_FIELDS,
     TIMING_MS_FIELDS,
+    openpi_error_text,
 )
 
 log = logging.getLogger("chatvla.server.openpi")
 
 TRANSPORT = "openpi_ws"
 ERROR_CLOSE_REASON = "Internal server error. Error message included in previous frame."
-REASONING_KEY = "reasoning"
+REASONING_KEY = OPENPI_REASONING_KEY
+# Text frames in a row (no observation between them) that are each answered with an error; one more
+# closes the connection with 1003: a peer that only sends text is not an openpi client.
+MAX_TEXT_FRAMES = 3
+TEXT_FLOOD_CLOSE_REASON = "expected binary msgpack frames"
 
 
 def observation_from_openpi(
@@ -55,7 +70,8 @@ def observation_from_openpi(
 
 
 # --- responses --------------------------------------------------------------------------------------------------
-def response_message(r: ChunkResult, prev_total_ms: float | None) -> dict[str, Any]:
+def response_message(r: ChunkResult, prev_total_ms: float | None, actions: np.ndarray | None = None) -> dict[str, Any]:
+    """One reply map; `actions` replaces the chunk when the mapping converts it (e.g. DROID velocities)."""
     t = r.timings
     compute = t.preprocess_ms + t.reasoning_ms + t.expert_ms
     server_timing: dict[str, float] = {
@@ -66,16 +82,17 @@ def response_message(r: ChunkResult, prev_total_ms: float | None) -> dict[str, A
     if prev_total_ms is not None:
         server_timing["prev_total_ms"] = float(prev_total_ms)
     return {
-        "actions": np.ascontiguousarray(r.actions, dtype=np.float32),
-        "policy_timing": {"infer_ms": float(compute)},
-        "server_timing": server_timing,
-        REASONING_KEY: r.reasoning,
-        "reasoning_refreshed": bool(r.reasoning_refreshed),
+        OPENPI_ACTIONS_KEY: np.ascontiguousarray(r.actions if actions is None else actions, dtype=np.float32),
+        OPENPI_POLICY_TIMING_KEY: {"infer_ms": float(compute)},
+        OPENPI_SERVER_TIMING_KEY: server_timing,
+        OPENPI_REASONING_KEY: r.reasoning,
+        OPENPI_REASONING_REFRESHED_KEY: bool(r.reasoning_refreshed),
     }
 
 
 def error_text(e: ServeError) -> str:
-    return f"{e.code.name}: {e}"
+    """The error frame's text, `CODE: [field: ]message` (wire.vocabulary.openpi_error_text)."""
+    return openpi_error_text(e.code.name, str(e))
 
 
 # --- the server -----------------------------------------------------------------------------------------------
@@ -94,9 +111,10 @@ def api_key(headers: Headers) -> str | None:
 class OpenpiEndpoint:
     """Serves openpi's protocol on top of the shared pipeline."""
 
-    def __init__(self, state: ServerState, mapping_spec: str | None) -> None:
+    def __init__(self, state: ServerState, mapping_spec: str | None, default_prompt: str | None = None) -> None:
         self.state = state
         self.mapping_spec = mapping_spec
+        self.default_prompt = default_prompt
         self.mapping: OpenpiMapping | None = None
         self.metadata: dict[str, Any] = {}
         # connection -> robot name from its token, from the handshake until the handler takes it
@@ -106,18 +124,23 @@ class OpenpiEndpoint:
     def bind(self, info: EngineInfo) -> None:
         """Resolve the key mapping for the model's profile (raises MappingError) and build the metadata."""
         mapping = load_mapping(self.mapping_spec, info.profile)
+        if self.default_prompt is not None:  # the `openpi_default_prompt` setting outranks the mapping's
+            mapping = replace(mapping, default_prompt=self.default_prompt)
         p = info.profile
+        out = mapping.actions.describe(p)  # what `actions` holds for this mapping, not the model's chunk
         self.metadata = {
             "server": "chatvla-serve",
             "server_version": chatvla.__version__,
             "model_id": info.model_id,
             "engine": info.engine,
             "robot_profile": p.name,
-            "action_horizon": p.chunk_size,
-            "action_dim": p.action_dim,
-            "action_names": list(p.action_names),
+            "action_horizon": out["horizon"],
+            "action_dim": len(out["names"]),
+            "action_names": out["names"],
+            OPENPI_ACTION_SPACE_KEY: out["space"],
+            OPENPI_ACTION_UNITS_KEY: out["units"],
             "state_dim": p.state_dim,
-            "control_rate_hz": p.control_rate_hz,
+            "control_rate_hz": out["rate_hz"],
             "cameras": list(p.camera_names),
             "mapping": mapping.describe(),
             "reasoning_key": REASONING_KEY,
@@ -161,55 +184,79 @@ class OpenpiEndpoint:
             await ws.send(pack_message(self.metadata))
             mapping, spec = self.mapping, pipeline.spec
             replies: asyncio.Queue = asyncio.Queue()
+            states: dict[int, np.ndarray] = {}  # seq -> the observed state, for action conversions
             seq = 0
+            text_frames = 0
             prev_total_ms: float | None = None
             while True:
                 message = await ws.recv()
                 t0 = time.monotonic()
-                seq += 1
                 if isinstance(message, str):
-                    raise ServeError(Code.INVALID_ARGUMENT, "expected a binary msgpack frame, got text", "message")
-                if session is None:
-                    pipeline = self.state.require()
-                    session = pipeline.open_session(
-                        SessionConfig(
-                            cameras=mapping.required_cameras, instruction=mapping.default_prompt,
-                            robot_id=robot, reasoning=self.state.reasoning,
-                        ),
-                        lambda s, r: replies.put_nowait((s, r)), robot, TRANSPORT,
+                    text_frames += 1
+                    if text_frames > MAX_TEXT_FRAMES:
+                        await ws.close(CloseCode.UNSUPPORTED_DATA, TEXT_FLOOD_CLOSE_REASON)
+                        return
+                    e = ServeError(Code.INVALID_ARGUMENT, "expected a binary msgpack frame, got text", "message")
+                    self.state.refuse(TRANSPORT, e)
+                    await ws.send(error_text(e))
+                    continue
+                text_frames = 0
+                seq += 1
+                try:
+                    if session is None:
+                        pipeline = self.state.require()
+                        session = pipeline.open_session(
+                            SessionConfig(
+                                cameras=mapping.required_cameras, instruction=mapping.default_prompt,
+                                robot_id=robot, reasoning=self.state.reasoning,
+                            ),
+                            lambda s, r: replies.put_nowait((s, r)), robot, TRANSPORT,
+                        )
+                    await pipeline.submit(
+                        session, seq,
+                        lambda instr, m=message, n=seq: self._decode(m, mapping, spec, n, instr, states),
                     )
-                await pipeline.submit(
-                    session, seq,
-                    lambda instr, m=message, n=seq: observation_from_openpi(m, mapping, spec, n, instr),
-                )
+                except ServeError as e:  # refused before the pipeline saw the observation
+                    if e.reason == "sessions_limit":  # the pipeline counted the rejection, not the request
+                        self.state.metrics.requests.labels(transport=TRANSPORT, outcome=e.outcome).inc()
+                    else:
+                        self.state.refuse(TRANSPORT, e)
+                    await ws.send(error_text(e))
+                    continue
                 while True:  # strict alternation: exactly one observation of this session is in flight
                     answered, result = await replies.get()
                     if answered == seq:
                         break
+                state = states.pop(seq, None)
                 if isinstance(result, ServeError):  # the pipeline has counted it
-                    await self._fail(ws, error_text(result))
-                    return
-                await ws.send(pack_message(response_message(result, prev_total_ms)))
+                    await ws.send(error_text(result))
+                    continue
+                actions = None if state is None else mapping.actions.convert(result.actions, state, spec.profile)
+                await ws.send(pack_message(response_message(result, prev_total_ms, actions)))
                 prev_total_ms = (time.monotonic() - t0) * 1e3
         except ConnectionClosed:
             pass
-        except ServeError as e:  # refused before the pipeline saw the observation
-            if e.reason == "sessions_limit":  # the pipeline counted the rejection, not the request
-                self.state.metrics.requests.labels(transport=TRANSPORT, outcome=e.outcome).inc()
-            else:
-                self.state.refuse(TRANSPORT, e)
-            await self._fail(ws, error_text(e))
-        except Exception as e:
+        except Exception as e:  # a bug of ours: the connection's state is unknown, so it ends here
             log.exception("openpi connection from %s failed", ws.remote_address)
-            await self._fail(ws, f"INTERNAL: {type(e).__name__}: {e}")
+            await self._fail(ws, openpi_error_text(Code.INTERNAL.name, f"{type(e).__name__}: {e}"))
         finally:
             self._connections.discard(ws)
             if session is not None and pipeline is not None:
                 pipeline.close_session(session)
 
     @staticmethod
+    def _decode(
+        data: bytes, mapping: OpenpiMapping, spec: InputSpec, seq: int, instruction: str,
+        states: dict[int, np.ndarray],
+    ) -> ObservationRequest:
+        """Decode in the pool and keep the observed state: DROID velocities start from it."""
+        req = observation_from_openpi(data, mapping, spec, seq, instruction)
+        states[seq] = req.obs.state
+        return req
+
+    @staticmethod
     async def _fail(ws: ServerConnection, text: str) -> None:
-        """openpi's error convention: the message as one text frame, then close with 1011."""
+        """A server bug: the message as one text frame, then close with 1011 (openpi's own convention)."""
         with contextlib.suppress(ConnectionClosed):
             await ws.send(text)
             await ws.close(CloseCode.INTERNAL_ERROR, ERROR_CLOSE_REASON)
@@ -236,14 +283,16 @@ class OpenpiServer:
 
 
 async def start_openpi(
-    state: ServerState, host: str, port: int, *, mapping: str | None = None, tls: tuple[Path, Path] | None = None
+    state: ServerState, host: str, port: int, *, mapping: str | None = None, tls: tuple[Path, Path] | None = None,
+    default_prompt: str | None = None,
 ) -> OpenpiServer:
     """Bind (port 0 = OS picks) and serve until `stop()`. `tls` is (certificate, key) paths (wss://).
     A mapping *file* is read here so a typo fails start-up at once; it is checked against the model's
-    profile in `bind`, once the engine is known."""
+    profile in `bind`, once the engine is known. `default_prompt` (None: the mapping's) is the
+    instruction until a connection's first `prompt` arrives."""
     if mapping is not None and mapping not in PRESETS and not Path(mapping).is_file():
         raise MappingError(f"openpi mapping {mapping!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-    endpoint = OpenpiEndpoint(state, mapping)
+    endpoint = OpenpiEndpoint(state, mapping, default_prompt)
     ssl_ctx = None
     if tls is not None:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
