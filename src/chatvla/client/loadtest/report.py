@@ -2,13 +2,14 @@
 so it opens anywhere and can be attached to a ticket as it is.
 
 Charts: client round-trip and server-total latency CDFs, round trip over time (points plus per-second
-p50/p99), server batch sizes over time and their distribution (from the scraped `/metrics`).
+p50/p99), server batch sizes over time and their distribution (from the scraped `/metrics`). Counts
+are shown as integers and breakdowns (errors by kind, rejections by reason, queue depths) as small
+tables, because a reader scans a report, not a Python dict.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,13 @@ from typing import Any
 W, H = 720, 300
 ML, MR, MT, MB = 64, 16, 16, 44  # margins
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")
+# One colour per server stage, shared by its line and its histogram so a reader can pair them. The two
+# batch lines often coincide (every reasoning batch goes on to the expert whole), so they also differ in
+# style: reasoning a wide translucent band, expert a thin dashed line drawn on top of it.
+STAGE_STYLE: dict[str, dict[str, Any]] = {
+    "reasoning": {"color": COLORS[2], "width": 5.0, "opacity": 0.45, "dash": ""},
+    "expert": {"color": COLORS[3], "width": 1.8, "opacity": 1.0, "dash": "6 4"},
+}
 
 
 def _nice_max(v: float) -> float:
@@ -40,7 +48,7 @@ class _Plot:
     def __init__(self, xmax: float, ymax: float, xlabel: str, ylabel: str) -> None:
         self.xmax, self.ymax = _nice_max(xmax), _nice_max(ymax)
         self.parts: list[str] = []
-        self.legend: list[tuple[str, str]] = []
+        self.legend: list[tuple[str, str, str]] = []  # label, colour, SVG style of the line sample ("" = box)
         self.xlabel, self.ylabel = xlabel, ylabel
 
     def x(self, v: float) -> float:
@@ -50,7 +58,7 @@ class _Plot:
         return H - MB - (H - MT - MB) * min(max(v, 0.0), self.ymax) / self.ymax
 
     def line(self, xs: Sequence[float | None], ys: Sequence[float | None], color: str, label: str,
-             step: bool = False) -> None:
+             step: bool = False, width: float = 1.8, opacity: float = 1.0, dash: str = "") -> None:
         pts, segs = [], []
         for x, y in zip(xs, ys):
             if x is None or y is None:
@@ -63,14 +71,19 @@ class _Plot:
             pts.append(f"{self.x(x):.1f},{self.y(y):.1f}")
         if pts:
             segs.append(pts)
+        style = f'stroke="{color}" stroke-width="{width:g}"'
+        if opacity < 1.0:
+            style += f' stroke-opacity="{opacity:g}"'
+        if dash:
+            style += f' stroke-dasharray="{dash}"'
         for seg in segs:
-            self.parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{" ".join(seg)}"/>')
-        self.legend.append((label, color))
+            self.parts.append(f'<polyline fill="none" {style} points="{" ".join(seg)}"/>')
+        self.legend.append((label, color, style))
 
     def points(self, xs: Sequence[float], ys: Sequence[float], color: str, label: str) -> None:
         self.parts += [f'<circle cx="{self.x(x):.1f}" cy="{self.y(y):.1f}" r="1.4" fill="{color}" '
                        f'fill-opacity="0.35"/>' for x, y in zip(xs, ys)]
-        self.legend.append((label, color))
+        self.legend.append((label, color, ""))
 
     def bars(self, labels: Sequence[str], values: Sequence[float], color: str) -> None:
         n = max(1, len(values))
@@ -99,9 +112,12 @@ class _Plot:
         g.append(f'<text transform="translate(14,{(MT + H - MB) / 2}) rotate(-90)" text-anchor="middle" '
                  f'font-size="12">{html.escape(self.ylabel)}</text>')
         g += self.parts
-        for i, (label, color) in enumerate(self.legend):
+        for i, (label, color, style) in enumerate(self.legend):
             y = MT + 14 + 16 * i
-            g.append(f'<rect x="{W - MR - 190}" y="{y - 9}" width="10" height="10" fill="{color}"/>')
+            if style:  # a line: show its width and dashes, not just its colour
+                g.append(f'<line x1="{W - MR - 196}" x2="{W - MR - 180}" y1="{y - 4}" y2="{y - 4}" {style}/>')
+            else:
+                g.append(f'<rect x="{W - MR - 190}" y="{y - 9}" width="10" height="10" fill="{color}"/>')
             g.append(f'<text x="{W - MR - 175}" y="{y}" font-size="11">{html.escape(label)}</text>')
         g.append("</svg>")
         return "\n".join(g)
@@ -150,8 +166,10 @@ def _batch_time(sm: dict[str, Any], wall_s: float) -> str:
         return "<p>No batches were observed in the scraped metrics.</p>"
     ymax = max(m for ser in series.values() for _, m, _ in ser)
     plot = _Plot(max(wall_s, 1.0), max(ymax, 1.0), "time since start (s)", "mean batch size per scrape")
-    for (stage, ser), color in zip(series.items(), COLORS[2:]):
-        plot.line([t for t, _, _ in ser], [m for _, m, _ in ser], color, f"{stage} stage")
+    for stage, ser in series.items():
+        st = STAGE_STYLE[stage]
+        plot.line([t for t, _, _ in ser], [m for _, m, _ in ser], st["color"], f"{stage} stage",
+                  width=st["width"], opacity=st["opacity"], dash=st["dash"])
     return plot.svg()
 
 
@@ -167,16 +185,37 @@ def _batch_hist(sm: dict[str, Any]) -> str:
         hi = int(float(le))
         labels.append(str(hi) if hi == prev + 1 else f"{prev + 1}-{hi}")
         prev = hi
-    values = list(hist.values())
+    values = [_count(v) for v in hist.values()]
     plot = _Plot(1.0, max(values), "batch size (reasoning stage)", "batches")
-    plot.bars(labels, values, COLORS[3])
+    plot.bars(labels, values, STAGE_STYLE["reasoning"]["color"])  # the colour of the reasoning line above
     return plot.svg(xaxis=False)
 
 
-def _table(rows: list[list[str]], head: list[str]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
+class _Html(str):
+    """A table cell that is already HTML (a nested table), so `_table` does not escape it."""
+
+
+def _cell(c: str) -> str:
+    return c if isinstance(c, _Html) else html.escape(c)
+
+
+def _table(rows: list[list[str]], head: list[str] | None = None) -> str:
+    """An HTML table; a header row only when there are column names (an empty one is just a grey bar)."""
+    th = f"<tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>" if head else ""
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{th}{body}</table>"
+
+
+def _count(v: float) -> int:
+    """Counts arrive as floats from Prometheus samples; a count is shown as the integer it is."""
+    return round(v)
+
+
+def _counts(d: dict[str, float] | None) -> str:
+    """A breakdown (errors by kind, rejections by reason, ...) as a two-column table of integer counts."""
+    if not d:
+        return "none"
+    return _Html(_table([[str(k), str(_count(v))] for k, v in sorted(d.items())]))
 
 
 def _ms(v: float | None) -> str:
@@ -199,15 +238,15 @@ def render_html(report: dict[str, Any]) -> str:
         ["observations sent", f"{tot['observations_sent']} ({thr['observations_per_s']:.1f}/s)"],
         ["stall ticks", f"{tot['stall_ticks']} of {tot['ticks']} ({100 * tot['stall_fraction']:.2f}%)"],
         ["generator late ticks", f"{tot['generator_late_ticks']} (non-zero: the load generator was overloaded)"],
-        ["rejections", str(report["rejections"])],
-        ["errors by kind", json.dumps(report["errors_by_kind"]) or "{}"],
+        ["rejections", str(_count(report["rejections"]))],
+        ["errors by kind", _counts(report["errors_by_kind"])],
     ]
     sm = report.get("server_metrics") or {}
     if sm.get("batch_reasoning"):
         summary.append(["server batch size (mean)",
                         f"reasoning {_ms(sm['batch_reasoning']['mean'])}, expert {_ms(sm['batch_expert']['mean'])}"])
-        summary.append(["server rejected (by reason)", json.dumps(sm.get("rejected_by_reason", {}))])
-        summary.append(["server max queue depth", json.dumps(sm.get("queue_depth_max", {}))])
+        summary.append(["server rejected (by reason)", _counts(sm.get("rejected_by_reason"))])
+        summary.append(["server max queue depth", _counts(sm.get("queue_depth_max"))])
     sections = [
         "<h2>Latency CDF</h2>", _latency_cdf(report),
         "<h2>Latency over time</h2>", _latency_time(report),
@@ -224,9 +263,9 @@ def render_html(report: dict[str, Any]) -> str:
 table{{border-collapse:collapse;margin:8px 0}}td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left;
 font-size:13px}}th{{background:#f3f3f3}}h2{{font-size:17px;margin-top:28px}}</style></head><body>
 <h1>chatvla load test</h1>
-{_table(summary, ["", ""])}
+{_table(summary)}
 <h2>Latency (ms)</h2>
-{_table(lat_rows, ["", "p50", "p90", "p99", "max"])}
+{_table(lat_rows, ["timing", "p50", "p90", "p99", "max"])}
 {"".join(sections)}
 <p style="font-size:12px;color:#666">Client round trip: observation handed to the policy client until its chunk
 arrived. Server stages: the server's own timings carried in each chunk. See docs/operations.md.</p>

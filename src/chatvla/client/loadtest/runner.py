@@ -337,16 +337,25 @@ def _server_metrics(scraper: Scraper | None) -> dict[str, Any] | None:
             sums = value(snaps[-1].metrics, BATCH_SIZE_SUM, stage=stage) - value(
                 snaps[0].metrics, BATCH_SIZE_SUM, stage=stage)
             mean = sums / total
-        out[f"batch_{stage}"] = {"mean": mean, "batches": total, "histogram": hist,
-                                 "series": [[round(t, 2), round(m, 3), n] for t, m, n in series]}
-    out["rejected_by_reason"] = deltas(snaps, REJECTED_TOTAL, "reason")
-    out["requests_by_outcome"] = deltas(snaps, REQUESTS_TOTAL, "outcome")
+        out[f"batch_{stage}"] = {"mean": mean, "batches": _int(total), "histogram": _ints(hist),
+                                 "series": [[round(t, 2), round(m, 3), _int(n)] for t, m, n in series]}
+    out["rejected_by_reason"] = _ints(deltas(snaps, REJECTED_TOTAL, "reason"))
+    out["requests_by_outcome"] = _ints(deltas(snaps, REQUESTS_TOTAL, "outcome"))
     out["queue_depth_max"] = {
-        stage: max(value(s.metrics, QUEUE_DEPTH, stage=stage) for s in snaps)
+        stage: _int(max(value(s.metrics, QUEUE_DEPTH, stage=stage) for s in snaps))
         for stage in QUEUE_STAGES
     }
-    out["active_sessions_max"] = max(value(s.metrics, ACTIVE_SESSIONS) for s in snaps)
+    out["active_sessions_max"] = _int(max(value(s.metrics, ACTIVE_SESSIONS) for s in snaps))
     return out
+
+
+def _int(v: float) -> int:
+    """Prometheus samples are floats; counts, depths and batch counts are whole numbers in the report."""
+    return round(v)
+
+
+def _ints(d: dict[str, float]) -> dict[str, int]:
+    return {k: _int(v) for k, v in d.items()}
 
 
 def write_reports(report: dict[str, Any], directory: str | Path) -> tuple[Path, Path]:
