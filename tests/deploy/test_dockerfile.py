@@ -71,6 +71,43 @@ def test_targets_exist():
     assert set(TARGETS) <= set(STAGES)
 
 
+def needs(name: str) -> set[str]:
+    """Every stage `name` depends on: its FROM chain and the stages it copies from (transitively)."""
+    out: set[str] = set()
+    todo = [name]
+    while todo:
+        n = todo.pop()
+        if n in out or n not in STAGES:
+            continue
+        out.add(n)
+        todo.append(STAGES[n].base)
+        todo += [m.group(1) for i, a in STAGES[n].lines if i == "COPY" for m in [re.search(r"--from=(\S+)", a)] if m]
+    return out
+
+
+def test_client_builds_with_the_classic_builder_without_server_stages():
+    """Docker's classic builder builds every stage up to the target in file order: the client target
+    must come before every server stage and need none of them."""
+    order = list(STAGES)
+    client_needs = needs("client")
+    assert client_needs == {"base", "client-build", "client"}
+    servers = needs("server-cpu") | needs("server-gpu")
+    assert all(order.index(n) < order.index(s) for n in client_needs for s in servers - {"base"})
+    assert order[-1] not in servers  # a plain (BuildKit) build stays the small client
+    assert needs(order[-1]) - {order[-1]} <= client_needs
+
+
+def test_no_buildkit_only_syntax():
+    """No `# syntax=` line (BuildKit would fetch its frontend from a registry) and nothing the classic
+    builder cannot run (RUN --mount, heredocs)."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    for stage in STAGES.values():
+        for instr, args in stage.lines:
+            assert not (instr == "RUN" and args.startswith("--")), args
+            assert "<<" not in args, args
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_runs_as_numeric_non_root_user(target):
     user = last(target, "USER")
