@@ -49,6 +49,8 @@ def test_demo_runs_robots_through_both_tasks_and_exits_cleanly(tmp_path):
     assert len(files) == 2
     ep = read_episode(files[0])
     assert ep.records and any(rec.chunk is not None for rec in ep.records)
+    for f in files:  # every episode has its viewer next to it, and the report says where
+        assert f.with_suffix(".html").exists() and f"viewer: {f.with_suffix('.html')}" in out
     import json
 
     report = json.loads((tmp_path / "report.json").read_text())

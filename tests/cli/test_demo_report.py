@@ -17,7 +17,7 @@ def test_safety_counts_are_named():
 
 
 def test_report_prints_names_and_text_not_reprs(capsys):
-    r = RobotReport(name="robot0", episodes=1, ticks=150, seconds=10.0, interventions=93,
+    r = RobotReport(name="robot0", episodes=1, ticks=150, seconds=10.0, safety_clamped_ticks=93,
                     safety={"clip_limits": 80, "watchdog_hold": 13}, reasoning_sample="I'll add 3 and 4:\n7")
     print_report([r, RobotReport(name="robot1", error="RuntimeError: boom")], "chatvla-tiny-mm")
     out = capsys.readouterr().out

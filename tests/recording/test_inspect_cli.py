@@ -16,8 +16,8 @@ def test_text_summary_and_plot(episode_file, tmp_path, capsys):
     assert "franka_joint: joint_position, action 8" in out
     assert "ticks        40 (tick 0..39, 0 missing), 2.60 s, achieved 15.0 Hz" in out
     assert "chunks       5 received, arrival lag p50 2.0 / max 2 ticks" in out
-    assert "stalls       2 ticks (5.0%)" in out
-    assert "safety       step_limit x1" in out
+    assert "stalls       2 stalled ticks (5.0%), 0 start-up ticks" in out
+    assert "safety       1 safety-clamped ticks; step_limit x1" in out
     assert "answer is 7" in out
     assert "reasoning    5 chunks carry text; samples:" in out
     assert "  joint1 " in out and "  gripper " in out
@@ -30,6 +30,7 @@ def test_json_summary(episode_file, capsys):
     assert main(["inspect", str(path), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["ticks"] == 40 and s["chunks_received"] == 5 and s["stall_ticks"] == 2
+    assert s["startup_ticks"] == 0 and s["safety_clamped_ticks"] == 1
     assert s["interventions"] == {"step_limit": 1}
     assert len(s["reasoning_samples"]) == 3
     j1 = s["action_ranges"][0]

@@ -5,9 +5,12 @@ behind the same client stack a real arm uses (gRPC policy client, chunk executor
 control loop at the profile's rate). The default model, `chatvla-tiny-mm`, was trained on math
 matching (read the whiteboard, add, put the card with the answer on the green square), so that is the
 default task; `--task both` alternates it with toy placement, which that model was not trained on.
-The report gives, per robot, the control rate achieved, stall ticks, latency by stage, the reasoning
-of every episode and the success count. The seeded presets (`tiny`, ...) are untrained: they fail
-every task, and the report says so.
+The report gives, per robot, the control rate achieved, stalled and safety-clamped ticks (counted as
+`chatvla inspect` counts them, chatvla.client.tick_counts), latency by stage, the reasoning of every
+episode and the success count. Every episode is recorded (to --record DIR, else a new temporary
+directory) with a viewer next to it: an HTML page and, with the video extra installed, an MP4 (the same
+files as `chatvla inspect EP --html/--video`); the report prints where. The seeded presets (`tiny`, ...)
+are untrained: they fail every task, and the report says so.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from chatvla.client.tick_counts import TickCounts
 
 SIM_FOR_PROFILE = {"franka_joint": "sim-panda", "arx_r5_bimanual": "sim-bimanual"}
 TASKS = ("math_matching", "toy_placement")
@@ -46,7 +52,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="task variants to draw: train (what the model saw) or heldout")
     p.add_argument("--seed", type=int, default=0,
                    help="base seed of the task variants and sims (robot i, episode e use seed + 1000*i + e)")
-    p.add_argument("--record", metavar="DIR", help="write each episode to DIR (msgpack, see docs/recording.md)")
+    p.add_argument("--record", metavar="DIR", help="write each episode and its viewer to DIR (msgpack, see "
+                   "docs/recording.md); without it they go to a new temporary directory")
+    p.add_argument("--no-viewer", action="store_true",
+                   help="write no viewer (HTML, MP4) and, without --record, no episode files")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")
     p.add_argument("--verbose", action="store_true", help="log every safety intervention streak")
@@ -60,16 +69,28 @@ class RobotReport:
     successes: int = 0
     ticks: int = 0
     seconds: float = 0.0
-    stalls: int = 0
+    stalled_ticks: int = 0  # definitions: chatvla.client.tick_counts, the same as `chatvla inspect`
+    startup_ticks: int = 0
+    safety_clamped_ticks: int = 0
     missed_ticks: int = 0
     holds: int = 0
-    interventions: int = 0
-    safety: dict[str, int] = field(default_factory=dict)  # interventions by kind (ticks x kinds)
+    safety: dict[str, int] = field(default_factory=dict)  # ticks on which each intervention fired
     chunks: int = 0
     latency: dict[str, Any] = field(default_factory=dict)
     reasoning_sample: str = ""
     outcomes: list[str] = field(default_factory=list)
+    episode_files: list[str] = field(default_factory=list)
+    viewers: list[str] = field(default_factory=list)
     error: str = ""
+
+    def add_counts(self, counts: TickCounts) -> None:
+        """Add one episode's tick counts (from a TickCounter on the live loop, which sees exactly what the
+        episode file records, so `chatvla inspect` of that file prints the same numbers)."""
+        self.stalled_ticks += counts.stalled_ticks
+        self.startup_ticks += counts.startup_ticks
+        self.safety_clamped_ticks += counts.safety_clamped_ticks
+        for kind, n in counts.safety.items():
+            self.safety[kind] = self.safety.get(kind, 0) + n
 
     @property
     def rate_hz(self) -> float:
@@ -94,6 +115,7 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
     from chatvla.client.recording import EpisodeWriter
     from chatvla.client.robots.registry import make_robot
     from chatvla.client.sim.tasks import make_task
+    from chatvla.client.tick_counts import TickCounter
 
     robot = None
     try:
@@ -105,10 +127,13 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
             task = make_task(kind, seed=args.seed + 1000 * idx + ep, split=args.split)
             robot.reset(task)
             first = _FirstReasoning()
-            observers: list[Any] = [lat, first]
+            counter = TickCounter()
+            observers: list[Any] = [lat, first, counter]
             writer = None
             if args.record:
-                writer = EpisodeWriter(episode_path(args.record, out.name, ep), robot.profile,
+                path = episode_path(args.record, out.name, ep)
+                out.episode_files.append(str(path))
+                writer = EpisodeWriter(path, robot.profile,
                                        instruction=task.instruction,
                                        task={"kind": kind, "seed": task.seed, "split": task.split},
                                        overwrite=True)
@@ -118,21 +143,19 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
                               success=lambda r=robot: r.check_success().success)
             if writer is not None:
                 writer.close({"success": bool(res.success)})
-            ex = res.summary.get("executor", {})
+            counts = counter.counts()
+            out.add_counts(counts)
             out.episodes += 1
             out.successes += int(bool(res.success))
             out.ticks += res.ticks
             out.seconds += res.seconds
-            out.stalls += int(ex.get("stalls", 0))
             out.missed_ticks += int(res.summary.get("missed_ticks", 0))
             out.holds += int(res.summary.get("holds", 0))
-            for kind_name, count in dict(res.summary.get("safety", {})).items():
-                out.safety[kind_name] = out.safety.get(kind_name, 0) + int(count)
-                out.interventions += int(count)
             out.outcomes.append(f"{kind}:{'ok' if res.success else 'fail'}")
             print(f"[demo] {out.name} episode {ep + 1}/{args.episodes} ({kind}): "
                   f"{'success' if res.success else 'no success'}, {res.ticks} ticks in {res.seconds:.1f} s, "
-                  f"{ex.get('stalls', 0)} stalls; board {getattr(task, 'a', '?')}+{getattr(task, 'b', '?')}, "
+                  f"{counts.stalled_ticks} stalled ticks, {counts.safety_clamped_ticks} safety-clamped ticks; "
+                  f"board {getattr(task, 'a', '?')}+{getattr(task, 'b', '?')}, "
                   f"reasoning: {quoted(first.text)}", file=sys.stderr, flush=True)
         out.chunks = lat.chunks
         out.latency = lat.percentiles()
@@ -174,15 +197,40 @@ def _fmt_ms(d: dict[str, Any]) -> str:
     return f"{d['p50']:.0f}/{d['p99']:.0f}" if d.get("n") else "-"
 
 
-def print_report(reports: list[RobotReport], model: str) -> None:
-    head = (f"{'robot':<10} {'rate Hz':>8} {'ticks':>6} {'stalls':>6} {'missed':>6} {'safety':>6} {'chunks':>6} "
+def write_episode_viewers(reports: list[RobotReport]) -> str:
+    """Write the viewer of every recorded episode next to its file (the same as `chatvla inspect EP --html
+    EP.html --video EP.mp4`), after the robots are done so rendering never competes with a control loop.
+    Returns a note for the report when videos were left out."""
+    from chatvla.cli.inspect import write_viewers
+    from chatvla.client.recording import read_episode
+    from chatvla.client.viewer import VIDEO_EXTRA, video_available
+
+    with_video = video_available()
+    for r in reports:
+        for f in r.episode_files:
+            path = Path(f)
+            try:
+                written = write_viewers(read_episode(path, allow_truncated=True), html=path.with_suffix(".html"),
+                                        video=path.with_suffix(".mp4") if with_video else None, title=path.name)
+            except Exception as e:  # a viewer is a convenience: report it, keep the run's result
+                print(f"[demo] no viewer for {path}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            r.viewers += [where for _, where in written]
+    if with_video:
+        return ""
+    return f"videos not written: pip install 'chatvla-serve[{VIDEO_EXTRA}]' (imageio-ffmpeg) for an MP4 per episode"
+
+
+def print_report(reports: list[RobotReport], model: str, viewer_note: str = "") -> None:
+    head = (f"{'robot':<10} {'rate Hz':>8} {'ticks':>6} {'stalled':>7} {'start-up':>8} {'clamped':>7} "
+            f"{'missed':>6} {'chunks':>6} "
             f"{'rtt p50/p99':>12} {'reason p50/p99':>15} {'expert p50/p99':>15} {'success':>8}")
     print(head)
     print("-" * len(head))
     for r in reports:
         lat = r.latency
-        print(f"{r.name:<10} {r.rate_hz:>8.2f} {r.ticks:>6} {r.stalls:>6} {r.missed_ticks:>6} {r.interventions:>6} "
-              f"{r.chunks:>6} "
+        print(f"{r.name:<10} {r.rate_hz:>8.2f} {r.ticks:>6} {r.stalled_ticks:>7} {r.startup_ticks:>8} "
+              f"{r.safety_clamped_ticks:>7} {r.missed_ticks:>6} {r.chunks:>6} "
               f"{_fmt_ms(lat.get('round_trip_ms', {})):>12} {_fmt_ms(lat.get('reasoning_ms', {})):>15} "
               f"{_fmt_ms(lat.get('expert_ms', {})):>15} {f'{r.successes}/{r.episodes}':>8}")
     for r in reports:
@@ -192,8 +240,15 @@ def print_report(reports: list[RobotReport], model: str) -> None:
         print(f"{r.name} safety: {safety_text(r.safety)}")
         if r.reasoning_sample:
             print(f"{r.name} reasoning sample: {quoted(r.reasoning_sample)}")
-    print("latency columns are p50/p99 in ms: rtt = client round trip, reason/expert = server stages; "
-          "safety = interventions of the safety filter (limits, holds, stops), per tick and kind, named above")
+        for where in r.viewers:
+            print(f"{r.name} viewer: {where}")
+    print("stalled = stalled ticks (after the first action the executor had none and the arm held), start-up = "
+          "ticks waiting for the first chunk, clamped = safety-clamped ticks (the safety filter changed or "
+          "replaced the policy's action); counted as `chatvla inspect` counts them. Safety lists the ticks per "
+          "intervention (stall_hold is the hold of a start-up or stalled tick). Latency columns are p50/p99 in "
+          "ms: rtt = client round trip, reason/expert = server stages")
+    if viewer_note:
+        print(viewer_note)
     total = sum(r.successes for r in reports)
     n = sum(r.episodes for r in reports)
     if model.startswith("tiny"):
@@ -215,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
 
     if sim_unavailable("demo"):
         return 2
+    if not args.record and not args.no_viewer:  # the viewers are made from the episode files
+        args.record = tempfile.mkdtemp(prefix="chatvla-demo-")
     if args.record:
         Path(args.record).mkdir(parents=True, exist_ok=True)
     import logging
@@ -254,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
             t.start()
         for t in threads:
             t.join()
-        print_report(reports, args.model)
+        note = "" if args.no_viewer else write_episode_viewers(reports)
+        print_report(reports, args.model, note)
         if args.json:
             Path(args.json).write_text(json.dumps([{**vars(r), "rate_hz": r.rate_hz} for r in reports], indent=2))
         code = 1 if any(r.error for r in reports) else 0

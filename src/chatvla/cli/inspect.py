@@ -1,7 +1,10 @@
-"""`chatvla inspect FILE [--plot out.png] [--json]`: what happened in a recorded episode.
+"""`chatvla inspect FILE [--plot out.png] [--html out.html] [--video out.mp4] [--json]`: what happened in a
+recorded episode.
 
 Meant for the first look after a run on a robot PC: it reads crashed (truncated) files too, saying so,
-and imports matplotlib only when a plot is asked for.
+and imports matplotlib only when a plot is asked for and imageio-ffmpeg only when a video is. The viewer
+(--html, --video) is chatvla.client.viewer; stalled and safety-clamped ticks are counted by
+chatvla.client.tick_counts, the definitions `chatvla demo` prints too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from chatvla.client.recording import Episode, EpisodeFormatError, read_episode
+from chatvla.client.tick_counts import STALLED, count_ticks, tick_statuses
 
 REASONING_SAMPLES = 3
 REASONING_CHARS = 160
@@ -25,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("inspect", help="summarise and plot a recorded episode file")
     p.add_argument("file", type=Path, help="episode file written by chatvla record")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write a plot of the executed actions per joint")
+    p.add_argument("--html", type=Path, metavar="HTML",
+                   help="write a self-contained viewer page: tick slider, every camera, per-joint plots, reasoning")
+    p.add_argument("--video", type=Path, metavar="MP4",
+                   help="write a video: every camera per tick with action vs state, reasoning and stall/safety "
+                   "marks (needs the video extra)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     return p
 
@@ -50,6 +59,7 @@ def summarize(ep: Episode) -> dict[str, Any]:
     for _, c in chunks:
         for k, v in c.timings.items():
             stages.setdefault(k, []).append(v)
+    counts = count_ticks([r.stall for r in recs], [r.interventions for r in recs])
     reasoning = [(t, c.seq, c.reasoning) for t, c in chunks if c.reasoning.strip()]
     with_text = len(reasoning)
     if len(reasoning) > REASONING_SAMPLES:  # first, middle, last: how the story went
@@ -96,7 +106,9 @@ def summarize(ep: Episode) -> dict[str, Any]:
         "chunk_lag_ticks_p50": _percentile(lags, 50),
         "chunk_lag_ticks_max": max(lags) if lags else None,
         "server_ms_mean": {k: float(np.mean(v)) for k, v in sorted(stages.items())},
-        "stall_ticks": sum(r.stall for r in recs),
+        "stall_ticks": counts.stalled_ticks,
+        "startup_ticks": counts.startup_ticks,
+        "safety_clamped_ticks": counts.safety_clamped_ticks,
         "held_without_action": sum(r.action is None for r in recs),
         "interventions": dict(sorted(interventions.items())),
         "chunks_with_reasoning": with_text,
@@ -131,9 +143,11 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["server_ms_mean"]:
         lines.append("server ms    " + ", ".join(f"{k} {v:.1f}" for k, v in s["server_ms_mean"].items()) + " (mean)")
     pct = 100.0 * s["stall_ticks"] / s["ticks"] if s["ticks"] else 0.0
-    lines.append(f"stalls       {s['stall_ticks']} ticks ({pct:.1f}%), {s['held_without_action']} held with no action")
+    lines.append(f"stalls       {s['stall_ticks']} stalled ticks ({pct:.1f}%), {s['startup_ticks']} start-up ticks "
+                 f"before the first chunk, {s['held_without_action']} held with no action")
     iv = s["interventions"]
-    lines.append("safety       " + (", ".join(f"{k} x{v}" for k, v in iv.items()) if iv else "no interventions"))
+    lines.append(f"safety       {s['safety_clamped_ticks']} safety-clamped ticks; "
+                 + (", ".join(f"{k} x{v}" for k, v in iv.items()) if iv else "no interventions"))
     n_text = s["chunks_with_reasoning"]
     lines.append("reasoning    " + (f"{n_text} chunks carry text; samples:" if n_text else "-"))
     for r in s["reasoning_samples"]:
@@ -169,7 +183,7 @@ def plot_actions(ep: Episode, out: Path) -> None:
     ticks = np.array([r.tick for r in recs])
     acts = np.stack([r.action for r in recs]) if recs else np.zeros((0, dims))
     arrivals = [r.tick for r in ep.records if r.chunk is not None]
-    stalls = {r.tick for r in ep.records if r.stall}
+    stalls = {r.tick for r, st in zip(ep.records, tick_statuses(r.stall for r in ep.records)) if st == STALLED}
     for i in range(nrows * ncols):
         ax = axes[i // ncols][i % ncols]
         if i >= dims:
@@ -208,15 +222,41 @@ def run(args: argparse.Namespace) -> int:
     except EpisodeFormatError as e:
         print(f"error: {args.file}: {e}", file=sys.stderr)
         return 1
+    if args.video:
+        from chatvla.client.viewer.video import require_encoder
+
+        require_encoder()  # a missing extra ends here with the install hint, before any work
     summary = summarize(ep)
     summary["file"] = str(args.file)
+    outputs: list[tuple[str, str]] = []
     if args.plot:
         plot_actions(ep, args.plot)
         summary["plot"] = str(args.plot)
+        outputs.append(("plot", str(args.plot)))
+    if args.html or args.video:
+        outputs += write_viewers(ep, html=args.html, video=args.video, title=args.file.name)
+        summary.update({k: v for k, v in outputs if k in ("html", "video")})
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
         print(format_summary(summary))
-        if args.plot:
-            print(f"plot         {args.plot}")
+        for kind, where in outputs:
+            print(f"{kind:<12} {where}")
     return 0
+
+
+def write_viewers(ep: Episode, *, html: Path | None = None, video: Path | None = None,
+                  title: str = "") -> list[tuple[str, str]]:
+    """Write the HTML and/or video viewer of `ep`; returns (kind, path) of each file written, for the
+    report. Shared with `chatvla demo`, which writes both next to every episode it records."""
+    from chatvla.client.viewer import build_view, write_html, write_video
+
+    view = build_view(ep)
+    out: list[tuple[str, str]] = []
+    if html is not None:
+        write_html(view, html, title=title)
+        out.append(("html", str(html)))
+    if video is not None:
+        write_video(view, video)
+        out.append(("video", str(video)))
+    return out

@@ -46,6 +46,7 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "yaml": ("pyyaml", "server"),
     "mujoco": ("mujoco", "sim"),
     "matplotlib": ("matplotlib", "plot"),
+    "imageio_ffmpeg": ("imageio-ffmpeg", "video"),
     "panda_py": ("panda-python", "panda"),
     "franky": ("franky-control", "franky"),
     "arx_r5_sdk": ("arx-r5-sdk", "arx"),
