@@ -91,7 +91,9 @@ def aloha_obs(*, chw: bool = True, prompt: str | None = "fold the shirt", camera
     shape = (3, 32, 40) if chw else (32, 40, 3)
     images = {c: (np.full(shape, value, np.uint8) if value is not None else rng.integers(0, 255, shape, np.uint8))
               for c in cameras}
-    obs: dict[str, Any] = {"state": np.linspace(-0.5, 0.5, 14).astype(np.float32), "images": images}
+    state = np.linspace(-0.5, 0.5, 14).astype(np.float32)
+    state[[6, 13]] = 0.04  # the grippers, in metres: within the profile's range (the server refuses far outside)
+    obs: dict[str, Any] = {"state": state, "images": images}
     if prompt is not None:
         obs["prompt"] = prompt
     return obs

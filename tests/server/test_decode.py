@@ -54,7 +54,7 @@ class CountedObservation:
 
 def observation(rng: np.random.Generator) -> tuple[pb.Observation, dict[str, np.ndarray], np.ndarray]:
     pixels = {c.name: rng.integers(0, 256, (c.height, c.width, 3), dtype=np.uint8) for c in PROFILE.cameras}
-    state = rng.uniform(-1, 1, PROFILE.state_dim).astype(np.float32)
+    state = rng.uniform(PROFILE.action_lower, PROFILE.action_upper).astype(np.float32)  # within the joint limits
     obs = pb.Observation(
         seq=1, images=[encode_image(a, cam) for cam, a in pixels.items()], state=tensor_to_proto(state),
         instruction="pick up the red cube",

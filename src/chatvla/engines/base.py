@@ -75,12 +75,23 @@ class ActItem:
 
 
 @dataclass(frozen=True)
+class StateStats:
+    """The state normalisation the model was trained with (a checkpoint's stats.json: the expert sees
+    `(state - mean) / std`). Server validation bounds states by it: a state many standard deviations
+    from anything in training gives the expert inputs it never saw, so its chunk is not worth sending."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     model_id: str
     engine: str
     profile: RobotProfile
     max_reasoning_tokens: int
     extra: Mapping[str, Any] = field(default_factory=dict)
+    state_stats: StateStats | None = None  # None: the engine has no state normalisation (NullEngine)
 
 
 # Called by `submit_reasoning` once per item: (index in the submitted batch, result or the error).

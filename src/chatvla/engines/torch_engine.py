@@ -19,6 +19,7 @@ from chatvla.engines.base import (
     EngineObservation,
     ReasoningResult,
     ReasonItem,
+    StateStats,
 )
 from chatvla.model import ChatVLA2, load_model
 from chatvla.model.processor import PreparedPrompt
@@ -41,6 +42,7 @@ class TorchEngine(Engine):
             profile=model.cfg.profile,
             max_reasoning_tokens=self.max_new_tokens,
             extra={"parameters": n_params, "moe": model.cfg.moe.kind, "device": str(model.device)},
+            state_stats=StateStats(model.stats.state_mean, model.stats.state_std) if model.stats else None,
         )
 
     @classmethod

@@ -63,6 +63,7 @@ from chatvla.engines.base import (
     ReasoningDone,
     ReasoningResult,
     ReasonItem,
+    StateStats,
 )
 from chatvla.engines.vllm_plugin import ARCHITECTURE, CAPTURE_ARCHITECTURE, WORKER_EXTENSION
 from chatvla.model.action_expert import mean_pool
@@ -197,6 +198,8 @@ class VllmEngine(Engine):
                 "vllm": _vllm_version(),
                 "device": device,
             },
+            # The expert's own buffers: stats.json as loaded (std clamped at 1e-6, as it divides by it).
+            state_stats=StateStats(tuple(self.expert.state_mean.tolist()), tuple(self.expert.state_std.tolist())),
         )
 
     # --- construction ---------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class Scheduler:
         self._executor = executor  # the thread that loaded the engine (compute.compute_executor)
         self.config = config
         self.metrics = metrics
-        self.spec = InputSpec(profile=engine.info.profile, limits=config.limits)
+        self.spec = InputSpec(profile=engine.info.profile, limits=config.limits, state_stats=engine.info.state_stats)
         self.sessions: dict[str, Session] = {}
         self.accepting = True
         self._admitted = 0

@@ -21,11 +21,12 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from chatvla.engines.base import EngineObservation
+from chatvla.engines.base import EngineObservation, StateStats
 from chatvla.profiles import RobotProfile
 from chatvla.server.errors import Code, ServeError
 from chatvla.server.messages import ObservationRequest, ReasoningPolicy, SessionConfig
@@ -46,11 +47,75 @@ _CONTROL_TOKEN = re.compile(r"<\|[^|]*\|>")
 
 
 @dataclass(frozen=True)
+class StateBounds:
+    """The interval each state value must lie in, and why (for the refusal message).
+
+    Two rules, intersected per index (docs/security.md, "State limits"):
+    * the robot profile's limits (`action_lower/upper`, when state and action share units: joint and
+      end-effector profiles) widened by `Limits.state_margin` of each range on both sides: a real arm
+      reads at most a little past its limits, so a value beyond that is a wrong unit (degrees for
+      radians, millimetres for metres, a 0..1 gripper on a metres profile), a sensor fault or hostile;
+    * the checkpoint's state statistics: at most `Limits.max_state_sigma` standard deviations from the
+      training mean, with each std floored at 1% of the profile range (a joint that never moved in the
+      training data must not make every ordinary reading of it "50 sigma"). The expert sees
+      (x - mean) / std; far beyond anything in training its chunk is not worth sending to a robot.
+    If the two rules leave no room for an index (stats that do not fit the profile), the profile's wins.
+    """
+
+    lower: np.ndarray  # float64 [state_dim]
+    upper: np.ndarray
+    why: tuple[str, ...]  # per index: which rule set the bound
+
+    @classmethod
+    def build(cls, profile: RobotProfile, limits: Limits, stats: StateStats | None) -> StateBounds:
+        d = profile.state_dim
+        lo = np.full(d, -limits.max_state_abs, np.float64)
+        hi = np.full(d, limits.max_state_abs, np.float64)
+        why = [f"within +-{limits.max_state_abs:g}"] * d
+        span = np.zeros(d, np.float64)
+        if profile.state_dim == profile.action_dim:
+            pl, pu = np.asarray(profile.action_lower, np.float64), np.asarray(profile.action_upper, np.float64)
+            span = pu - pl
+            lo, hi = np.maximum(lo, pl - limits.state_margin * span), np.minimum(hi, pu + limits.state_margin * span)
+            why = [f"the {profile.name} profile's limits for {n} widened by {limits.state_margin:.0%} of the range"
+                   for n in profile.state_names]
+        if stats is not None and len(stats.mean) == d and len(stats.std) == d:
+            mean = np.asarray(stats.mean, np.float64)
+            std = np.maximum(np.asarray(stats.std, np.float64), np.maximum(0.01 * span, 1e-6))
+            k = limits.max_state_sigma
+            s_lo, s_hi = mean - k * std, mean + k * std
+            for i in range(d):
+                n_lo, n_hi = max(lo[i], s_lo[i]), min(hi[i], s_hi[i])
+                if n_lo > n_hi:  # the stats do not fit the profile: keep the profile's bound
+                    continue
+                if (n_lo, n_hi) != (lo[i], hi[i]):
+                    name = profile.state_names[i]
+                    why[i] = f"{k:g} standard deviations of the checkpoint's state statistics for {name}"
+                lo[i], hi[i] = n_lo, n_hi
+        return cls(lo, hi, tuple(why))
+
+    def check(self, arr: np.ndarray, field: str) -> None:
+        """Refuse the first value outside its interval, naming its index; `arr` is finite already."""
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero((arr < self.lower) | (arr > self.upper))
+        if bad.size:
+            i = int(bad[0])
+            raise invalid(f"{field}[{i}]", f"{float(arr[i]):.6g} is outside [{self.lower[i]:.4g}, {self.upper[i]:.4g}] "
+                                           f"({self.why[i]}); check the units")
+
+
+@dataclass(frozen=True)
 class InputSpec:
-    """What the hosted model accepts: its profile (dims, cameras) and the wire limits."""
+    """What the hosted model accepts: its profile (dims, cameras), the wire limits and, when the engine
+    has them, the state statistics of its checkpoint."""
 
     profile: RobotProfile
     limits: Limits
+    state_stats: StateStats | None = None
+
+    @cached_property
+    def state_bounds(self) -> StateBounds:
+        return StateBounds.build(self.profile, self.limits, self.state_stats)
 
 
 def invalid(field: str, message: str) -> ServeError:
@@ -89,12 +154,16 @@ def _refuse_control_tokens(text: str, field: str) -> None:
         raise invalid(field, f"contains the chat-template control token {_name(token.group())!r}; send plain text")
 
 
-def check_state_values(arr: np.ndarray, field: str, limits: Limits) -> np.ndarray:
-    """Every state value finite and within +-limits.max_state_abs (robot units)."""
+def check_state_values(arr: np.ndarray, field: str, spec: InputSpec) -> np.ndarray:
+    """Every state value finite and within +-limits.max_state_abs (robot units), then each within its
+    `StateBounds` interval (the one place every transport's state passes)."""
+    limits = spec.limits
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(arr).all() and bool((np.abs(arr) <= limits.max_state_abs).all())
     if not ok:
         raise invalid(field, f"every value must be finite and within +-{limits.max_state_abs:g} (robot units)")
+    if arr.shape == (spec.profile.state_dim,):
+        spec.state_bounds.check(arr, field)
     return arr
 
 
@@ -151,7 +220,7 @@ def decode_proto_state(t: pb.Tensor, field: str, spec: InputSpec, present: bool)
         )
     except WireError as e:
         raise invalid(e.field, e.message) from None
-    return check_state_values(arr, field, spec.limits)
+    return check_state_values(arr, field, spec)
 
 
 def session_from_proto(start: pb.SessionStart, spec: InputSpec, defaults: ReasoningPolicy) -> SessionConfig:
@@ -267,7 +336,7 @@ def _state_list(value: Any, spec: InputSpec) -> np.ndarray:
         raise invalid("state", "contains a value beyond float32") from None
     if not np.isfinite(arr).all():
         raise invalid("state", "contains NaN or inf (or a value beyond float32)")
-    return check_state_values(arr, "state", spec.limits)
+    return check_state_values(arr, "state", spec)
 
 
 def _int_field(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
@@ -410,7 +479,7 @@ def observation_from_arrays(
     want = spec.profile.state_dim
     if state.shape != (want,):
         raise invalid(state_field, f"must have {want} values, got {state.size}")
-    check_state_values(state, state_field, spec.limits)
+    check_state_values(state, state_field, spec)
     if isinstance(instruction, bytes):
         try:
             instruction = instruction.decode("utf-8")

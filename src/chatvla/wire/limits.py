@@ -24,6 +24,12 @@ class Limits:
     # Every state value in robot units (radians, metres, gripper 0..1): finite but absurd values
     # (1e10, 1e38) overflow normalisation and give NaN actions, so they are refused by validation.
     max_state_abs: float = 1e4
+    # Tighter, per index (server validation, chatvla.server.validation.StateBounds): a state outside the
+    # robot profile's limits widened by this share of each range (joint profiles), or more than
+    # `max_state_sigma` standard deviations of the checkpoint's state statistics from their mean, is a
+    # wrong unit (degrees for radians), a sensor fault or hostile, never a robot the model can serve.
+    state_margin: float = 0.1
+    max_state_sigma: float = 50.0
 
     def to_proto_fields(self) -> dict[str, int]:
         return {
