@@ -26,9 +26,9 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow" $(ARGS)
 
-# The fuzz tests (tests/fuzz) with a long budget: hypothesis examples per property and raw-bytes messages
-# per gRPC method (the default, in `make test`, is 150 and deterministic). CHATVLA_FUZZ_SEED varies the
-# raw-bytes mutations.
+# The fuzz tests (tests/fuzz) with a long budget: hypothesis examples per property, raw-bytes messages
+# per gRPC method, and (a third of it) requests and frames on the live HTTP and openpi sockets (the
+# default, in `make test`, is 150 and deterministic). CHATVLA_FUZZ_SEED varies the raw-bytes mutations.
 FUZZ_EXAMPLES ?= 5000
 fuzz: setup
 	CHATVLA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/fuzz -p no:cacheprovider $(ARGS)

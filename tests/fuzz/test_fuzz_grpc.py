@@ -13,7 +13,7 @@ import random
 
 import grpc
 import pytest
-from fuzzkit import EXAMPLES, MAX_ERROR_BYTES, SEED
+from fuzzkit import EXAMPLES, MAX_ERROR_BYTES, SEED, mutate
 from serverkit import infer_request, obs_req, start
 
 from chatvla.server.transports.grpc_service import POLICY_SERVICE
@@ -34,23 +34,6 @@ def _no_error_logs(caplog):
 
 def method(name: str) -> str:
     return f"/{POLICY_SERVICE}/{name}"
-
-
-def mutate(rng: random.Random, seed: bytes) -> bytes:
-    """`seed` flipped/truncated/extended a few times; one message in ten is random bytes."""
-    if rng.random() < 0.1:
-        return rng.randbytes(rng.randint(0, 200))
-    data = bytearray(seed)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.choice(("flip", "flip", "truncate", "insert"))
-        if op == "flip" and data:
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8) if rng.random() < 0.5 else rng.randint(1, 255)
-        elif op == "truncate" and data:
-            del data[rng.randrange(len(data)):]
-        else:
-            i = rng.randint(0, len(data))
-            data[i:i] = rng.randbytes(rng.randint(1, 8))
-    return bytes(data)
 
 
 def assert_clean_status(code: grpc.StatusCode, details: str | None, sent: bytes) -> None:

@@ -23,16 +23,52 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from chatvla.server.auth import bearer
 from chatvla.server.errors import HTTP_STATUS, Code, ServeError
 from chatvla.server.info import to_json
 from chatvla.server.messages import ChunkResult
 from chatvla.server.state import ServerState
-from chatvla.server.validation import infer_from_form, infer_from_json
+from chatvla.server.validation import MAX_DEADLINE_MS, infer_from_form, infer_from_json
 from chatvla.wire.vocabulary import AUTHORIZATION_KEY
 
 TRANSPORT = "http"
+
+# The /v1/infer body as JSON Schema, for the OpenAPI document (`create_app(state).openapi()`; the server
+# does not serve it) and for the live fuzz tests, which derive their malformed bodies from it. The
+# handler parses the raw body itself (a size cap before parsing, decoding in the pool), so FastAPI
+# cannot infer this; validation.infer_from_json/_form are the authority and tests check the keys agree.
+_SCALARS: dict[str, Any] = {
+    "instruction": {"type": "string", "minLength": 1, "description": "plain text, no chat-template tokens"},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},
+    "deadline_ms": {"type": "integer", "minimum": 0, "maximum": MAX_DEADLINE_MS},
+    "tick": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+    "reasoning": {"type": "string", "description": "supplied reasoning to pre-fill instead of decoding"},
+}
+INFER_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["images", "state", "instruction"],
+    "properties": {
+        "images": {"type": "object", "description": "camera name -> base64 PNG/JPEG (the profile's cameras)",
+                   "additionalProperties": {"type": "string", "contentEncoding": "base64"}},
+        "state": {"type": "array", "items": {"type": "number"}, "description": "robot units, state_dim values"},
+        **_SCALARS,
+    },
+}
+INFER_FORM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["state", "instruction"],
+    "description": "one file part per camera (part name = camera), text parts for the rest",
+    "properties": {"state": {"type": "string", "description": "a JSON list or comma/space separated numbers"},
+                   **_SCALARS},
+    "additionalProperties": {"type": "string", "format": "binary"},
+}
+_INFER_OPENAPI = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": INFER_JSON_SCHEMA},
+    "multipart/form-data": {"schema": INFER_FORM_SCHEMA},
+}}}
 
 
 def error_response(e: ServeError) -> JSONResponse:
@@ -60,11 +96,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went away mid-body (it declared more than it sent): a bad request, not a server
+        # fault. Unhandled, this is a traceback per request in the log ("Exception in ASGI application").
+        raise ServeError(Code.INVALID_ARGUMENT, "the client disconnected before the body was complete",
+                         "body") from None
     return b"".join(chunks)
 
 
@@ -132,7 +174,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise ServeError(Code.UNAVAILABLE, "model is loading")
         return JSONResponse(to_json(state.model_info))
 
-    @app.post("/v1/infer", dependencies=[Depends(authenticated)])
+    @app.post("/v1/infer", dependencies=[Depends(authenticated)], openapi_extra=_INFER_OPENAPI)
     async def infer(request: Request) -> JSONResponse:
         try:
             pipeline = state.require()
