@@ -85,6 +85,11 @@ class ClientConfig:
     # Bound on opening a connection (TCP + TLS). gRPC's own is 20 s, far too long to find out that a
     # replica's address has gone dark (no RST) while the arm holds.
     connect_timeout_ms: int = 3000
+    # While disconnected, watch the server's gRPC health and reconnect as soon as it becomes SERVING
+    # (chatvla.client.readiness) instead of sleeping out the whole backoff delay, which stays the bound
+    # of each wait. The watch channel retries the connection every `health_poll_ms` (gRPC's floor: 100).
+    follow_health: bool = True
+    health_poll_ms: int = 100
 
     def __post_init__(self) -> None:
         if not self.addresses:
@@ -99,6 +104,8 @@ class ClientConfig:
             raise ValueError(f"balance must be one of {BALANCE_POLICIES}, got {self.balance!r}")
         if self.failover_cooldown_s < 0 or self.connect_timeout_ms <= 0:
             raise ValueError("failover_cooldown_s must be >= 0 and connect_timeout_ms positive")
+        if self.health_poll_ms < 100:
+            raise ValueError("health_poll_ms must be >= 100 (gRPC retries a connection at most that often)")
 
 
 @dataclass(frozen=True)

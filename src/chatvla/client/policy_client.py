@@ -12,9 +12,12 @@ Why it is built like this:
   server drops work nobody waits for, and `poll` reports DeadlineExceeded when a reply is overdue.
   Several overdue replies in a row mean a silently dead link (no RST), so the stream is torn down and
   re-established rather than trusted.
-* Reconnects use exponential backoff with jitter (so a fleet does not reconnect in lockstep after a
-  server restart) and stop after a fatal error (bad token, session refused): retrying those only
-  hides the problem.
+* Reconnects follow the server's readiness: while disconnected the client watches the server's gRPC
+  health (`chatvla.client.readiness`) and reconnects as soon as it becomes SERVING, so a restart costs
+  the restart time and not the rest of a backoff step. The exponential backoff with jitter stays the
+  bound of each wait (a server without health, a healthy server that refuses the session), and
+  reconnecting stops after a fatal error (bad token, session refused): retrying those only hides the
+  problem.
 * Several replicas (several addresses, or a `dns:///name:port` resolving to several): each session
   opens on the replica `chatvla.client.balancing` picks for this robot (spread over the fleet, the
   same one every time while it is healthy) and stays there; when its stream ends (the replica died,
@@ -68,11 +71,12 @@ from chatvla.client.connection import (
 )
 from chatvla.client.conversion import decode_chunk, encode_observation, error_from_code
 from chatvla.client.framing import ObservationFramer
+from chatvla.client.readiness import Readiness, wait_until_serving
 from chatvla.profiles import RobotProfile
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.v1 import policy_pb2_grpc as pb_grpc
 from chatvla.wire import WireError
-from chatvla.wire.vocabulary import AUTHORIZATION_KEY, bearer_header
+from chatvla.wire.vocabulary import AUTHORIZATION_KEY, POLICY_SERVICE, bearer_header
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +159,7 @@ class GrpcPolicyClient(PolicyConnection):
         self._closed = threading.Event()
         self._connected = threading.Event()
         self._attempt: _Attempt | None = None
+        self._health_call: grpc.Call | None = None  # the readiness watch while disconnected
         self._thread: threading.Thread | None = None
         self.balancer = Balancer(
             config.addresses,
@@ -234,6 +239,10 @@ class GrpcPolicyClient(PolicyConnection):
             att.done.set()
             if att.call is not None:
                 att.call.cancel()
+        with self._lock:
+            health = self._health_call
+        if health is not None:
+            health.cancel()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
 
@@ -290,7 +299,9 @@ class GrpcPolicyClient(PolicyConnection):
         return (request.deadline_ms or self.config.deadline_ms) / 1000.0
 
     # ---- connection thread ---------------------------------------------------------------------
-    def _channel(self, endpoint: Endpoint) -> grpc.Channel:
+    def _channel(self, endpoint: Endpoint, *, poll_ms: int | None = None) -> grpc.Channel:
+        """A channel to `endpoint`; `poll_ms`: retry the connection that often while it fails (the
+        readiness watch; gRPC's own reconnect backoff starts at 1 s and grows to 2 minutes)."""
         c = self.config
         address = endpoint.address
         options: list[tuple[str, int | str]] = [
@@ -300,6 +311,8 @@ class GrpcPolicyClient(PolicyConnection):
             # gRPC's minimum connect deadline (a fresh channel per attempt, so nothing else changes).
             ("grpc.min_reconnect_backoff_ms", c.connect_timeout_ms),
         ]
+        if poll_ms is not None:
+            options += [("grpc.initial_reconnect_backoff_ms", poll_ms), ("grpc.max_reconnect_backoff_ms", poll_ms)]
         if c.keepalive_ms > 0:
             options += [
                 ("grpc.keepalive_time_ms", c.keepalive_ms),
@@ -320,8 +333,9 @@ class GrpcPolicyClient(PolicyConnection):
 
     def _run(self) -> None:
         failures = 0
+        endpoint = self.balancer.pick()
         while not self._closed.is_set():
-            endpoint = self._endpoint = self.balancer.pick()
+            self._endpoint = endpoint
             address = endpoint.address
             error = self._stream_once(endpoint)
             if self._closed.is_set():
@@ -342,10 +356,36 @@ class GrpcPolicyClient(PolicyConnection):
                 self._fail_everything(self.fatal_error)
                 break
             delay = self.config.backoff.delay(failures - 1, self._rng)
-            log.info("stream to %s ended (%s); reconnecting in %.2f s", address, error, delay)
+            endpoint = self.balancer.pick()
+            log.info("stream to %s ended (%s); reconnecting to %s when it is serving, within %.2f s",
+                     address, error, endpoint.address, delay)
             self.reconnects += 1
-            self._closed.wait(delay)
+            self._await_reconnect(endpoint, delay)
         self._connected.clear()
+
+    def _await_reconnect(self, endpoint: Endpoint, delay: float) -> Readiness:
+        """Wait before the next session on `endpoint`: until it becomes SERVING (health watch), at most
+        `delay` (the backoff). Without `follow_health`, or if it has no health service, the whole delay."""
+        t0 = time.monotonic()
+        outcome = Readiness.UNSUPPORTED
+        if self.config.follow_health and delay > 0:
+            channel = self._channel(endpoint, poll_ms=self.config.health_poll_ms)
+            try:
+                outcome = wait_until_serving(
+                    channel, POLICY_SERVICE, timeout_s=delay, poll_s=self.config.health_poll_ms / 1e3,
+                    closed=self._closed, register=self._register_health, metadata=self._metadata(),
+                )
+            finally:
+                channel.close()
+        if outcome is Readiness.UNSUPPORTED:
+            self._closed.wait(max(0.0, delay - (time.monotonic() - t0)))
+        elif outcome is Readiness.SERVING:
+            log.info("%s is serving again after %.2f s; reconnecting", endpoint.address, time.monotonic() - t0)
+        return outcome
+
+    def _register_health(self, call: grpc.Call | None) -> None:
+        with self._lock:
+            self._health_call = call
 
     def _stream_once(self, endpoint: Endpoint) -> PolicyError | None:
         """Open one stream and serve it until it ends; return why it ended."""

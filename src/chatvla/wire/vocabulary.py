@@ -59,6 +59,14 @@ def histogram_sample(name: str, part: str) -> str:
     return f"{name}_{part}"
 
 
+# --- gRPC services -----------------------------------------------------------------------------------------
+POLICY_SERVICE = pb.DESCRIPTOR.services_by_name["Policy"].full_name  # "chatvla.v1.Policy"
+# The standard gRPC health service, open without a token (docs/security.md). The robot-side client
+# watches it to reconnect as soon as a restarted server is SERVING (chatvla.client.readiness); it speaks
+# it as raw protobuf bytes, since grpcio-health-checking is a server-side dependency.
+HEALTH_SERVICE = "grpc.health.v1.Health"
+HEALTH_WATCH_METHOD = f"/{HEALTH_SERVICE}/Watch"
+
 # --- headers and metadata ---------------------------------------------------------------------------------
 # gRPC metadata keys are lowercase; HTTP and websocket headers match it case-insensitively.
 AUTHORIZATION_KEY = "authorization"
