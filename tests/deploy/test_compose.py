@@ -4,13 +4,8 @@ server with settings it accepts, and passes `docker compose config` when a compo
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from deploykit import DEPLOY, REPO, allocator_env, load_yaml, run, settings_names, tool
 
 COMPOSE = REPO / "docker-compose.yml"

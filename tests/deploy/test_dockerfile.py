@@ -7,14 +7,9 @@ from __future__ import annotations
 import fnmatch
 import re
 import shlex
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from deploykit import DEPLOY, REPO, allocator_env, require_tool, run
 
 DOCKERFILE = REPO / "Dockerfile"

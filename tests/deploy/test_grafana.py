@@ -6,13 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from deploykit import DEPLOY, REPO, TOOLS_BIN, load_yaml, run
 
 GRAFANA = DEPLOY / "grafana"

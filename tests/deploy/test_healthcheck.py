@@ -10,12 +10,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from deploykit import DEPLOY
 
 SCRIPT = DEPLOY / "docker/healthcheck.py"

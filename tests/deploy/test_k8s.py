@@ -6,15 +6,11 @@ when it is installed."""
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from deploykit import (
     K8S,
     OVERLAYS,

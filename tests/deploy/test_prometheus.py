@@ -4,13 +4,8 @@ installed, and the Kubernetes PrometheusRule kept identical to deploy/prometheus
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from deploykit import DEPLOY, K8S, load_yaml, require_tool, run
 
 PROM = DEPLOY / "prometheus"

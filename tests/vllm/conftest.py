@@ -2,15 +2,13 @@
 
 vLLM is not imported here: each test module starts with `pytest.importorskip("vllm")`, so the core
 install collects this folder and skips it cleanly. One VllmEngine (AsyncLLM, engine core in one extra
-process) serves the whole session; the settings follow shared/notes/vllm-cpu.md.
+process) serves the whole session, with vllmkit.ENGINE_OPTIONS.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +17,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def vllm_engine() -> Iterator[object]:

@@ -12,7 +12,7 @@ import torch
 from chatvla.engines.base import EngineObservation
 from chatvla.profiles import RobotProfile
 
-# The engine settings every test engine uses (CPU, float32; see shared/notes/vllm-cpu.md).
+# The engine settings every test engine uses (CPU, float32, as the parity tests need).
 ENGINE_OPTIONS = {
     "dtype": "float32",
     "max_num_seqs": 16,

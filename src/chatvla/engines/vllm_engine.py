@@ -226,7 +226,7 @@ class VllmEngine(Engine):
         kw = dict(self._engine_kwargs)
         if not self._is_gpu:
             # CPU: run vLLM's worker inside the engine-core process (one process less, loads in ~5 s
-            # instead of ~40 s; shared/notes/vllm-cpu.md). Set the variable yourself to override.
+            # instead of ~40 s, measured on a 2-core CPU host). Set the variable yourself to override.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.hidden_states == "capture":
             kw.update(

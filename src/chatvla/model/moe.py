@@ -1,7 +1,7 @@
 """The mixture-of-experts MLP that replaces each Qwen2-VL decoder MLP.
 
-Parameter layout (what a checkpoint stores, and what the vLLM model loads; see
-shared/notes/vllm-cpu.md §6):
+Parameter layout (what a checkpoint stores, and what the vLLM model's FusedMoE loads; see
+src/chatvla/engines/vllm_plugin/):
 
     mlp.gate.weight (+ .bias)      [E, H]      router (dynamic MoE only)
     mlp.experts.gate_up_proj       [E, 2I, H]  gate rows first, then up rows (== FusedMoE w13)
