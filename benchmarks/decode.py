@@ -9,7 +9,7 @@ transport runs for every request, `--n` times after `--warmup` calls, each call 
   stream        `observation_from_proto` on an already-parsed `Observation` (what `Policy.Stream` runs)
   infer         `infer_from_proto` on an already-parsed `InferRequest` (what `Policy.Infer` runs)
   parse         `StreamRequest.FromString` alone: the protobuf deserialisation gRPC does before us
-  parse+stream  both, i.e. everything from the received bytes to a validated `ObservationRequest`
+  parse+stream  both, i.e. everything from the received bytes to a validated `ValidatedObservation`
 
 Every read of a protobuf `bytes` field allocates a new 147 KiB buffer per image, so the figures depend on
 glibc's allocator far more than on the code around it. Each regime runs in its own process:

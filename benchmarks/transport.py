@@ -236,12 +236,12 @@ def run_pipeline_only(images, state, n: int, warmup: int) -> Samples:
     own cost: admission, the hand-off to the compute thread and back, null compute, chunk checks)."""
     from chatvla.engines.base import EngineObservation
     from chatvla.server.app import scheduler_config
-    from chatvla.server.messages import ObservationRequest
+    from chatvla.server.messages import ValidatedObservation
     from chatvla.server.metrics import Metrics
     from chatvla.server.scheduler import Scheduler
     from chatvla.server.settings import ServerSettings
 
-    req = ObservationRequest(obs=EngineObservation(images=images, state=state, instruction="fold the towel"), seed=1)
+    req = ValidatedObservation(obs=EngineObservation(images=images, state=state, instruction="fold the towel"), seed=1)
 
     async def main() -> Samples:
         pipeline = Scheduler(flat_null(), scheduler_config(ServerSettings(engine="null")), Metrics())

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from chatvla.profiles import FRANKA_JOINT
 from chatvla.server.errors import ServeError
-from chatvla.server.messages import ObservationRequest
+from chatvla.server.messages import ValidatedObservation
 from chatvla.server.transports.openpi.codec import pack_message, unpack_message
 from chatvla.server.transports.openpi.endpoint import observation_from_openpi
 from chatvla.server.transports.openpi.mappings import preset
@@ -151,7 +151,7 @@ def test_observation_from_openpi_of_arbitrary_frames(frame: dict, mapping, instr
         return
     r = check_clean(lambda: observation_from_openpi(data, mapping, SPEC, 3, instruction))
     if r is not None:
-        assert isinstance(r, ObservationRequest) and r.seq == 3
+        assert isinstance(r, ValidatedObservation) and r.seq == 3
         assert r.obs.state.shape == (PROFILE.state_dim,) and np.isfinite(r.obs.state).all()
         assert all(a.dtype == np.uint8 and a.shape[2] == 3 for a in r.obs.images.values())
 

@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 
 from chatvla.profiles import FRANKA_JOINT
 from chatvla.server.errors import ServeError
-from chatvla.server.messages import ObservationRequest, ReasoningPolicy, SessionConfig
+from chatvla.server.messages import ReasoningPolicy, SessionConfig, ValidatedObservation
 from chatvla.server.validation import (
     InputSpec,
     infer_from_form,
@@ -111,7 +111,7 @@ def infer_requests(draw: st.DrawFn) -> pb.InferRequest:
 def test_infer_from_proto(req: pb.InferRequest) -> None:
     r = check_clean(lambda: infer_from_proto(req, SPEC))
     if r is not None:
-        assert isinstance(r, ObservationRequest)
+        assert isinstance(r, ValidatedObservation)
         assert r.obs.state.shape == (PROFILE.state_dim,) and np.isfinite(r.obs.state).all()
         assert r.obs.instruction and set(r.obs.images) <= set(CAMS)
         assert all(min(a.shape[:2]) >= 8 for a in r.obs.images.values())
@@ -126,7 +126,7 @@ def test_observation_from_proto(req: pb.InferRequest, seq: int, force: bool, cam
         obs.state.CopyFrom(req.state)
     r = check_clean(lambda: observation_from_proto(obs, SPEC, cams, "session instruction"))
     if r is not None:
-        assert isinstance(r, ObservationRequest) and r.seq == seq
+        assert isinstance(r, ValidatedObservation) and r.seq == seq
         assert set(r.obs.images) == set(cams)
 
 

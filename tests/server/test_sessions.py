@@ -7,7 +7,7 @@ import pytest
 
 from chatvla.engines.base import EngineObservation
 from chatvla.server.errors import Code, ServeError
-from chatvla.server.messages import ObservationRequest, ReasoningPolicy, SessionConfig
+from chatvla.server.messages import ReasoningPolicy, SessionConfig, ValidatedObservation
 from chatvla.server.sessions import Job, ReasoningCache, Session, TextRef
 
 
@@ -20,7 +20,7 @@ def session(every_n: int = 1, every_seconds: float = 0.0, k: int = 2) -> tuple[S
 
 def job(seq: int, instruction: str = "go", force: bool = False) -> Job:
     obs = EngineObservation(images={}, state=np.zeros(1, np.float32), instruction=instruction)
-    return Job(ObservationRequest(obs, seq=seq, force_reasoning=force), received=0.0, deadline=10.0, seed=1,
+    return Job(ValidatedObservation(obs, seq=seq, force_reasoning=force), received=0.0, deadline=10.0, seed=1,
                transport="test")
 
 

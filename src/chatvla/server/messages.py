@@ -33,7 +33,7 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
-class ObservationRequest:
+class ValidatedObservation:
     """A validated observation plus what the pipeline needs to schedule it."""
 
     obs: EngineObservation

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from chatvla.engines.base import Engine
 from chatvla.server.compute import ComputeConfig, ComputeLoop, Work
 from chatvla.server.errors import Code, ServeError
-from chatvla.server.messages import ChunkResult, ObservationRequest, ReasoningPolicy, SessionConfig, StageTimings
+from chatvla.server.messages import ChunkResult, ReasoningPolicy, SessionConfig, StageTimings, ValidatedObservation
 from chatvla.server.metrics import Metrics
 from chatvla.server.sessions import Emit, Job, ReasoningCache, Session, TextRef
 from chatvla.server.validation import InputSpec
@@ -141,7 +141,7 @@ class Scheduler:
     # --- stateless calls ---------------------------------------------------------------------------
 
     async def infer(
-        self, decode: Callable[[], ObservationRequest], transport: str, deadline_s: float | None = None
+        self, decode: Callable[[], ValidatedObservation], transport: str, deadline_s: float | None = None
     ) -> ChunkResult:
         """Answer one observation without a session. Raises `ServeError`."""
         received = time.monotonic()
@@ -206,7 +206,7 @@ class Scheduler:
         self.metrics.active_sessions.set(len(self.sessions))
         log.info("session %s closed", session.id)
 
-    async def submit(self, session: Session, seq: int, decode: Callable[[str], ObservationRequest]) -> None:
+    async def submit(self, session: Session, seq: int, decode: Callable[[str], ValidatedObservation]) -> None:
         """Take one observation of `session` (call in arrival order). Never raises for bad input:
         the outcome for `seq` is delivered through the session's `emit`."""
         received = time.monotonic()
@@ -449,7 +449,7 @@ class Scheduler:
     # --- bookkeeping -------------------------------------------------------------------------------
 
     @staticmethod
-    def _decode(decode: Callable[[], ObservationRequest]) -> ObservationRequest:
+    def _decode(decode: Callable[[], ValidatedObservation]) -> ValidatedObservation:
         try:
             return decode()
         except ServeError:
@@ -459,7 +459,7 @@ class Scheduler:
             raise ServeError(Code.INTERNAL, f"decoding failed: {type(e).__name__}") from e
 
     def _job(
-        self, req: ObservationRequest, received: float, deadline_ms: int | None, deadline_s: float | None,
+        self, req: ValidatedObservation, received: float, deadline_ms: int | None, deadline_s: float | None,
         session: Session | None, transport: str,
     ) -> Job:
         budget = (deadline_ms / 1000.0) if deadline_ms else self.config.deadline_s

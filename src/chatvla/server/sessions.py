@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from chatvla.server.errors import Code, ServeError
-from chatvla.server.messages import ChunkResult, ObservationRequest, SessionConfig
+from chatvla.server.messages import ChunkResult, SessionConfig, ValidatedObservation
 
 if TYPE_CHECKING:
     from chatvla.server.compute import Work
@@ -51,7 +51,7 @@ class TextRef:
 class Job:
     """One admitted observation, from admission until its answer is emitted."""
 
-    request: ObservationRequest
+    request: ValidatedObservation
     received: float  # time.monotonic() at receipt
     deadline: float  # time.monotonic() instant
     seed: int

@@ -29,7 +29,7 @@ import numpy as np
 from chatvla.engines.base import EngineObservation, StateStats
 from chatvla.profiles import RobotProfile
 from chatvla.server.errors import Code, ServeError
-from chatvla.server.messages import ObservationRequest, ReasoningPolicy, SessionConfig
+from chatvla.server.messages import ReasoningPolicy, SessionConfig, ValidatedObservation
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.wire import Limits, WireError, decode_image, tensor_from_proto
 from chatvla.wire.codec import check_image_size, decode_image_bytes
@@ -255,7 +255,7 @@ def session_from_proto(start: pb.SessionStart, spec: InputSpec, defaults: Reason
 
 def observation_from_proto(
     obs: pb.Observation, spec: InputSpec, cameras: Sequence[str], session_instruction: str
-) -> ObservationRequest:
+) -> ValidatedObservation:
     """Validate a Stream observation; an empty instruction keeps the session's, an empty
     reasoning lets the session's policy decide between decoding and its cached text."""
     instruction = check_instruction(obs.instruction, "observation.instruction", spec.limits, required=False)
@@ -263,14 +263,14 @@ def observation_from_proto(
     reasoning = check_reasoning(obs.reasoning, "observation.reasoning", spec.limits) if obs.reasoning else None
     state = decode_proto_state(obs.state, "observation.state", spec, obs.HasField("state"))
     images = decode_proto_images(obs.images, "observation.images", spec, cameras)
-    return ObservationRequest(
+    return ValidatedObservation(
         obs=EngineObservation(images=images, state=state, instruction=instruction or session_instruction),
         seq=int(obs.seq), tick=int(obs.tick), seed=int(obs.seed), deadline_ms=deadline,
         force_reasoning=bool(obs.force_reasoning), reasoning=reasoning,
     )
 
 
-def infer_from_proto(req: pb.InferRequest, spec: InputSpec) -> ObservationRequest:
+def infer_from_proto(req: pb.InferRequest, spec: InputSpec) -> ValidatedObservation:
     """Validate a unary Infer request (stateless: instruction required, any subset of cameras)."""
     if req.robot_profile and req.robot_profile != spec.profile.name:
         raise invalid("robot_profile", f"{_name(req.robot_profile)!r} is not served here; use {spec.profile.name!r}")
@@ -279,7 +279,7 @@ def infer_from_proto(req: pb.InferRequest, spec: InputSpec) -> ObservationReques
     reasoning = check_reasoning(req.reasoning, "reasoning", spec.limits) if req.reasoning else None
     state = decode_proto_state(req.state, "state", spec, req.HasField("state"))
     images = decode_proto_images(req.images, "images", spec)
-    return ObservationRequest(
+    return ValidatedObservation(
         obs=EngineObservation(images=images, state=state, instruction=instruction),
         tick=int(req.tick), seed=int(req.seed), deadline_ms=deadline, reasoning=reasoning,
     )
@@ -369,7 +369,7 @@ def _unknown(key: object, hint: str) -> tuple[str, str]:
     return (name, f"unknown field; {hint}") if name else ("body", f"unknown field ''; {hint}")
 
 
-def infer_from_json(body: Any, spec: InputSpec) -> ObservationRequest:
+def infer_from_json(body: Any, spec: InputSpec) -> ValidatedObservation:
     """`{"images": {camera: base64}, "state": [..], "instruction": str, ...}` -> request."""
     if not isinstance(body, dict):
         raise invalid("body", "must be a JSON object")
@@ -384,12 +384,12 @@ def infer_from_json(body: Any, spec: InputSpec) -> ObservationRequest:
         raise invalid("images", "must be an object mapping camera name to a base64 PNG/JPEG")
     _check_cameras([str(k) for k in images], "images", spec, None)
     decoded = {cam: _b64_image(v, f"images[{cam}]", spec) for cam, v in images.items()}
-    return ObservationRequest(
+    return ValidatedObservation(
         obs=EngineObservation(images=decoded, state=state, instruction=instruction), **common
     )
 
 
-def infer_from_form(fields: Mapping[str, str], files: Mapping[str, bytes], spec: InputSpec) -> ObservationRequest:
+def infer_from_form(fields: Mapping[str, str], files: Mapping[str, bytes], spec: InputSpec) -> ValidatedObservation:
     """Multipart: one file part per camera (part name = camera), text parts for the rest.
 
     `state` is a JSON list or comma/space separated numbers.
@@ -409,7 +409,7 @@ def infer_from_form(fields: Mapping[str, str], files: Mapping[str, bytes], spec:
     state = _state_list(parsed, spec)
     _check_cameras(list(files), "images", spec, None)
     decoded = {cam: _image_bytes(data, f"images[{cam}]", spec) for cam, data in files.items()}
-    return ObservationRequest(
+    return ValidatedObservation(
         obs=EngineObservation(images=decoded, state=state, instruction=instruction), **common
     )
 
@@ -470,7 +470,7 @@ def observation_from_arrays(
     default_instruction: str = "",
     seq: int = 0,
     tick: int = 0,
-) -> ObservationRequest:
+) -> ValidatedObservation:
     """Decoded images (camera -> HxWx3 uint8, see `image_from_array`; the caller has matched them to the
     profile's cameras), a float32 state vector and an instruction -> a validated request.
 
@@ -490,6 +490,6 @@ def observation_from_arrays(
         if not instruction:
             raise invalid(instruction_field, "required (the language instruction)")
     text = check_instruction(instruction, instruction_field, spec.limits, required=True)  # type: ignore[arg-type]
-    return ObservationRequest(
+    return ValidatedObservation(
         obs=EngineObservation(images=dict(images), state=state, instruction=text), seq=seq, tick=tick
     )

@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 import chatvla
 from chatvla.engines.base import EngineInfo
 from chatvla.server.errors import Code, ServeError
-from chatvla.server.messages import ChunkResult, ObservationRequest, SessionConfig
+from chatvla.server.messages import ChunkResult, SessionConfig, ValidatedObservation
 from chatvla.server.state import ServerState
 from chatvla.server.transports.openpi.codec import pack_message, unpack_message
 from chatvla.server.transports.openpi.mappings import PRESETS, MappingError, OpenpiMapping, apply_mapping, load_mapping
@@ -64,7 +64,7 @@ TEXT_FLOOD_CLOSE_REASON = "expected binary msgpack frames"
 
 def observation_from_openpi(
     data: bytes, mapping: OpenpiMapping, spec: InputSpec, seq: int, session_instruction: str
-) -> ObservationRequest:
+) -> ValidatedObservation:
     """Validate one openpi observation frame and map it to our observation (runs in the pool)."""
     return apply_mapping(unpack_message(data, spec.limits), mapping, spec, seq, session_instruction)
 
@@ -248,7 +248,7 @@ class OpenpiEndpoint:
     def _decode(
         data: bytes, mapping: OpenpiMapping, spec: InputSpec, seq: int, instruction: str,
         states: dict[int, np.ndarray],
-    ) -> ObservationRequest:
+    ) -> ValidatedObservation:
         """Decode in the pool and keep the observed state: DROID velocities start from it."""
         req = observation_from_openpi(data, mapping, spec, seq, instruction)
         states[seq] = req.obs.state

@@ -4,7 +4,7 @@ openpi observations are dicts whose keys depend on the policy config (DROID: `ob
 ALOHA: `state`, `images/cam_high`, ...). An `OpenpiMapping` says which key holds which of our cameras
 and which keys, concatenated, make our state vector; presets cover DROID-style Franka and ALOHA-style
 bimanual clients, and a YAML file (`--openpi-mapping FILE`) covers anything else (docs/openpi.md).
-`apply_mapping` turns one decoded observation into our `ObservationRequest`: it finds the mapped keys
+`apply_mapping` turns one decoded observation into our `ValidatedObservation`: it finds the mapped keys
 and leaves the checks of images, state and instruction to `server/validation.py`, like every transport.
 
 A mapping also says what a reply's `actions` hold (`ActionOutput`): our chunk as it is (robot units), or
@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from chatvla.profiles import RobotProfile
-from chatvla.server.messages import ObservationRequest
+from chatvla.server.messages import ValidatedObservation
 from chatvla.server.validation import InputSpec, image_from_array, invalid, observation_from_arrays
 
 PRESETS = ("droid", "aloha", "native")
@@ -427,7 +427,7 @@ def _state_part(value: Any, key: StateKey) -> np.ndarray:
 
 def apply_mapping(
     obs: Any, mapping: OpenpiMapping, spec: InputSpec, seq: int, session_instruction: str
-) -> ObservationRequest:
+) -> ValidatedObservation:
     """Validate one decoded openpi observation and map it to our observation (runs in the pool)."""
     if not isinstance(obs, dict):
         raise invalid("message", f"an observation must be a map, got {type(obs).__name__}")
