@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from chatvla.client.tick_counts import TickCounts
+from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT
 
-SIM_FOR_PROFILE = {"franka_joint": "sim-panda", "arx_r5_bimanual": "sim-bimanual"}
+SIM_FOR_PROFILE = {FRANKA_JOINT.name: "sim-panda", ARX_R5_BIMANUAL.name: "sim-bimanual"}
 TASKS = ("math_matching", "toy_placement")
 
 

@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         options = _options(args.robot_option)
         if not is_sim and "cameras" not in options:
             from chatvla.client.robots.cameras import StaticCamera
-            from chatvla.profiles import get_profile
+            from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT, get_profile
 
-            default = "arx_r5_bimanual" if args.robot == "arx_r5" else "franka_joint"
+            default = ARX_R5_BIMANUAL.name if args.robot == "arx_r5" else FRANKA_JOINT.name
             profile = get_profile(options.get("profile", default))
             options["cameras"] = {c.name: StaticCamera(c.height, c.width) for c in profile.cameras}
             print("chatvla record: WARNING no camera driver configured: images are a flat grey placeholder",

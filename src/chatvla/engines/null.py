@@ -25,7 +25,7 @@ from chatvla.engines.base import (
     ReasoningResult,
     ReasonItem,
 )
-from chatvla.profiles import get_profile
+from chatvla.profiles import FRANKA_JOINT, get_profile
 
 REASONING_TEMPLATE = "The instruction is: {instruction}. I will move toward the target. Next action:"
 
@@ -44,7 +44,7 @@ class NullEngine(Engine):
 
     def __init__(
         self,
-        profile: str = "franka_joint",
+        profile: str = FRANKA_JOINT.name,
         reason_ms: float = 0.0,
         act_ms: float = 0.0,
         per_item_ms: float = 0.0,

@@ -31,6 +31,7 @@ from chatvla.client.runtime import TickRecord
 from chatvla.client.sim.tasks import MathMatchingTask, make_task
 from chatvla.client.sim.tasks.base import resting
 from chatvla.client.sim.tasks.math_matching import CARD_HALF, FACE_UP_COS, card_name
+from chatvla.profiles import FRANKA_JOINT
 from chatvla.training.labels import judge_reasoning, override_text
 
 MODES = ("train", "heldout", "override")
@@ -218,7 +219,7 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
                 except queue.Empty:
                     return
                 if robot is None:
-                    robot = make_sim_robot("franka_joint", episode_task(mode, i))
+                    robot = make_sim_robot(FRANKA_JOINT.name, episode_task(mode, i))
                 film = i < film_episodes
                 try:
                     o, frames = run_one(robot, addresses, mode, i, seconds, film=film, token=token)
@@ -264,7 +265,7 @@ def read_boards(model: Any, seeds: Sequence[int], split: str = "train", *,
     from chatvla.client.sim.robot import make_sim_robot
 
     tasks = [make_task("math_matching", seed=s, split=split) for s in seeds]
-    robot = make_sim_robot("franka_joint", tasks[0])
+    robot = make_sim_robot(FRANKA_JOINT.name, tasks[0])
     out = []
     try:
         for task in tasks:

@@ -42,7 +42,7 @@ from chatvla.client.loadtest.scrape import (
 from chatvla.client.loadtest.sources import ReplayEpisode, SourceError, load_recordings, synthetic_episodes
 from chatvla.client.loadtest.targets import check_target, check_url
 from chatvla.client.policy_client import GrpcPolicyClient
-from chatvla.profiles import RobotProfile, get_profile
+from chatvla.profiles import FRANKA_JOINT, RobotProfile, get_profile
 from chatvla.wire.vocabulary import BATCH_STAGES, QUEUE_STAGES, TIMING_MS_FIELDS
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _client_config(config: LoadTestConfig, robot: str) -> ClientConfig:
 
 def server_profile(config: LoadTestConfig) -> tuple[RobotProfile, dict[str, Any]]:
     """Ask the server which model and profile it serves (GetModelInfo)."""
-    any_profile = get_profile("franka_joint")
+    any_profile = FRANKA_JOINT
     probe = GrpcPolicyClient(_client_config(config, "loadtest-probe"), SessionConfig(profile=any_profile))
     try:
         info = probe.get_model_info(timeout=config.connect_timeout_s)

@@ -18,7 +18,7 @@ from chatvla.client.sim.render import CameraRig
 from chatvla.client.sim.rigs import Rig, get_rig
 from chatvla.client.sim.scene import build_model
 from chatvla.client.sim.tasks.base import Pose, Task, TaskResult
-from chatvla.profiles import RobotProfile
+from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT, RobotProfile
 
 SETTLE_S = 0.3  # physics time after a reset so objects come to rest before the first observation
 
@@ -209,10 +209,10 @@ def _make_for(profile: str, task: Task | None, task_kind: str, seed: int, split:
 def make_sim_panda(task: Task | None = None, *, task_kind: str = "math_matching", seed: int = 0,
                    split: str = "train", render: bool = True) -> SimRobot:
     """Registry factory for "sim-panda": the Franka joint profile on the tabletop scene."""
-    return _make_for("franka_joint", task, task_kind, seed, split, render)
+    return _make_for(FRANKA_JOINT.name, task, task_kind, seed, split, render)
 
 
 def make_sim_bimanual(task: Task | None = None, *, task_kind: str = "math_matching", seed: int = 0,
                       split: str = "train", render: bool = True) -> SimRobot:
     """Registry factory for "sim-bimanual": the ARX R5 bimanual profile on the tabletop scene."""
-    return _make_for("arx_r5_bimanual", task, task_kind, seed, split, render)
+    return _make_for(ARX_R5_BIMANUAL.name, task, task_kind, seed, split, render)
