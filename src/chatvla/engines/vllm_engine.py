@@ -36,9 +36,7 @@ vLLM is imported lazily (only when an engine is built), so `import chatvla.engin
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import threading
@@ -65,6 +63,7 @@ from chatvla.engines.base import (
     ReasonItem,
     StateStats,
 )
+from chatvla.engines.preset_cache import preset_checkpoint
 from chatvla.engines.vllm_plugin import ARCHITECTURE, CAPTURE_ARCHITECTURE, WORKER_EXTENSION
 from chatvla.model.action_expert import mean_pool
 from chatvla.model.chatvla2 import StopRule
@@ -506,63 +505,3 @@ def _resize_like_processor(image: np.ndarray, height: int, width: int, processor
         return pil
     resample = getattr(processor, "resample", Image.Resampling.BICUBIC)
     return pil.resize((width, height), resample=Image.Resampling(int(resample)))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CHATVLA_CACHE_DIR", Path.home() / ".cache" / "chatvla"))
-
-
-def preset_checkpoint(name: str) -> Path:
-    """A seeded preset saved as a checkpoint directory (vLLM loads directories), cached by config hash."""
-    from chatvla.model import load_model
-    from chatvla.model.checkpoint import save_checkpoint
-    from chatvla.model.presets import SEEDED_PRESETS, get_preset
-
-    if name not in SEEDED_PRESETS:
-        raise ValueError(f"preset {name!r} has no weights; pass a checkpoint directory")
-    cfg = get_preset(name)
-    digest = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    target = cache_dir() / "checkpoints" / f"{name}-{digest}"
-    if (target / "config.json").is_file() and (target / "expert" / "model.safetensors").is_file():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    save_checkpoint(load_model(name), tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race; use its copy
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote preset %s to %s", name, target)
-    return target
-
-
-def _smoke() -> int:
-    """`python -m chatvla.engines.vllm_engine --smoke`: one reasoning + chunk with the tiny preset."""
-    logging.basicConfig(level=logging.WARNING)
-    t0 = time.perf_counter()
-    engine = VllmEngine.from_pretrained("tiny", max_model_len=1024)
-    try:
-        t1 = time.perf_counter()
-        p = engine.info.profile
-        rng = np.random.default_rng(0)
-        obs = EngineObservation(
-            images={c.name: rng.integers(0, 255, (c.height, c.width, 3), dtype=np.uint8) for c in p.cameras},
-            state=np.zeros(p.state_dim, np.float32), instruction="pick up the red block")
-        r = engine.reason_batch([ReasonItem(engine.preprocess(obs))])[0]
-        a = engine.act_batch([ActItem(r, obs.state, seed=0)])[0]
-        assert len(r.token_ids) >= 1 and np.isfinite(a).all() and a.shape == (p.chunk_size, p.action_dim)
-        print(f"[vllm-cpu]     smoke ok: engine {t1 - t0:.0f} s, {len(r.token_ids)} reasoning tokens "
-              f"(hidden states by {r.hidden_source}) and a {a.shape} chunk in {time.perf_counter() - t1:.2f} s")
-    finally:
-        engine.close()
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["--smoke"]:
-        sys.exit(_smoke())
-    print("usage: python -m chatvla.engines.vllm_engine --smoke", file=sys.stderr)
-    sys.exit(2)
