@@ -90,3 +90,11 @@ async def test_tiny_model_stream_and_infer_end_to_end(serve):
                             data={"instruction": "pick up the red block", "state": state})
     assert r.status_code == 200, r.text
     assert np.asarray(r.json()["actions"]).shape == (profile.chunk_size, profile.action_dim)
+
+
+def test_torch_engine_refuses_options_it_does_not_take():
+    """A vLLM-only option or a typo given to the torch engine is an error naming it, not silently ignored."""
+    with pytest.raises(EngineLoadError, match="max_model_len"):
+        load_engine("tiny", "torch", max_model_len=512)
+    with pytest.raises(EngineLoadError, match="dtype"):
+        load_engine("tiny", "torch", dtype="float8")

@@ -34,7 +34,12 @@ def load_engine(model: str, engine: str, **options: Any) -> Engine:
             raise EngineLoadError(
                 f"the torch engine is not available ({e}); install the server extra: pip install -e '.[server]'"
             ) from e
-        return TorchEngine.from_pretrained(model, **options)
+        try:
+            return TorchEngine.from_pretrained(model, **options)
+        except ValueError as e:
+            if "engine option" in str(e) or "dtype" in str(e):
+                raise EngineLoadError(f"torch engine: {e}") from None
+            raise
     if engine == "vllm":
         try:
             from chatvla.engines.vllm_engine import VllmEngine  # type: ignore[import-not-found]

@@ -47,7 +47,12 @@ class TorchEngine(Engine):
 
     @classmethod
     def from_pretrained(cls, model: str = "tiny", *, device: str = "cpu", dtype: str = "float32",
-                        max_new_tokens: int | None = None, **_: object) -> TorchEngine:
+                        max_new_tokens: int | None = None, **unknown: object) -> TorchEngine:
+        """An engine option the torch engine does not know is refused, not ignored: a typo or a
+        vLLM-only option (`--engine-option max_model_len=...`) would otherwise change nothing silently."""
+        if unknown:
+            raise ValueError(f"unknown torch engine option(s) {sorted(unknown)}; it takes device, dtype and "
+                             "max_new_tokens")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         return cls(load_model(model, device=device, dtype=_DTYPES[dtype]), max_new_tokens=max_new_tokens)
