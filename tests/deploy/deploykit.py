@@ -127,14 +127,16 @@ def promql_matchers(expr: str) -> list[tuple[str, str, str, str]]:
 def server_label_values() -> dict[str, set[str]]:
     """Label values the server code emits, for the labels alerts and dashboards filter on."""
     from chatvla.server.errors import Code
-    from chatvla.wire.vocabulary import STAGE_LABELS
+    from chatvla.server.scheduler import SESSIONS_LIMIT
+    from chatvla.wire.vocabulary import STAGE_LABELS, TRANSPORTS
 
     src = "\n".join(p.read_text() for p in (REPO / "src/chatvla/server").rglob("*.py"))
     codes = {c.value for c in Code}
     return {
         "stage": set(STAGE_LABELS) | set(re.findall(r'stage="(\w+)"', src)),
-        "reason": codes | set(re.findall(r'reason="(\w+)"', src)) | {"stateless"},
+        "reason": codes | set(re.findall(r'reason="(\w+)"', src)) | {"stateless", SESSIONS_LIMIT},
         "outcome": codes | {"ok"},
+        "transport": set(TRANSPORTS),
     }
 
 

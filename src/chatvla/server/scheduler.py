@@ -64,6 +64,9 @@ DEFAULT_REASONING = ReasoningPolicy()
 ADMISSION_HEADROOM = 0.8
 
 
+SESSIONS_LIMIT = "sessions_limit"  # the rejection reason `open_session` counts itself
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     limits: Limits = DEFAULT_LIMITS
@@ -73,6 +76,9 @@ class SchedulerConfig:
     max_in_flight: int = 3
     deadline_s: float = 5.0
     reasoning: ReasoningPolicy = DEFAULT_REASONING
+
+
+SESSIONS_LIMIT = "sessions_limit"  # the rejection reason `open_session` counts itself
 
 
 class Scheduler:
@@ -177,7 +183,7 @@ class Scheduler:
         if len(self.sessions) >= self.config.max_sessions:
             err = ServeError(
                 Code.RESOURCE_EXHAUSTED, f"server has {len(self.sessions)} sessions (the maximum)",
-                reason="sessions_limit",
+                reason=SESSIONS_LIMIT,
             )
             self.metrics.rejected.labels(reason=err.reason).inc()
             raise err

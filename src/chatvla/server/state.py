@@ -14,7 +14,7 @@ from chatvla.server.auth import TokenStore
 from chatvla.server.errors import Code, ServeError
 from chatvla.server.messages import ReasoningPolicy
 from chatvla.server.metrics import Metrics
-from chatvla.server.scheduler import Scheduler
+from chatvla.server.scheduler import SESSIONS_LIMIT, Scheduler
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.wire import Limits
 
@@ -41,10 +41,16 @@ class ServerState:
             raise ServeError(Code.UNAVAILABLE, "model is loading", reason="not_ready")
         return self.pipeline
 
-    def refuse(self, transport: str, err: ServeError) -> None:
-        """Count a call refused before it reached the pipeline (which counts its own)."""
-        self.metrics.requests.labels(transport=transport, outcome=err.outcome).inc()
-        self.metrics.rejected.labels(reason=err.reason).inc()
+    def refuse(self, transport: str | None, err: ServeError) -> None:
+        """The one place every transport counts what it refused before the pipeline answered it, so
+        a refusal counts the same whichever door it came through: the outcome under `requests` when an
+        observation or call was refused (`transport` names it), nothing there when a session or
+        connection was (`transport=None`); the reason under `rejected`, except the sessions limit,
+        which the scheduler counts when it refuses the session."""
+        if transport is not None:
+            self.metrics.requests.labels(transport=transport, outcome=err.outcome).inc()
+        if err.reason != SESSIONS_LIMIT:
+            self.metrics.rejected.labels(reason=err.reason).inc()
 
     def robot_for(self, token: str | None) -> str | None:
         return self.tokens.robot_for(token) if self.tokens is not None else None

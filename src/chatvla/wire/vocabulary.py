@@ -31,6 +31,14 @@ QUEUE_STAGES: tuple[str, ...] = (STAGE_PREPROCESS, STAGE_REASONING, STAGE_EXPERT
 BATCH_STAGES: tuple[str, ...] = (STAGE_REASONING, STAGE_EXPERT)
 STAGE_LABELS: frozenset[str] = frozenset((*LATENCY_STAGES, *QUEUE_STAGES, *BATCH_STAGES))
 
+# --- transport labels: the values of the `transport` label on chatvla_requests ---------------------------
+TRANSPORT_GRPC_INFER = "grpc_infer"
+TRANSPORT_GRPC_STREAM = "grpc_stream"
+TRANSPORT_GRPC_MODEL_INFO = "grpc_model_info"
+TRANSPORT_HTTP = "http"
+TRANSPORT_OPENPI = "openpi_ws"
+TRANSPORTS = (TRANSPORT_GRPC_INFER, TRANSPORT_GRPC_STREAM, TRANSPORT_GRPC_MODEL_INFO, TRANSPORT_HTTP, TRANSPORT_OPENPI)
+
 # --- Prometheus metric families (names as registered; counters are exposed with a `_total` suffix) ---------
 METRIC_REQUESTS = "chatvla_requests"  # counter: transport, outcome
 METRIC_STAGE_LATENCY = "chatvla_stage_latency_seconds"  # histogram: stage (LATENCY_STAGES)

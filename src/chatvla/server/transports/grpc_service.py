@@ -32,6 +32,7 @@ from chatvla.server.state import ServerState
 from chatvla.server.validation import infer_from_proto, observation_from_proto, session_from_proto
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.v1 import policy_pb2_grpc as pb_grpc
+from chatvla.wire.vocabulary import TRANSPORT_GRPC_INFER, TRANSPORT_GRPC_MODEL_INFO, TRANSPORT_GRPC_STREAM
 
 log = logging.getLogger("chatvla.server.grpc")
 
@@ -110,7 +111,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         if isinstance(request, _Malformed):
             e = _malformed_error("GetModelInfoRequest", "request")
-            self.state.refuse("grpc_model_info", e)
+            self.state.refuse(TRANSPORT_GRPC_MODEL_INFO, e)
             await context.abort(GRPC_STATUS[e.code], str(e), trailing_metadata=_trailers(e))
         if self.state.model_info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
@@ -120,16 +121,16 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         try:
             pipeline = self.state.require()
         except ServeError as e:
-            self.state.refuse("grpc_infer", e)
+            self.state.refuse(TRANSPORT_GRPC_INFER, e)
             await context.abort(GRPC_STATUS[e.code], str(e))
         if isinstance(request, _Malformed):
             e = _malformed_error("InferRequest", "request")
-            self.state.refuse("grpc_infer", e)
+            self.state.refuse(TRANSPORT_GRPC_INFER, e)
             await context.abort(GRPC_STATUS[e.code], str(e), trailing_metadata=_trailers(e))
         spec = pipeline.spec
         try:
             result = await pipeline.infer(
-                lambda: infer_from_proto(request, spec), "grpc_infer", deadline_s=context.time_remaining()
+                lambda: infer_from_proto(request, spec), TRANSPORT_GRPC_INFER, deadline_s=context.time_remaining()
             )
         except ServeError as e:
             await context.abort(GRPC_STATUS[e.code], str(e), trailing_metadata=_trailers(e))
@@ -150,12 +151,12 @@ class PolicyServicer(pb_grpc.PolicyServicer):
                 raise ServeError(Code.INVALID_ARGUMENT, "the first message of a Stream must be a SessionStart", "start")
             config = session_from_proto(first.start, pipeline.spec, self.state.reasoning)
             session = pipeline.open_session(
-                config, lambda seq, r: out.put_nowait((seq, r)), self._robot(context, config.robot_id), "grpc_stream"
+                config, lambda seq, r: out.put_nowait((seq, r)), self._robot(context, config.robot_id),
+                TRANSPORT_GRPC_STREAM,
             )
         except ServeError as e:
             # The stream cannot start: say why in-band (clients read one place) and in the status.
-            if e.reason != "sessions_limit":  # the pipeline counted that one
-                self.state.metrics.rejected.labels(reason=e.reason).inc()
+            self.state.refuse(None, e)  # the session was refused; no observation was
             yield _stream_error(0, e)
             context.set_code(GRPC_STATUS[e.code])
             context.set_details(str(e))
@@ -192,7 +193,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
                 if isinstance(req, _Malformed):
                     # Answered in-band with seq 0 (the seq is unreadable); the stream carries on.
                     err = _malformed_error("StreamRequest", "msg")
-                    pipeline.metrics.rejected.labels(reason=err.reason).inc()
+                    self.state.refuse(TRANSPORT_GRPC_STREAM, err)
                     out.put_nowait((0, err))
                     continue
                 kind = req.WhichOneof("msg")
@@ -208,7 +209,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
                         "session already started" if kind == "start" else "empty StreamRequest",
                         "start" if kind == "start" else "msg",
                     )
-                    pipeline.metrics.rejected.labels(reason=err.reason).inc()
+                    self.state.refuse(TRANSPORT_GRPC_STREAM, err)
                     out.put_nowait((0, err))
             await session.wait_idle()  # the client half-closed: answer what it sent, then finish
             out.put_nowait(_End())
@@ -269,8 +270,8 @@ async def start_grpc(
     limit = state.limits.max_message_bytes
     interceptors = []
     if state.tokens is not None:
-        rejected = state.metrics.rejected.labels(reason="unauthenticated")
-        interceptors.append(GrpcAuthInterceptor(state.tokens, on_reject=rejected.inc))
+        refused = ServeError(Code.UNAUTHENTICATED, "missing or invalid bearer token")
+        interceptors.append(GrpcAuthInterceptor(state.tokens, on_reject=lambda: state.refuse(None, refused)))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -31,9 +31,9 @@ from chatvla.server.info import to_json
 from chatvla.server.messages import ChunkResult
 from chatvla.server.state import ServerState
 from chatvla.server.validation import MAX_DEADLINE_MS, infer_from_form, infer_from_json
-from chatvla.wire.vocabulary import AUTHORIZATION_KEY
+from chatvla.wire.vocabulary import AUTHORIZATION_KEY, TRANSPORT_HTTP
 
-TRANSPORT = "http"
+TRANSPORT = TRANSPORT_HTTP
 
 # The /v1/infer body as JSON Schema, for the OpenAPI document (`create_app(state).openapi()`; the server
 # does not serve it) and for the live fuzz tests, which derive their malformed bodies from it. The
@@ -149,8 +149,9 @@ def create_app(state: ServerState) -> FastAPI:
             return None
         robot = state.robot_for(bearer(request.headers.get(AUTHORIZATION_KEY)))
         if robot is None:
-            state.metrics.rejected.labels(reason="unauthenticated").inc()
-            raise ServeError(Code.UNAUTHENTICATED, "missing or invalid bearer token")
+            err = ServeError(Code.UNAUTHENTICATED, "missing or invalid bearer token")
+            state.refuse(None, err)
+            raise err
         return robot
 
     @app.get("/healthz")

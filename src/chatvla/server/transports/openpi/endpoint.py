@@ -48,12 +48,13 @@ from chatvla.wire.vocabulary import (
     OPENPI_SERVER_TIMING_KEY,
     TIMING_COUNT_FIELDS,
     TIMING_MS_FIELDS,
+    TRANSPORT_OPENPI,
     openpi_error_text,
 )
 
 log = logging.getLogger("chatvla.server.openpi")
 
-TRANSPORT = "openpi_ws"
+TRANSPORT = TRANSPORT_OPENPI
 ERROR_CLOSE_REASON = "Internal server error. Error message included in previous frame."
 REASONING_KEY = OPENPI_REASONING_KEY
 # Text frames in a row (no observation between them) that are each answered with an error; one more
@@ -217,10 +218,7 @@ class OpenpiEndpoint:
                         lambda instr, m=message, n=seq: self._decode(m, mapping, spec, n, instr, states),
                     )
                 except ServeError as e:  # refused before the pipeline saw the observation
-                    if e.reason == "sessions_limit":  # the pipeline counted the rejection, not the request
-                        self.state.metrics.requests.labels(transport=TRANSPORT, outcome=e.outcome).inc()
-                    else:
-                        self.state.refuse(TRANSPORT, e)
+                    self.state.refuse(TRANSPORT, e)
                     await ws.send(error_text(e))
                     continue
                 while True:  # strict alternation: exactly one observation of this session is in flight
