@@ -1,9 +1,10 @@
 """HTTP transport (FastAPI + uvicorn on its own port): probes, metrics, model info, stateless infer
 and a self-contained debug page.
 
-It shares the pipeline with gRPC, so an HTTP request is batched with robot traffic and obeys the
-same admission limits. Request bodies are read with a size cap before any parsing, and JSON and
-multipart bodies are parsed inside the pipeline's preprocessing pool, never on the event loop.
+It shares the scheduler with gRPC, so an HTTP request is batched with robot traffic and obeys the
+same admission limits. Request bodies are read with a size cap before any parsing; the JSON or
+multipart body is parsed and validated by the scheduler only once the request is admitted (as every
+transport's observations are), so a refused request costs no parsing.
 """
 
 from __future__ import annotations
