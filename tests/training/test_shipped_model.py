@@ -24,10 +24,11 @@ def test_the_default_model_is_the_shipped_trained_checkpoint():
     assert json.loads((ckpt / "stats.json").read_text())["action_max"][7] <= 0.08
 
 
-# The shipped model reads 6 of these 10 boards right (sum and card); the target is 8 (see the
-# model card in docs/model.md). An untrained model, or a serving path that swaps the cameras or
-# preprocesses images differently from training, reads none: this is the floor that catches that.
-MIN_BOARDS_READ = 5
+# The shipped model reads 7 of these 10 boards right (sum and card; with the cameras swapped, 0); the
+# issue's target is 8 (see the model card in docs/model.md). An untrained model, or a serving path
+# that swaps the cameras or preprocesses images differently from training, reads none: this is the
+# floor that catches that.
+MIN_BOARDS_READ = 6
 
 
 def test_shipped_model_reads_rendered_boards(rendering):
