@@ -35,6 +35,11 @@ TASK_CONTROL = "control"
 TASK_UNDERSTANDING = "understanding"
 
 
+class EngineOptionError(ValueError):
+    """An engine option the engine does not take, or a value it cannot use: the loader reports it as
+    a load error naming the option, instead of a traceback."""
+
+
 @dataclass(frozen=True)
 class EngineObservation:
     """A validated observation: decoded images and a finite state, in robot units."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatvla.engines.base import Engine
+from chatvla.engines.base import Engine, EngineOptionError
 
 ENGINES = ("torch", "vllm", "null")
 
@@ -36,10 +36,8 @@ def load_engine(model: str, engine: str, **options: Any) -> Engine:
             ) from e
         try:
             return TorchEngine.from_pretrained(model, **options)
-        except ValueError as e:
-            if "engine option" in str(e) or "dtype" in str(e):
-                raise EngineLoadError(f"torch engine: {e}") from None
-            raise
+        except EngineOptionError as e:
+            raise EngineLoadError(f"torch engine: {e}") from None
     if engine == "vllm":
         try:
             from chatvla.engines.vllm_engine import VllmEngine  # type: ignore[import-not-found]

@@ -17,6 +17,7 @@ from chatvla.engines.base import (
     Engine,
     EngineInfo,
     EngineObservation,
+    EngineOptionError,
     ReasoningResult,
     ReasonItem,
     StateStats,
@@ -51,10 +52,10 @@ class TorchEngine(Engine):
         """An engine option the torch engine does not know is refused, not ignored: a typo or a
         vLLM-only option (`--engine-option max_model_len=...`) would otherwise change nothing silently."""
         if unknown:
-            raise ValueError(f"unknown torch engine option(s) {sorted(unknown)}; it takes device, dtype and "
+            raise EngineOptionError(f"unknown torch engine option(s) {sorted(unknown)}; it takes device, dtype and "
                              "max_new_tokens")
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise EngineOptionError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         return cls(load_model(model, device=device, dtype=_DTYPES[dtype]), max_new_tokens=max_new_tokens)
 
     @property
