@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_result
 
-from chatvla.training.labels import END_MARKER, cm, place_targets, reasoning_for
+from chatvla.training.labels import END_MARKER, place_targets, reasoning_for, stated_places
 
 TARGETS = ("card_x", "card_y", "square_x", "square_y")
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -60,9 +60,9 @@ def collect(model_name: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
             p, r = out.pooled()
             prompt.append(p.numpy())
             reas.append(r.numpy())
-            t = place_targets(task, poses)[[0, 1, 3, 4]]
-            true.append(t)
-            stated.append([cm(v) / 100 for v in t])
+            t = place_targets(task, poses)
+            true.append(t[[0, 1, 3, 4]])
+            stated.append(stated_places(t))
     finally:
         if robot is not None:
             robot.close()

@@ -80,13 +80,15 @@ def test_toy_placement_reasoning_names_both_toys_and_the_relation(kind):
 
 def test_place_targets_are_where_the_text_says_and_fold_the_card_yaw():
     from chatvla.client.sim.tasks.base import Pose
-    from chatvla.training.labels import cm, place_targets
+    from chatvla.training.labels import cm, place_targets, stated_places
 
     task = make_task("math_matching", seed=5, split="train")
     poses = task.initial_poses()
     t = place_targets(task, poses)
     text = reasoning_for(task, poses)
     assert f"at ({cm(t[0])}, {cm(t[1])}), place at ({cm(t[3])}, {cm(t[4])})" in text
+    x, y, sx, sy = (round(float(v) * 100) for v in stated_places(t))
+    assert f"at ({x}, {y}), place at ({sx}, {sy})" in text
     card = poses[f"card_{task.answer}"]
     c, s = np.cos(np.pi - 0.1), np.sin(np.pi - 0.1)  # turned by pi - 0.1 looks like turned by -0.1
     turned = {**poses, f"card_{task.answer}": Pose(card.pos, np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]))}

@@ -221,7 +221,7 @@ def test_place_probe_loss_trains_the_pooled_rows_to_hold_the_stated_places(model
     for _ in range(25):
         hidden = vlm_forward(net, batch)
         pp, rp = pool_spans(hidden, batch.prompt_spans), pool_spans(hidden, batch.reasoning_spans)
-        loss = probe.loss(pp, rp, batch.places)
+        loss = probe.loss(pp, rp, batch.places, batch.stated_places)
         opt.zero_grad()
         loss.backward()
         losses.append(loss.item())

@@ -18,6 +18,7 @@ import torch
 from chatvla.model.chatvla2 import ChatVLA2
 from chatvla.model.processor import PreparedPrompt, PromptBuilder
 from chatvla.model.tokenizer import IMAGE_PAD
+from chatvla.training.labels import stated_places
 
 
 def patchify(builder: PromptBuilder, image: np.ndarray) -> torch.Tensor | None:
@@ -90,6 +91,7 @@ class Batch:
     states: torch.Tensor | None  # [R, S] robot units, R = len(robot_rows)
     chunks: torch.Tensor | None  # [R, H, A] robot units
     places: torch.Tensor | None = None  # [R, 5] when every robot row has place targets
+    stated_places: torch.Tensor | None = None  # [R, 4] the same places as the text states them
 
 
 def target_ids(model: ChatVLA2, item: Item) -> list[int]:
@@ -112,13 +114,14 @@ def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
         pspans.append((start, start + lp))
         rspans.append((start + lp, start + lp + max(len(t) - 1, 0)))
     robot = [i for i, it in enumerate(items) if it.chunk is not None]
-    states = chunks = places = None
+    states = chunks = places = stated = None
     if robot:
         states = torch.from_numpy(np.stack([np.asarray(items[i].state, np.float32) for i in robot]))
         chunks = torch.from_numpy(np.stack([np.asarray(items[i].chunk, np.float32) for i in robot]))
         if all(items[i].places is not None for i in robot):
             places = torch.from_numpy(np.stack([np.asarray(items[i].places, np.float32) for i in robot]))
-    return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks, places)
+            stated = torch.from_numpy(np.stack([stated_places(items[i].places) for i in robot]))
+    return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks, places, stated)
 
 
 def pool_spans(hidden: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:

@@ -59,6 +59,12 @@ def place_targets(task: MathMatchingTask, poses: dict[str, Pose]) -> np.ndarray:
     return np.array([pose.pos[0], pose.pos[1], yaw, zone.xy[0], zone.xy[1]], np.float32)
 
 
+def stated_places(targets: np.ndarray) -> np.ndarray:
+    """The places of `place_targets` as the reasoning text writes them (card x, y, square x, y, rounded
+    by `cm`), in metres: what the text lets a reader recover."""
+    return np.array([cm(v) / 100 for v in np.asarray(targets)[[0, 1, 3, 4]]], np.float32)
+
+
 def reasoning_for(task: Task, poses: dict[str, Pose] | None = None) -> str:
     """The reasoning a correct model writes for `task` with its objects at `poses` (task frame; default:
     where they start), without the end marker."""

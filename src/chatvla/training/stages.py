@@ -137,10 +137,10 @@ class PlaceProbe(torch.nn.Module):
         self.prompt = torch.nn.Linear(dim, 5)
         self.reasoning = torch.nn.Linear(dim, 4)
 
-    def loss(self, prompt_pooled: torch.Tensor, reasoning_pooled: torch.Tensor, places: torch.Tensor
-             ) -> torch.Tensor:
+    def loss(self, prompt_pooled: torch.Tensor, reasoning_pooled: torch.Tensor, places: torch.Tensor,
+             stated: torch.Tensor) -> torch.Tensor:
+        """`places`: labels.place_targets [B, 5]; `stated`: labels.stated_places of them [B, 4]."""
         scale = places.new_tensor([self.POS_SCALE, self.POS_SCALE, self.YAW_SCALE, self.POS_SCALE, self.POS_SCALE])
-        stated = torch.round(places[:, [0, 1, 3, 4]] * 50) / 50  # labels.cm: even centimetres
         return (F.mse_loss(self.prompt(prompt_pooled), places * scale)
                 + F.mse_loss(self.reasoning(reasoning_pooled), stated * self.POS_SCALE))
 
@@ -289,7 +289,8 @@ class Trainer:
                     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
                     losses["diffusion"] = diffusion_loss(model, pp, rp, batch.states, batch.chunks, gen)
                     if cfg.place_weight and batch.places is not None:
-                        losses["place"] = self.probe.loss(pp, rp, batch.places.to(pp.device))
+                        losses["place"] = self.probe.loss(pp, rp, batch.places.to(pp.device),
+                                                          batch.stated_places.to(pp.device))
                 total = (losses["lm"] + cfg.diffusion_weight * losses.get("diffusion", 0.0)
                          + cfg.balance_weight * losses.get("balance", 0.0)
                          + cfg.place_weight * losses.get("place", 0.0))
