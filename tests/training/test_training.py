@@ -228,3 +228,31 @@ def test_place_probe_loss_trains_the_pooled_rows_to_hold_the_stated_places(model
         opt.step()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.vlm.parameters())
     assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_rendered_scenes_teach_the_tasks_reasoning_on_new_layouts(rendering, episodes_dir, model):
+    """Each rendered scene carries the instruction and the reasoning a correct model writes for its layout;
+    a stage-1 batch holds some of them, taught like robot reasoning (ending with the end marker) but with
+    no chunk, and always keeps a robot row."""
+    from chatvla.client.sim.tasks import make_task
+    from chatvla.training.data import render_scenes
+    from chatvla.training.labels import judge_reasoning
+    from chatvla.training.stages import stage1_items
+
+    scenes = render_scenes(FRANKA_JOINT, 2, seed=0, first_task_seed=1_000_000, progress=False)
+    for i, s in enumerate(scenes):
+        task = make_task("math_matching", seed=1_000_000 + i, split="train")
+        assert s.instruction == task.instruction
+        assert judge_reasoning(task, s.reasoning or "", task.initial_poses()).place_ok
+    data = Dataset(FRANKA_JOINT, load_episodes([episodes_dir], FRANKA_JOINT, progress=False), scenes)
+    items = stage1_items(data, TrainConfig(batch_size=8, qa_fraction=0.25, scene_reasoning_fraction=0.25), 0)
+    told = [it for it in items if it.reasoning]
+    assert len(told) == 2 and all(it.chunk is None and it.target in {s.reasoning for s in scenes} for it in told)
+    assert sum(it.chunk is not None for it in items) == 4
+    batch = collate(model, told)
+    assert batch.robot_rows == []
+    assert batch.labels[0][batch.labels[0] != -100].tolist() == model.prompts.encode_reasoning(told[0].target)
+    crowded = stage1_items(data, TrainConfig(batch_size=2, qa_fraction=0.5, scene_reasoning_fraction=0.5), 0)
+    assert sum(it.chunk is not None for it in crowded) == 1
+    off = stage1_items(data, TrainConfig(batch_size=8, scene_reasoning_fraction=0.0), 0)
+    assert not any(it.reasoning for it in off)

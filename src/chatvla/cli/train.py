@@ -49,8 +49,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--stage2-batch-size", type=int, default=d.stage2_batch_size,
                    help=f"stage 2 batch (default {d.stage2_batch_size})")
     p.add_argument("--scenes", type=int, default=1000,
-                   help="extra rendered scenes for image-text questions (default 1000; 0: the episodes' first "
-                   "frames only)")
+                   help="extra rendered scenes for image-text questions and the task's reasoning (default 1000; "
+                   "0: the episodes' first frames only)")
+    p.add_argument("--scene-reasoning", type=float, default=d.scene_reasoning_fraction,
+                   help="share of each stage-1 batch that teaches the task's reasoning on rendered scenes "
+                   f"(many layouts, so places are read from pixels, not remembered) (default "
+                   f"{d.scene_reasoning_fraction}; 0: off)")
     p.add_argument("--place-weight", type=float, default=d.place_weight,
                    help=f"weight of the stage-1 place read-out loss on the pooled hidden states (default "
                    f"{d.place_weight}; 0: off)")
@@ -77,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"chatvla train: needs the server and sim extras ({e}); pip install 'chatvla-serve[server,sim,plot]'",
               file=sys.stderr)
+        return 2
+    if not 0.0 <= args.scene_reasoning < 1.0:
+        print("chatvla train: --scene-reasoning must be in [0, 1)", file=sys.stderr)
         return 2
     if min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes) < 0 or args.batch_size < 1:
         print("chatvla train: step counts, --scenes and --max-episodes must be >= 0, --batch-size >= 1",
@@ -116,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(seed=args.seed, device=args.device, batch_size=args.batch_size,
                        stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                        stage2_batch_size=args.stage2_batch_size, stage2_tick_stride=args.stage2_tick_stride,
-                       save_every=args.save_every, place_weight=args.place_weight)
+                       save_every=args.save_every, place_weight=args.place_weight,
+                       scene_reasoning_fraction=args.scene_reasoning)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)
     if args.relative_actions and not cfg_model.expert.relative_to_state:

@@ -75,6 +75,7 @@ class Item:
     state: np.ndarray | None = None
     chunk: np.ndarray | None = None  # [H, A] robot units
     places: np.ndarray | None = None  # labels.place_targets of the scene, for the place read-out loss
+    reasoning: bool = False  # the target is control reasoning (ends with the end marker) without a chunk
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Batch:
 
 def target_ids(model: ChatVLA2, item: Item) -> list[int]:
     """Robot targets end with the end marker (as the model's reasoning does); answers with <|im_end|>."""
-    if item.chunk is not None:
+    if item.chunk is not None or item.reasoning:
         return model.prompts.encode_reasoning(item.target)
     return [*model.prompts.encode_text(item.target), model.prompts.eos_id]
 

@@ -50,6 +50,7 @@ class TrainConfig:
     lr_stage2: float = 3e-4
     warmup_steps: int = 100
     qa_fraction: float = 0.25  # share of each stage-1 batch that is image-text questions
+    scene_reasoning_fraction: float = 0.25  # share that is control reasoning on rendered scenes (no chunk)
     diffusion_weight: float = 1.0
     place_weight: float = 1.0  # PlaceProbe read-out loss in stage 1 (0: off)
     balance_weight: float = 0.01
@@ -171,14 +172,20 @@ def robot_item(data: Dataset, e: int, t: int) -> Item:
 def stage1_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
     rng = np.random.default_rng([cfg.seed, 1, step])
     n_qa = round(cfg.batch_size * cfg.qa_fraction) if data.scenes else 0
+    told = [s for s in data.scenes if s.reasoning is not None and s.instruction is not None]
+    n_told = min(round(cfg.batch_size * cfg.scene_reasoning_fraction) if told else 0,
+                 cfg.batch_size - n_qa - 1)  # keep a robot row: the expert trains in every step
     items = []
-    for _ in range(cfg.batch_size - n_qa):
+    for _ in range(cfg.batch_size - n_qa - n_told):
         e = int(rng.integers(len(data.episodes)))
         items.append(robot_item(data, e, int(rng.integers(len(data.episodes[e].actions)))))
     for _ in range(n_qa):
         s = data.scenes[int(rng.integers(len(data.scenes)))]
         q, a = s.pairs[int(rng.integers(len(s.pairs)))]
         items.append(Item(s.images, q, a))
+    for _ in range(max(n_told, 0)):
+        s = told[int(rng.integers(len(told)))]
+        items.append(Item(s.images, s.instruction or "", s.reasoning or "", reasoning=True))
     return items
 
 
