@@ -52,3 +52,20 @@ def test_vocabulary_follows_the_proto_and_names_each_transport_once():
     assert TIMING_MS_FIELDS == ("queue_ms", "preprocess_ms", "reasoning_ms", "expert_ms", "total_ms")
     assert set(TIMING_COUNT_FIELDS) == {f.name for f in pb.Timings.DESCRIPTOR.fields} - set(TIMING_MS_FIELDS)
     assert len(set(TRANSPORTS)) == len(TRANSPORTS)
+
+
+def test_every_proto_dtype_round_trips_and_the_episode_format_takes_the_same_names():
+    """The proto's DType enum is the one dtype list: each value is sent little-endian and read back as
+    sent, and episode files accept the same names (plus bool)."""
+    from chatvla.client.recording import DTYPES
+    from chatvla.wire.vocabulary import DTYPE_NAMES
+
+    assert len(DTYPE_NAMES) == len(pb.DType.DESCRIPTOR.values) - 1  # all but DTYPE_UNSPECIFIED
+    for name in DTYPE_NAMES:
+        a = np.arange(6, dtype=name).reshape(2, 3)
+        t = tensor_to_proto(a)
+        assert pb.DType.Name(t.dtype) == name.upper()
+        back = tensor_from_proto(t, field="x")
+        assert back.dtype == np.dtype(name) and np.array_equal(back, a)
+    assert set(DTYPES) == {*DTYPE_NAMES, "bool"}
+    assert all(dt.byteorder in "<|" for dt in DTYPES.values())

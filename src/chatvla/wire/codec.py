@@ -20,15 +20,9 @@ from PIL import Image as PILImage
 
 from chatvla.v1 import policy_pb2 as pb
 from chatvla.wire.limits import DEFAULT_LIMITS, Limits
+from chatvla.wire.vocabulary import DTYPE_NAMES
 
-_DTYPES: dict[int, np.dtype] = {
-    pb.FLOAT32: np.dtype("<f4"),
-    pb.FLOAT64: np.dtype("<f8"),
-    pb.FLOAT16: np.dtype("<f2"),
-    pb.INT32: np.dtype("<i4"),
-    pb.INT64: np.dtype("<i8"),
-    pb.UINT8: np.dtype("u1"),
-}
+_DTYPES: dict[int, np.dtype] = {pb.DType.Value(n.upper()): np.dtype(n).newbyteorder("<") for n in DTYPE_NAMES}
 _DTYPE_ENUM: dict[str, int] = {dt.str.lstrip("<|"): enum for enum, dt in _DTYPES.items()}
 _ENCODINGS = {"rgb8": pb.RGB8, "jpeg": pb.JPEG, "png": pb.PNG}
 _MAX_NDIM = 32  # numpy's limit before 2.0 (64 since)

@@ -17,6 +17,12 @@ TIMING_MS_FIELDS: tuple[str, ...] = tuple(n for n in TIMING_FIELDS if n.endswith
 # The rest are counts: reasoning_batch_size, expert_batch_size.
 TIMING_COUNT_FIELDS: tuple[str, ...] = tuple(n for n in TIMING_FIELDS if not n.endswith("_ms"))
 
+# --- dtypes: what a tensor may carry, by numpy name, in proto `DType` order ---------------------------------
+# The proto's enum is the one list (FLOAT32 -> "float32"); the wire codec (little-endian) and the episode
+# format (which adds "bool") derive theirs from it. openpi's msgpack-numpy frames come from foreign numpy
+# code and keep their own, wider rule (any byte order; bool, integer and float kinds).
+DTYPE_NAMES: tuple[str, ...] = tuple(v.name.lower() for v in pb.DType.DESCRIPTOR.values if v.number)
+
 # --- stage labels: the values of the `stage` label on chatvla_* metrics ------------------------------------
 STAGE_QUEUE = "queue"
 STAGE_PREPROCESS = "preprocess"

@@ -14,20 +14,14 @@ from typing import Any
 import numpy as np
 
 from chatvla.profiles import RobotProfile
+from chatvla.wire.vocabulary import DTYPE_NAMES
 
 FORMAT = "chatvla.episode"
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-# The only dtypes an array field may carry, by the name written in the file.
-DTYPES: dict[str, np.dtype] = {
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-    "uint8": np.dtype("u1"),
-    "bool": np.dtype("?"),
-}
+# The only dtypes an array field may carry, by the name written in the file: the wire's, plus bool
+# (little-endian, whatever the machine that wrote the file).
+DTYPES: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") for n in (*DTYPE_NAMES, "bool")}
 # "jpeg": baseline JPEG bytes (lossy, ~10x smaller); "rgb8": raw HxWx3 uint8, row-major.
 IMAGE_ENCODINGS = ("jpeg", "rgb8")
 DEFAULT_JPEG_QUALITY = 90
