@@ -115,7 +115,7 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
     from chatvla.client.episodes import EpisodeRecorder, LatencyObserver, episode_path, run_episode
     from chatvla.client.recording import EpisodeWriter
     from chatvla.client.robots.registry import make_robot
-    from chatvla.client.sim.tasks import make_task
+    from chatvla.client.sim.tasks import MathMatchingTask, make_task
     from chatvla.client.tick_counts import TickCounter
 
     robot = None
@@ -153,11 +153,11 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
             out.missed_ticks += int(res.summary.get("missed_ticks", 0))
             out.holds += int(res.summary.get("holds", 0))
             out.outcomes.append(f"{kind}:{'ok' if res.success else 'fail'}")
+            board = f"board {task.a}+{task.b}, " if isinstance(task, MathMatchingTask) else ""
             print(f"[demo] {out.name} episode {ep + 1}/{args.episodes} ({kind}): "
                   f"{'success' if res.success else 'no success'}, {res.ticks} ticks in {res.seconds:.1f} s, "
                   f"{counts.stalled_ticks} stalled ticks, {counts.safety_clamped_ticks} safety-clamped ticks; "
-                  f"board {getattr(task, 'a', '?')}+{getattr(task, 'b', '?')}, "
-                  f"reasoning: {quoted(first.text)}", file=sys.stderr, flush=True)
+                  f"{board}reasoning: {quoted(first.text)}", file=sys.stderr, flush=True)
         out.chunks = lat.chunks
         out.latency = lat.percentiles()
         out.reasoning_sample = lat.reasoning[-1] if lat.reasoning else ""

@@ -165,6 +165,10 @@ PolicyEvent = ChunkReply | RequestFailed | ConnectionChanged
 class PolicyConnection(ABC):
     """A policy the control loop can use without ever waiting for it."""
 
+    # The error that ended the connection for good (bad token, unknown profile: retrying cannot help),
+    # or None while it may still recover. Load generators stop a virtual robot on it.
+    fatal_error: PolicyError | None = None
+
     def start(self) -> None:
         """Begin connecting (in the background). Idempotent."""
 

@@ -116,7 +116,7 @@ class VirtualRobot(threading.Thread):
                 while not self._over():
                     self._play(conn, self.episodes[k % len(self.episodes)])
                     k += 1
-                    fatal = getattr(conn, "fatal_error", None)
+                    fatal = conn.fatal_error
                     if fatal is not None:
                         self.stats.fatal = str(fatal)
                         break
@@ -141,7 +141,7 @@ class VirtualRobot(threading.Thread):
                 now = time.monotonic()
                 for ev in conn.poll():
                     self._event(ev, executor, sent_at, first_seq, now)
-                if getattr(conn, "fatal_error", None) is not None:
+                if conn.fatal_error is not None:
                     return
                 if executor.should_request(tick, now) and self.budget.take():
                     images, state = ep.observation(tick)
