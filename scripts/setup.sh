@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment: the CPU build of torch, then the project with
-# its server, sim, plot, video and dev extras, pinned by requirements/constraints.txt.
+# its server, sim, plot, video, camera and dev extras, pinned by requirements/constraints.txt.
 #
 #   bash scripts/setup.sh [VENV]          default VENV: .venv
 #
@@ -22,7 +22,7 @@ PIP="$VENV/bin/pip"
 echo "[setup] installing $TORCH_SPEC"
 "$PIP" install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -W ignore -c "import torch" || { echo "[setup] torch failed to install" >&2; exit 1; }
-echo "[setup] installing chatvla-serve with extras server, sim, plot, video, dev"
-"$PIP" install -q -c requirements/constraints.txt -e ".[server,sim,plot,video,dev]" 2>&1 | grep -v "is ignored" || true
+echo "[setup] installing chatvla-serve with extras server, sim, plot, video, camera, dev"
+"$PIP" install -q -c requirements/constraints.txt -e ".[server,sim,plot,video,camera,dev]" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import chatvla.model, chatvla.v1.policy_pb2" || { echo "[setup] install incomplete" >&2; exit 1; }
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

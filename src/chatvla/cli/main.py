@@ -50,6 +50,8 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "panda_py": ("panda-python", "panda"),
     "franky": ("franky-control", "franky"),
     "arx_r5_sdk": ("arx-r5-sdk", "arx"),
+    "cv2": ("opencv-python-headless", "camera"),
+    "pyrealsense2": ("pyrealsense2", "realsense"),
     "vllm": ("vllm", "vllm"),
 }
 

@@ -7,8 +7,16 @@ Two policies:
   demonstrations and as realistic observation streams for `chatvla loadtest`.
 
 Robots: `sim-panda`, `sim-bimanual`, or a real adapter (`panda`, `franky`, `arx_r5`) with its
-options given as `--robot-option KEY=VALUE` (e.g. `host=172.16.0.2`). Real adapters need camera
-sources; without a camera driver the recording's images are a flat grey placeholder (say so loudly).
+options given as `--robot-option KEY=VALUE` (e.g. `host=172.16.0.2`). Real adapters need one camera
+source per camera of their profile, given as `--camera NAME=SOURCE[@WIDTHxHEIGHT][@FPS]`:
+
+  --camera front=opencv:0 --camera wrist=opencv:/dev/video2@640x480@30   (pip install 'chatvla-serve[camera]')
+  --camera cam_top=realsense:123456789012@848x480@30                     (pip install 'chatvla-serve[realsense]')
+  --camera wrist=static                                                  (grey placeholder)
+
+A camera whose newest frame is older than --camera-max-age (default: 5 frame periods, at least 0.25 s)
+stops the robot with an error naming it. Without any --camera the images are a flat grey placeholder
+(a dry run; said loudly).
 """
 
 from __future__ import annotations
@@ -29,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--robot", required=True, help="sim-panda, sim-bimanual, panda, franky or arx_r5")
     p.add_argument("--robot-option", action="append", default=[], metavar="KEY=VALUE",
                    help="constructor option of the robot adapter (repeatable)")
+    p.add_argument("--camera", action="append", default=[], metavar="NAME=SOURCE",
+                   help="camera source of a real robot, one per profile camera (repeatable): opencv:INDEX|PATH, "
+                   "realsense[:SERIAL] or static, optionally @WIDTHxHEIGHT and @FPS")
+    p.add_argument("--camera-max-age", type=float, metavar="SECONDS",
+                   help="stop the robot when a camera's newest frame is older than this (default: 5 frame "
+                   "periods of the camera, at least 0.25 s)")
     p.add_argument("--out", required=True, help="directory for the episode files")
     p.add_argument("--policy", choices=("server", "oracle"), default="server",
                    help="who drives the robot: server (a policy server at --target) or oracle (the sim's "
@@ -63,6 +77,28 @@ def _options(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _cameras(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """The cameras of a real robot: from --camera specs, else grey placeholders (a dry run)."""
+    from chatvla.client.robots.camera_drivers.sources import open_cameras, parse_camera_source
+    from chatvla.client.robots.cameras import static_cameras
+    from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT, get_profile
+
+    default = ARX_R5_BIMANUAL.name if args.robot == "arx_r5" else FRANKA_JOINT.name
+    profile = options.get("profile", default)
+    if isinstance(profile, str):
+        try:
+            profile = get_profile(profile)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        if "profile" in options:
+            options["profile"] = profile  # the adapters take a RobotProfile, the command line gives its name
+    if args.camera:
+        sources = [parse_camera_source(spec) for spec in args.camera]
+        return open_cameras(sources, profile, max_age_s=args.camera_max_age)
+    print("chatvla record: WARNING no --camera given: images are a flat grey placeholder", file=sys.stderr)
+    return static_cameras(profile)
+
+
 def _record_oracle(robot: Any, writer: Any) -> bool:
     """Step the sim through the oracle's plan, writing every tick; returns task success."""
     import numpy as np
@@ -95,20 +131,25 @@ def run(args: argparse.Namespace) -> int:
     if not is_sim and not args.instruction:
         print("chatvla record: a real robot needs --instruction", file=sys.stderr)
         return 2
+    if args.camera and is_sim:
+        print("chatvla record: --camera is for real robots (simulated robots render their own cameras)",
+              file=sys.stderr)
+        return 2
+    if args.camera_max_age is not None and args.camera_max_age <= 0:
+        print("chatvla record: --camera-max-age must be positive", file=sys.stderr)
+        return 2
+    cameras: dict[str, Any] = {}
     try:
         options = _options(args.robot_option)
         if not is_sim and "cameras" not in options:
-            from chatvla.client.robots.cameras import StaticCamera
-            from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT, get_profile
-
-            default = ARX_R5_BIMANUAL.name if args.robot == "arx_r5" else FRANKA_JOINT.name
-            profile = get_profile(options.get("profile", default))
-            options["cameras"] = {c.name: StaticCamera(c.height, c.width) for c in profile.cameras}
-            print("chatvla record: WARNING no camera driver configured: images are a flat grey placeholder",
-                  file=sys.stderr)
+            cameras = _cameras(args, options)
+            options["cameras"] = cameras
         robot = make_robot(args.robot, **options)
         robot.connect()
     except (RobotError, ValueError, TypeError) as e:
+        from chatvla.client.robots.camera_drivers.sources import close_cameras
+
+        close_cameras(cameras)  # a robot that failed to connect never closes them; their grab threads must stop
         print(f"chatvla record: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

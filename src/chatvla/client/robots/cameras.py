@@ -1,11 +1,17 @@
 """Camera sources for the real-robot adapters.
 
 The adapters do not know how a frame is grabbed (USB, RealSense, GigE...): they take one `Camera` per
-camera name of the robot profile and check every frame they get. Real drivers are out of scope for this
-package; a driver only has to satisfy the `Camera` protocol below, and must keep its own grab thread so
-that `read()` returns the latest frame at once (the adapter calls it inside the control tick).
+camera name of the robot profile and check every frame they get. A source only has to satisfy the
+`Camera` protocol below, and must keep its own grab thread so that `read()` returns the latest frame at
+once (the adapter calls it inside the control tick).
 
-`StaticCamera` is the OpenCV-free stand-in used by tests, dry runs and bring-up without cameras.
+A source that cannot deliver a fresh frame raises `CameraError` from `read()` (`CameraStalled` when its
+newest frame is too old): a `RobotError`, so the control loop stops the arm instead of letting the
+policy act on an image that no longer shows the scene.
+
+Drivers live in `chatvla.client.robots.camera_drivers` (OpenCV for USB/V4L2 devices and video files,
+Intel RealSense; each an optional extra imported when the camera opens). `StaticCamera` is the
+OpenCV-free stand-in used by tests, dry runs and bring-up without cameras.
 """
 
 from __future__ import annotations
@@ -17,6 +23,27 @@ import numpy as np
 
 from chatvla.client.robots.base import RobotError
 from chatvla.profiles import RobotProfile
+
+
+class CameraError(RobotError):
+    """A camera cannot give a usable frame (device missing, closed or failed). Names the camera, so the
+    operator knows which cable to check."""
+
+
+class CameraStalled(CameraError):
+    """The newest frame of a camera is older than its limit: the device stopped delivering (unplugged,
+    USB bandwidth, a file that ended). Raised instead of returning the old frame, which would let the
+    policy steer on a scene that has changed."""
+
+    def __init__(self, camera: str, age_s: float, max_age_s: float, *, source: str = "", reason: str = "") -> None:
+        self.camera = camera
+        self.age_s = age_s
+        self.max_age_s = max_age_s
+        where = f" ({source})" if source else ""
+        why = f"; last grab: {reason}" if reason else ""
+        super().__init__(
+            f"camera {camera!r}{where} stalled: newest frame is {age_s:.3f} s old, limit {max_age_s:.3f} s{why}"
+        )
 
 
 @runtime_checkable
@@ -89,6 +116,8 @@ def capture(cameras: Mapping[str, Camera], profile: RobotProfile) -> dict[str, n
     for spec in profile.cameras:
         try:
             frame = cameras[spec.name].read()
+        except CameraError:
+            raise  # already names the camera, and its type (stalled or failed) is worth keeping
         except Exception as e:
             raise RobotError(f"camera {spec.name!r} failed: {e}") from e
         if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
