@@ -69,6 +69,21 @@ class RobotProfile:
         return len(self.state_names)
 
     @property
+    def action_units(self) -> tuple[str, ...]:
+        """The unit of each action dimension ("rad", "m", or "" for the unitless rot6d entries), so
+        plots and tools label values from the profile instead of guessing. Grippers are widths (m),
+        joint profiles are radians, the end-effector profile is metres for xyz."""
+        units = []
+        for i, name in enumerate(self.action_names):
+            if i in self.gripper_indices:
+                units.append("m")
+            elif self.action_space == "joint_position":
+                units.append("rad")
+            else:
+                units.append("m" if name in ("x", "y", "z") else "")
+        return tuple(units)
+
+    @property
     def camera_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.cameras)
 

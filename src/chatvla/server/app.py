@@ -20,6 +20,7 @@ from typing import TextIO
 from chatvla.engines.base import Engine
 from chatvla.engines.loader import EngineLoadError, load_engine
 from chatvla.server.auth import TokenFileError, TokenStore
+from chatvla.server.card import model_card
 from chatvla.server.compute import ComputeConfig, available_cores, compute_executor
 from chatvla.server.errors import Code, ServeError
 from chatvla.server.info import model_info_proto
@@ -186,6 +187,7 @@ class ServerApp:
             self.state.pipeline = scheduler
             self.state.model_info = model_info_proto(self.engine.info, s.limits, self.config.reasoning)
             info = self.engine.info
+            self.state.model_card = model_card(s.model, info.engine, info.model_id)
             self.metrics.set_build(info.model_id, info.engine, info.profile.name)
             await self.state.set_ready(True)
         except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import json_format
 
 import chatvla
@@ -33,6 +35,33 @@ def model_info_proto(info: EngineInfo, limits: Limits, reasoning: ReasoningPolic
         limits=pb.Limits(**limits.to_proto_fields()), default_reasoning=reasoning_proto(reasoning),
         server_version=chatvla.__version__,
     )
+
+
+def profile_details(p: RobotProfile) -> dict[str, Any]:
+    """What HTTP `/v1/model` adds to the proto's profile: the safety envelope and units, so a client (the
+    debug page) can prefill the home pose and draw limits without a copy of the profile table."""
+    return {
+        "description": p.description,
+        "action_lower": list(p.action_lower),
+        "action_upper": list(p.action_upper),
+        "max_step": list(p.max_step),
+        "gripper_indices": list(p.gripper_indices),
+        "home": list(p.home),
+        "action_units": list(p.action_units),
+    }
+
+
+UNKNOWN_CARD: dict[str, Any] = {"trained": None, "basis": "not known", "summary": "training status unknown",
+                                "eval": None}
+
+
+def model_json(info: pb.ModelInfo, profile: RobotProfile, card: dict[str, Any] | None) -> dict[str, Any]:
+    """HTTP `/v1/model`: `ModelInfo` as JSON, the profile's envelope merged into `profile`, and `card`
+    (trained or not, measured figures; chatvla.server.card). gRPC `GetModelInfo` stays the proto."""
+    doc = to_json(info)
+    doc["profile"].update(profile_details(profile))
+    doc["card"] = card if card is not None else UNKNOWN_CARD
+    return doc
 
 
 def to_json(message: object) -> dict:

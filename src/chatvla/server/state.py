@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from chatvla.server.auth import TokenStore
 from chatvla.server.errors import Code, ServeError
@@ -27,6 +28,8 @@ class ServerState:
     tokens: TokenStore | None = None
     pipeline: Scheduler | None = None
     model_info: pb.ModelInfo | None = None
+    # Trained or not, and measured figures, from the model's own files (server/card.py); HTTP /v1/model.
+    model_card: dict[str, Any] | None = None
     ready: bool = False
     draining: bool = False
 

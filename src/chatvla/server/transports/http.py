@@ -1,5 +1,5 @@
 """HTTP transport (FastAPI + uvicorn on its own port): probes, metrics, model info, stateless infer
-and a self-contained debug page.
+and a self-contained debug page (with its favicon and the rendered sample scene it can offer).
 
 It shares the scheduler with gRPC, so an HTTP request is batched with robot traffic and obeys the
 same admission limits. Request bodies are read with a size cap before any parsing; the JSON or
@@ -28,8 +28,9 @@ from starlette.requests import ClientDisconnect
 
 from chatvla.server.auth import bearer
 from chatvla.server.errors import HTTP_STATUS, Code, ServeError
-from chatvla.server.info import to_json
+from chatvla.server.info import model_json
 from chatvla.server.messages import ChunkResult
+from chatvla.server.sample_scene import SampleScenes, SampleUnavailable
 from chatvla.server.state import ServerState
 from chatvla.server.validation import MAX_DEADLINE_MS, infer_from_form, infer_from_json
 from chatvla.wire.vocabulary import AUTHORIZATION_KEY, TRANSPORT_HTTP
@@ -70,6 +71,15 @@ _INFER_OPENAPI = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": INFER_JSON_SCHEMA},
     "multipart/form-data": {"schema": INFER_FORM_SCHEMA},
 }}}
+
+
+# A 16x16 icon (a robot-arm glyph in the page's blue), served at /favicon.ico so browsers get no 404.
+FAVICON_SVG = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<rect width="16" height="16" rx="3" fill="#1f6feb"/>'
+    b'<path d="M4 13h8M6 13l1-5 4-3M11 5l2 2" stroke="#fff" stroke-width="1.6" fill="none" stroke-linecap="round"/>'
+    b"</svg>"
+)
 
 
 def error_response(e: ServeError) -> JSONResponse:
@@ -172,9 +182,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/model", dependencies=[Depends(authenticated)])
     async def model() -> JSONResponse:
-        if state.model_info is None:
+        if state.model_info is None or state.pipeline is None:
             raise ServeError(Code.UNAVAILABLE, "model is loading")
-        return JSONResponse(to_json(state.model_info))
+        return JSONResponse(model_json(state.model_info, state.pipeline.spec.profile, state.model_card))
 
     @app.post("/v1/infer", dependencies=[Depends(authenticated)], openapi_extra=_INFER_OPENAPI)
     async def infer(request: Request) -> JSONResponse:
@@ -213,6 +223,36 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     async def debug_page() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        # Browsers ask for it unprompted; a 404 there is a console error on every page load.
+        return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
+    samples: dict[str, SampleScenes] = {}
+
+    @app.get("/debug/sample", dependencies=[Depends(authenticated)])
+    async def debug_sample(camera: str | None = None) -> Response:
+        """Without `camera`: whether a sample can be rendered (cheap, renders nothing). With it: the
+        PNG of that camera, rendered once per server on first request (chatvla.server.sample_scene)."""
+        profile = state.require().spec.profile
+        sample = samples.get(profile.name)
+        if sample is None:
+            sample = samples[profile.name] = SampleScenes(profile.name)
+        if camera is None:
+            available, reason = sample.probe()
+            return JSONResponse({"available": available, "reason": reason, "cameras": list(profile.camera_names)})
+        if camera not in profile.camera_names:
+            raise ServeError(Code.INVALID_ARGUMENT,
+                             f"not a camera of profile {profile.name}; expected one of {list(profile.camera_names)}",
+                             "camera")
+        try:
+            png = await sample.png(camera)
+        except SampleUnavailable as e:
+            return JSONResponse({"error": {"code": "NOT_FOUND", "field": "",
+                                           "message": f"no rendered sample scene on this server: {e}"[:512]}},
+                                status_code=404)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     return app
 
