@@ -5,6 +5,7 @@ mappings, default prompts and the DROID action conversion."""
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import httpx
 import msgpack
@@ -14,9 +15,10 @@ from openpikit import RampEngine, RecordingEngine, aloha_obs, decode, droid_obs,
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from chatvla.fuzzing import exchange, http_status
 from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT
 from chatvla.server.transports.openpi.codec import pack_message, unpack_message
-from chatvla.server.transports.openpi.endpoint import MAX_TEXT_FRAMES
+from chatvla.server.transports.openpi.endpoint import MAX_REFUSAL_BODY, MAX_TEXT_FRAMES
 from chatvla.server.transports.openpi.mappings import MappingError, load_mapping, preset
 from chatvla.wire.limits import DEFAULT_LIMITS
 
@@ -88,6 +90,30 @@ async def test_healthz_on_the_same_port(openpi_server):
         assert r.status_code == 200 and r.text == "OK\n"
         r = await client.get(http_url(app) + "/")  # a plain GET that is not an upgrade
         assert r.status_code == 426
+
+
+@pytest.mark.parametrize("path", ["//[", "//a]/x", "//h:99999/healthz"])
+async def test_a_path_urlsplit_would_misread_still_opens_the_websocket(openpi_server, caplog, path):
+    """Found by benchmarks/hostile.py: `GET //[` made the handshake raise (urlsplit takes `//` for a network
+    location and `[` for a broken IPv6 address), a 500 and a traceback per request; `//h:99999/healthz` was
+    taken for the probe."""
+    app = await openpi_server()
+    async with connect(app.openpi_url + path, compression=None, max_size=None) as ws:
+        assert isinstance(await ws.recv(), bytes)  # the metadata frame: an ordinary connection
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_a_refused_handshake_does_not_echo_a_long_header(openpi_server):
+    """Found by benchmarks/hostile.py: websockets' own refusal quoted a 1 KB Sec-WebSocket-Protocol header
+    whole; every refusal is bounded (docs/security.md)."""
+    app = await openpi_server()
+    request = ("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               f"Sec-WebSocket-Protocol: {'p ' * 600}\r\n\r\n").encode()
+    answer = await exchange(app.settings.host, app.openpi.port, request, 5.0)
+    status, body = http_status(answer)
+    assert status == 400 and body.startswith(b"Failed to open a WebSocket connection") and len(body) <= MAX_REFUSAL_BODY
+    assert f"Content-Length: {len(body)}\r\n".encode() in answer
 
 
 async def test_prompt_is_kept_for_the_session_and_hwc_images_work(openpi_server):
@@ -199,6 +225,24 @@ async def test_bad_input_is_answered_with_a_text_frame_and_the_connection_stays(
         await expect_error(ws, *needles)
     assert app.metrics.registry.get_sample_value(
         "chatvla_requests_total", {"transport": "openpi_ws", "outcome": "invalid_argument"}) == 1
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("observation/joint_position", [0.1, -0.7, 0.0, 9.0, 0.0, 1.6, 0.8], "observation/joint_position[3]: 9 is outside"),
+    ("observation/joint_position", [0.1, -0.7, 0.0, -2.3, 0.0, 1e10, 0.8],
+     "observation/joint_position[5]: every value must be finite"),
+])
+async def test_a_state_refusal_names_the_key_the_client_sent(openpi_server, key, value, needle):
+    """DROID's state is two keys concatenated; a bad value is named by its own key and index, not by
+    the concatenation."""
+    app = await openpi_server(RampEngine(profile="franka_joint"))
+    obs = droid_obs()
+    obs[key] = np.array(value)
+    async with connect(app.openpi_url, compression=None) as ws:
+        await ws.recv()
+        await ws.send(encode(obs))
+        frame = await expect_error(ws, "INVALID_ARGUMENT", needle, good=droid_obs())
+    assert "+" not in frame.split(": ")[1]
 
 
 @pytest.mark.parametrize(("dtype", "data"), [("|O", b"\x00" * 8), ("|V8", b"\x00" * 8), ("<c8", b"\x00" * 8),

@@ -94,14 +94,16 @@ class StateBounds:
                 lo[i], hi[i] = n_lo, n_hi
         return cls(lo, hi, tuple(why))
 
-    def check(self, arr: np.ndarray, field: str) -> None:
-        """Refuse the first value outside its interval, naming its index; `arr` is finite already."""
+    def check(self, arr: np.ndarray, field: str, value_fields: Sequence[str] | None = None) -> None:
+        """Refuse the first value outside its interval, naming its index (or `value_fields[i]`, the
+        caller's own name for value i); `arr` is finite already."""
         with np.errstate(invalid="ignore"):
             bad = np.flatnonzero((arr < self.lower) | (arr > self.upper))
         if bad.size:
             i = int(bad[0])
-            raise invalid(f"{field}[{i}]", f"{float(arr[i]):.6g} is outside [{self.lower[i]:.4g}, {self.upper[i]:.4g}] "
-                                           f"({self.why[i]}); check the units")
+            where = value_fields[i] if value_fields else f"{field}[{i}]"
+            raise invalid(where, f"{float(arr[i]):.6g} is outside [{self.lower[i]:.4g}, {self.upper[i]:.4g}] "
+                                 f"({self.why[i]}); check the units")
 
 
 @dataclass(frozen=True)
@@ -154,16 +156,20 @@ def _refuse_control_tokens(text: str, field: str) -> None:
         raise invalid(field, f"contains the chat-template control token {_name(token.group())!r}; send plain text")
 
 
-def check_state_values(arr: np.ndarray, field: str, spec: InputSpec) -> np.ndarray:
+def check_state_values(arr: np.ndarray, field: str, spec: InputSpec,
+                       value_fields: Sequence[str] | None = None) -> np.ndarray:
     """Every state value finite and within +-limits.max_state_abs (robot units), then each within its
-    `StateBounds` interval (the one place every transport's state passes)."""
+    `StateBounds` interval (the one place every transport's state passes). A state assembled from
+    several caller fields (openpi's joint and gripper keys) passes `value_fields`, one name per value,
+    so a refusal names the key the caller sent rather than the concatenation."""
     limits = spec.limits
     with np.errstate(invalid="ignore"):
-        ok = np.isfinite(arr).all() and bool((np.abs(arr) <= limits.max_state_abs).all())
-    if not ok:
-        raise invalid(field, f"every value must be finite and within +-{limits.max_state_abs:g} (robot units)")
+        bad = np.flatnonzero(~(np.abs(arr) <= limits.max_state_abs))  # NaN compares false: caught too
+    if bad.size:
+        where = value_fields[int(bad[0])] if value_fields and len(value_fields) == arr.size else field
+        raise invalid(where, f"every value must be finite and within +-{limits.max_state_abs:g} (robot units)")
     if arr.shape == (spec.profile.state_dim,):
-        spec.state_bounds.check(arr, field)
+        spec.state_bounds.check(arr, field, value_fields if value_fields and len(value_fields) == arr.size else None)
     return arr
 
 
@@ -466,6 +472,7 @@ def observation_from_arrays(
     spec: InputSpec,
     *,
     state_field: str = "state",
+    state_value_fields: Sequence[str] | None = None,
     instruction_field: str = "instruction",
     default_instruction: str = "",
     seq: int = 0,
@@ -479,7 +486,7 @@ def observation_from_arrays(
     want = spec.profile.state_dim
     if state.shape != (want,):
         raise invalid(state_field, f"must have {want} values, got {state.size}")
-    check_state_values(state, state_field, spec)
+    check_state_values(state, state_field, spec, state_value_fields)
     if isinstance(instruction, bytes):
         try:
             instruction = instruction.decode("utf-8")

@@ -442,6 +442,7 @@ def apply_mapping(
     if not images:
         raise invalid("images", f"no mapped camera present (mapping {mapping.name!r})")
     parts = []
+    value_fields: list[str] = []  # the caller's name for each state value: "observation/gripper_position[0]"
     offset = 0
     for key in mapping.state:
         value = _lookup(obs, key.path)
@@ -453,6 +454,7 @@ def apply_mapping(
             part = (np.asarray(widths, np.float32) * (1.0 - np.clip(part, 0.0, 1.0))).astype(np.float32)
         offset += part.size
         parts.append(part)
+        value_fields += [f"{_key_name(key.path)}[{j}]" for j in range(part.size)]
     state = np.concatenate(parts) if len(parts) > 1 else parts[0]
     state_field = "+".join(_key_name(k.path) for k in mapping.state)
     want = spec.profile.state_dim
@@ -461,6 +463,6 @@ def apply_mapping(
     raw = _lookup(obs, mapping.prompt)
     return observation_from_arrays(
         images, state, None if raw is _MISSING else raw, spec,
-        state_field=state_field, instruction_field=_key_name(mapping.prompt),
+        state_field=state_field, state_value_fields=value_fields, instruction_field=_key_name(mapping.prompt),
         default_instruction=session_instruction or mapping.default_prompt, seq=seq, tick=seq,
     )
