@@ -9,17 +9,18 @@ high for a longer exploration (and CHATVLA_FUZZ_SEED picks another fixed seed fo
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable
 
 from hypothesis import HealthCheck, settings
 
+# The input generators live in chatvla.fuzzing (benchmarks/hostile.py sends the same ones to a server
+# process); `mutate` is re-exported for the raw-bytes loops.
+from chatvla.fuzzing import MAX_ERROR_BYTES, mutate  # noqa: F401
 from chatvla.server.errors import Code, ServeError
 from chatvla.wire import WireError
 
 EXAMPLES = int(os.environ.get("CHATVLA_FUZZ_EXAMPLES", "150"))
 SEED = int(os.environ.get("CHATVLA_FUZZ_SEED", "0"))
-MAX_ERROR_BYTES = 1024
 
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -53,20 +54,3 @@ def check_clean(call: Callable[[], object]) -> object | None:
     except ServeError as e:
         assert_clean_serve_error(e)
         return None
-
-
-def mutate(rng: random.Random, seed: bytes) -> bytes:
-    """`seed` flipped/truncated/extended a few times; one message in ten is random bytes."""
-    if rng.random() < 0.1:
-        return rng.randbytes(rng.randint(0, 200))
-    data = bytearray(seed)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.choice(("flip", "flip", "truncate", "insert"))
-        if op == "flip" and data:
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8) if rng.random() < 0.5 else rng.randint(1, 255)
-        elif op == "truncate" and data:
-            del data[rng.randrange(len(data)):]
-        else:
-            i = rng.randint(0, len(data))
-            data[i:i] = rng.randbytes(rng.randint(1, 8))
-    return bytes(data)

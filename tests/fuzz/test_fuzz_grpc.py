@@ -14,8 +14,9 @@ import random
 import grpc
 import pytest
 from fuzzkit import EXAMPLES, MAX_ERROR_BYTES, SEED, mutate
-from serverkit import infer_request, obs_req, start
+from serverkit import PROFILE, infer_request, obs_req, start
 
+from chatvla.fuzzing import Target, hostile_infer, hostile_start
 from chatvla.server.transports.grpc_service import POLICY_SERVICE
 from chatvla.v1 import policy_pb2 as pb
 
@@ -62,6 +63,41 @@ async def test_infer_raw_bytes(serve):
     seen = await _unary(srv, "Infer", infer_request().SerializeToString(), 1)
     assert seen.get(grpc.StatusCode.INVALID_ARGUMENT), seen  # the fuzzing reached the refusals
     assert (await srv.stub.Infer(infer_request())).chunk.actions.data  # still serving
+
+
+async def test_infer_hostile_fields(serve):
+    """Valid requests with one to three fields made hostile (chatvla.fuzzing: what benchmarks/hostile.py
+    sends a server process): refused cleanly, or served."""
+    srv = await serve()
+    rng, target = random.Random(SEED * 1000 + 5), Target.for_profile(PROFILE)
+    call = srv.channel.unary_unary(method("Infer"), request_serializer=None, response_deserializer=None)
+    seen: dict[grpc.StatusCode, int] = {}
+    for _ in range(EXAMPLES):
+        data = hostile_infer(rng, target).SerializeToString()
+        try:
+            await call(data, timeout=TIMEOUT_S)
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            assert_clean_status(code, e.details(), data)
+        seen[code] = seen.get(code, 0) + 1
+    assert seen.get(grpc.StatusCode.INVALID_ARGUMENT) and seen.get(grpc.StatusCode.OK), seen
+
+
+async def test_stream_start_hostile_fields(serve):
+    srv = await serve()
+    rng, target = random.Random(SEED * 1000 + 6), Target.for_profile(PROFILE)
+    for _ in range(EXAMPLES):
+        call = srv.stub.Stream(timeout=TIMEOUT_S)
+        await call.write(pb.StreamRequest(start=hostile_start(rng, target)))
+        await call.done_writing()
+        first = await call.read()
+        kind = first.WhichOneof("msg")
+        assert kind in ("session", "error"), first
+        if kind == "error":
+            assert first.error.code not in BAD_STREAM_CODES and first.error.field, first
+            assert len(first.error.message.encode()) <= MAX_ERROR_BYTES
+        assert_clean_status(await call.code(), await call.details(), b"")
 
 
 async def test_get_model_info_raw_bytes(serve):
