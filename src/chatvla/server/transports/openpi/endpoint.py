@@ -18,7 +18,6 @@ import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -61,6 +60,8 @@ REASONING_KEY = OPENPI_REASONING_KEY
 # closes the connection with 1003: a peer that only sends text is not an openpi client.
 MAX_TEXT_FRAMES = 3
 TEXT_FLOOD_CLOSE_REASON = "expected binary msgpack frames"
+# The body of a refused handshake, at most: websockets' own refusals quote a bad header whole.
+MAX_REFUSAL_BODY = 512
 
 
 def observation_from_openpi(
@@ -152,7 +153,9 @@ class OpenpiEndpoint:
 
     # The opening handshake: probes, readiness and auth, before any websocket exists.
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+        # The path as sent, without its query. Not urlsplit: it reads `//[` as a network location with a
+        # broken IPv6 address and raises, which websockets answers 500 with a traceback logged.
+        path = request.path.partition("?")[0]
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if self.state.tokens is not None:
@@ -174,6 +177,19 @@ class OpenpiEndpoint:
             response.headers["Retry-After"] = "1"
             return response
         return None
+
+    @staticmethod
+    def process_response(connection: ServerConnection, request: Request, response: Response) -> Response | None:
+        """Cap the body of a refused handshake. websockets words its own refusals (a malformed
+        Sec-WebSocket-* header) with the header quoted whole, and no refusal may echo unbounded input
+        (docs/security.md; found by benchmarks/hostile.py: 1.1 KB for a 1 KB Sec-WebSocket-Protocol)."""
+        if response.status_code == 101 or len(response.body) <= MAX_REFUSAL_BODY:
+            return None
+        body = bytes(response.body[: MAX_REFUSAL_BODY - 4]).decode("utf-8", "ignore").encode() + b"...\n"
+        headers = response.headers.copy()
+        del headers["Content-Length"]
+        headers["Content-Length"] = str(len(body))
+        return replace(response, headers=headers, body=body)
 
     async def handler(self, ws: ServerConnection) -> None:
         robot = self._robots.pop(ws, "")
@@ -297,6 +313,7 @@ async def start_openpi(
         ssl_ctx.load_cert_chain(str(tls[0]), str(tls[1]))
     server = await serve(
         endpoint.handler, host, port, process_request=endpoint.process_request,
+        process_response=endpoint.process_response,
         compression=None, max_size=state.limits.max_message_bytes, server_header="chatvla-serve",
         ssl=ssl_ctx,
     )
