@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from chatvla.server.auth import bearer
 from chatvla.server.errors import HTTP_STATUS, Code, ServeError
 from chatvla.server.info import model_json
+from chatvla.server.log_rate import limit_per_request_warnings
 from chatvla.server.messages import ChunkResult
 from chatvla.server.sample_scene import SampleScenes, SampleUnavailable
 from chatvla.server.state import ServerState
@@ -295,6 +296,7 @@ async def start_http(
 ) -> HttpServer:
     """Bind (port 0 = OS picks) and serve until `stop()`. `tls` is (certificate, key) paths."""
     sock = _bind(host, port)
+    limit_per_request_warnings()  # uvicorn and python-multipart warn once per malformed request
     config = uvicorn.Config(
         create_app(state), lifespan="off", access_log=False, log_level="warning",
         timeout_graceful_shutdown=max(1, int(drain_s)),

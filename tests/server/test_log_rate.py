@@ -1,0 +1,54 @@
+"""The HTTP stack's per-request warnings are counted, not one line per malformed request (found by
+benchmarks/hostile.py: uvicorn's "Invalid HTTP request received." and python-multipart's parse warnings
+were a line per bad request, a log flood anyone who reaches the port can cause)."""
+
+from __future__ import annotations
+
+import logging
+
+from chatvla.fuzzing import exchange
+from chatvla.server.log_rate import EveryNthWarning
+
+
+def test_the_first_and_every_nth_warning_pass_with_their_count_and_errors_always_pass():
+    f = EveryNthWarning(every=10)
+
+    def record(level: int, n: int) -> logging.LogRecord:
+        return logging.LogRecord("x", level, __file__, 1, "bad request %d", (n,), None)
+
+    passed = [r for r in (record(logging.WARNING, n) for n in range(1, 26)) if f.filter(r)]
+    assert [r.getMessage().split(" (")[0] for r in passed] == ["bad request 1", "bad request 10", "bad request 20"]
+    assert "20 such warnings so far" in passed[-1].getMessage()
+    assert all(f.filter(record(logging.ERROR, n)) for n in range(25))
+    assert f.filter(record(logging.INFO, 1))
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_malformed_http_requests_and_multipart_bodies_log_at_most_one_line(serve):
+    srv = await serve()
+    host, port = srv.app.settings.http_host, srv.app.http.port
+    seen = {name: Collect() for name in ("uvicorn.error", "python_multipart.multipart")}
+    for name, handler in seen.items():  # after start: uvicorn's logging config replaces handlers
+        logging.getLogger(name).addHandler(handler)
+    try:
+        for i in range(30):
+            await exchange(host, port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 2.0)
+            body = b"--x" + str(i).encode() + b"\r\nContent-Disposition: form-data; name=\"state\"\r\n\r\n1\r\n--b--"
+            r = await srv.http.post("/v1/infer", content=body,
+                                    headers={"content-type": "multipart/form-data; boundary=b"})
+            assert r.status_code == 422, r.text
+    finally:
+        for name, handler in seen.items():
+            logging.getLogger(name).removeHandler(handler)
+    warnings = {name: [r.getMessage() for r in h.records if r.levelno == logging.WARNING] for name, h in seen.items()}
+    # The filter's count is per process: an earlier test may have taken the first line already.
+    assert all(len(lines) <= 1 for lines in warnings.values()), {k: (len(v), v[:1]) for k, v in warnings.items()}
+    assert (await srv.http.get("/healthz")).status_code == 200
