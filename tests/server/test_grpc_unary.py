@@ -174,3 +174,16 @@ async def test_admission_refuses_at_once_what_its_deadline_cannot_cover(serve):
     for e in refused:  # refused before any work, with the reason; none admitted only to time out
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "expected wait" in e.details()
     assert srv.sample("chatvla_requests_total", transport="grpc_infer", outcome="deadline_exceeded") == 0
+
+
+async def test_one_slow_observation_does_not_lock_admission_for_good(serve):
+    """Found by benchmarks/hostile.py: an observation that cost more than a deadline's headroom (a cold
+    first call on a busy host, 7.8 s against 5 s) set an estimate that refused every later observation,
+    and the estimate moves only when one is answered: the server never served again. An idle server
+    admits one, whose answer brings the estimate down."""
+    engine = NullEngine(reason_ms=400)
+    srv = await serve(engine=engine, max_batch=1, expert_max_batch=1)
+    await srv.stub.Infer(infer_request())  # costs 0.4 s: over the headroom of a 0.3 s deadline
+    engine.reason_s = engine.prefill_s = 0.0
+    for _ in range(3):  # one at a time: each finds the server idle
+        assert (await srv.stub.Infer(infer_request(), timeout=0.3)).chunk.actions.data

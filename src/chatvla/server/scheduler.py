@@ -491,15 +491,19 @@ class Scheduler:
     def _reserve(self, can_replace: bool, budget_s: float) -> None:
         """Admit one observation, or refuse it at once (before any decoding): when `max_queue` are
         admitted already, or when the expected wait (observations ahead x the recent cost of one)
-        would not leave it time to be answered within its deadline. A late chunk is a wasted chunk:
-        refusing it keeps the server's time for the ones that can still make it."""
+        would not leave it time to be answered within its deadline (never when none is admitted). A
+        late chunk is a wasted chunk: refusing it keeps the server's time for the ones that can still
+        make it."""
         # One that replaces a waiting observation of its session adds no load: always admitted.
         if not can_replace and self._admitted >= self.config.max_queue:
             raise ServeError(
                 Code.RESOURCE_EXHAUSTED, f"server is at capacity ({self.config.max_queue} observations queued)",
                 reason="overload",
             )
-        if not can_replace and self._per_obs_s > 0:
+        # An idle server admits one whatever the estimate says: nothing waits ahead of it, and the estimate
+        # only moves when an observation is answered, so refusing here would refuse for good after one slow
+        # observation (a cold first call on a busy host: 7.8 s against a 5 s deadline; benchmarks/hostile.py).
+        if not can_replace and self._per_obs_s > 0 and self._admitted > 0:
             expected = (self._admitted + 1) * self._per_obs_s
             if expected > ADMISSION_HEADROOM * budget_s:  # headroom: batches form in steps, costs vary
                 raise ServeError(
