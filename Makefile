@@ -3,7 +3,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.chatvla-installed
 ARGS ?=
 
-.PHONY: setup serve demo test test-fast fuzz lint check-proto
+.PHONY: setup serve demo test test-fast fuzz hostile lint check-proto
 
 $(STAMP): pyproject.toml requirements/constraints.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -32,6 +32,13 @@ test-fast: setup
 FUZZ_EXAMPLES ?= 5000
 fuzz: setup
 	CHATVLA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/fuzz -p no:cacheprovider $(ARGS)
+
+# The same kinds of input against a live `chatvla serve` process on every transport (benchmarks/hostile.py):
+# HOSTILE_N per endpoint (issue #12's target: 10000), figures in benchmarks/results/hostile.json; exits 1
+# if a target is missed. ARGS for more flags (--engine null, --concurrency, --endpoints, ...).
+HOSTILE_N ?= 10000
+hostile: setup
+	$(VENV)/bin/python benchmarks/hostile.py --per-endpoint $(HOSTILE_N) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts

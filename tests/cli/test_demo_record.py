@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from chatvla.cli.server_process import READY_PREFIX, parse_ready_line, start_server
+from chatvla.cli.server_process import READY_PREFIX, parse_ready_line, ready_fields, start_server
 from chatvla.client.recording import read_episode
 
 pytest.importorskip("mujoco")
@@ -26,6 +26,8 @@ def test_ready_prefix_matches_the_server():
     assert READY_PREFIX == SERVER_PREFIX
     grpc, http = parse_ready_line(f"{READY_PREFIX} grpc=127.0.0.1:5 http=http://127.0.0.1:6 model=m engine=e")
     assert (grpc, http) == ("127.0.0.1:5", "http://127.0.0.1:6")
+    line = f"{READY_PREFIX} grpc=127.0.0.1:5 http=http://127.0.0.1:6 openpi=ws://127.0.0.1:7 model=m"
+    assert ready_fields(line)["openpi"] == "ws://127.0.0.1:7"  # start_server hands it on (benchmarks/hostile.py)
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

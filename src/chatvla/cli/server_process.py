@@ -31,6 +31,7 @@ class ServerProcess:
     grpc_address: str
     http_url: str
     log_path: Path
+    openpi_url: str | None = None  # with `--openpi-port`
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful drain), then SIGKILL if it does not exit in time. Returns the exit code."""
@@ -49,11 +50,16 @@ class ServerProcess:
         return ""
 
 
-def parse_ready_line(line: str) -> tuple[str, str]:
-    """(grpc address, http url) from the server's ready line."""
+def ready_fields(line: str) -> dict[str, str]:
+    """The `key=value` fields of the server's ready line (grpc, http, openpi when enabled, model, ...)."""
     if not line.startswith(READY_PREFIX):
         raise ValueError(f"not a ready line: {line!r}")
-    fields = dict(part.split("=", 1) for part in line[len(READY_PREFIX):].split() if "=" in part)
+    return dict(part.split("=", 1) for part in line[len(READY_PREFIX):].split() if "=" in part)
+
+
+def parse_ready_line(line: str) -> tuple[str, str]:
+    """(grpc address, http url) from the server's ready line."""
+    fields = ready_fields(line)
     return fields["grpc"], fields["http"]
 
 
@@ -84,5 +90,5 @@ def start_server(args: Sequence[str], *, timeout_s: float = 180.0, env: dict[str
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise ServerStartError(f"the server {why} (log {log}):\n{tail}")
         time.sleep(0.05)
-    grpc_address, http_url = parse_ready_line(found[0])
-    return ServerProcess(proc, grpc_address, http_url, log)
+    fields = ready_fields(found[0])
+    return ServerProcess(proc, fields["grpc"], fields["http"], log, fields.get("openpi"))
