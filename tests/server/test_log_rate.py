@@ -52,3 +52,50 @@ async def test_malformed_http_requests_and_multipart_bodies_log_at_most_one_line
     # The filter's count is per process: an earlier test may have taken the first line already.
     assert all(len(lines) <= 1 for lines in warnings.values()), {k: (len(v), v[:1]) for k, v in warnings.items()}
     assert (await srv.http.get("/healthz")).status_code == 200
+
+
+async def test_pipelined_bytes_after_a_refused_websocket_handshake_log_a_counted_warning_not_a_traceback():
+    """websockets itself logs "unexpected internal error" with a traceback for this (a bare websockets
+    server too); the openpi endpoint's filter turns exactly that record into a counted warning."""
+    import asyncio
+
+    from websockets.asyncio.server import serve
+
+    from chatvla.server.log_rate import RefusedHandshakeCrash, limit_refused_handshake_crashes
+
+    limit_refused_handshake_crashes()
+    limit_refused_handshake_crashes()  # once per process, however many servers start
+    logger = logging.getLogger("websockets.server")
+    assert sum(isinstance(f, RefusedHandshakeCrash) for f in logger.filters) == 1
+    seen = Collect()
+    logger.addHandler(seen)
+    try:
+        async with serve(lambda ws: ws.recv(), "127.0.0.1", 0,
+                         process_request=lambda conn, req: conn.respond(400, "no\n")) as srv:
+            port = srv.sockets[0].getsockname()[1]
+            for _ in range(3):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+                await w.drain()
+                await asyncio.wait_for(r.read(1000), 5)  # the 400, or nothing: websockets drops the connection
+                w.close()
+            await asyncio.sleep(0.2)
+    finally:
+        logger.removeHandler(seen)
+    assert not [r for r in seen.records if r.exc_info or r.levelno >= logging.ERROR]
+    warned = [r.getMessage() for r in seen.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and RefusedHandshakeCrash.MESSAGE in warned[0] and "1 such warnings" in warned[0]
+
+
+def test_other_errors_on_the_websockets_logger_keep_their_traceback():
+    from chatvla.server.log_rate import RefusedHandshakeCrash
+
+    try:
+        raise AssertionError("elsewhere")
+    except AssertionError:
+        import sys
+
+        rec = logging.LogRecord("websockets.server", logging.ERROR, __file__, 1, "unexpected internal error", (),
+                                sys.exc_info())
+    f = RefusedHandshakeCrash()
+    assert f.filter(rec) and rec.levelno == logging.ERROR and rec.exc_info is not None

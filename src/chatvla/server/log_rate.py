@@ -41,6 +41,45 @@ class EveryNthWarning(logging.Filter):
         return True
 
 
+class RefusedHandshakeCrash(logging.Filter):
+    """websockets (17.x) logs "unexpected internal error" with a traceback (an AssertionError in its
+    `send_eof`) when a client pipelines bytes behind a handshake the server refused: its parser closes
+    the connection once for the second request and `send_response` closes it again. A bare websockets
+    server does the same; the connection is dropped, nothing else is affected. Anyone who can reach
+    the openpi port could repeat it, so that one record becomes a counted warning without traceback,
+    under the first-and-every-1000th rule; every other error still passes whole."""
+
+    MESSAGE = "a client sent more bytes after a refused websocket handshake; connection dropped"
+
+    def __init__(self, every: int = EVERY) -> None:
+        super().__init__()
+        self._count = EveryNthWarning(every)
+
+    @staticmethod
+    def _is_known(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, AssertionError) or record.getMessage() != "unexpected internal error":
+            return False
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and tb.tb_frame.f_code.co_name == "send_eof"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not self._is_known(record):
+            return True
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args, record.exc_info, record.exc_text = self.MESSAGE, (), None, None
+        return self._count.filter(record)
+
+
+def limit_refused_handshake_crashes(name: str = "websockets.server") -> None:
+    """Install `RefusedHandshakeCrash` on the websockets server logger once per process."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, RefusedHandshakeCrash) for f in logger.filters):
+        logger.addFilter(RefusedHandshakeCrash())
+
+
 def limit_per_request_warnings(names: Sequence[str] = PER_REQUEST_LOGGERS) -> None:
     """Install the filter on each logger once (servers started in one process share it). A logger-level
     filter survives uvicorn's logging config, which replaces handlers but keeps filters."""

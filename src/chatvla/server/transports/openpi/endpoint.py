@@ -29,6 +29,7 @@ from websockets.http11 import Request, Response
 import chatvla
 from chatvla.engines.base import EngineInfo
 from chatvla.server.errors import Code, ServeError
+from chatvla.server.log_rate import limit_refused_handshake_crashes
 from chatvla.server.messages import ChunkResult, SessionConfig, ValidatedObservation
 from chatvla.server.state import ServerState
 from chatvla.server.transports.openpi.codec import pack_message, unpack_message
@@ -307,6 +308,7 @@ async def start_openpi(
     if mapping is not None and mapping not in PRESETS and not Path(mapping).is_file():
         raise MappingError(f"openpi mapping {mapping!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
     endpoint = OpenpiEndpoint(state, mapping, default_prompt)
+    limit_refused_handshake_crashes()  # a websockets bug a client can trigger at will: counted, no traceback
     ssl_ctx = None
     if tls is not None:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
