@@ -1,0 +1,106 @@
+"""Does the model read a scene, or remember it? Its own reasoning on recorded layouts against new ones.
+
+    python benchmarks/localisation.py [--model chatvla-tiny-mm] [--model runs/other] [--scenes 30]
+
+For each model this resets the sim to `--scenes` math-matching tasks whose layouts were recorded for
+training (task seeds 0.., the first frame of each training episode) and to as many it never saw (task
+seeds from 920000, training split), lets the model decode its reasoning from the two camera images
+(greedy, as served), and judges the text: sum and card right, the answer card's stated place within
+`labels.PLACE_TOL_CM`, and how far the stated card's stated place is from where that card lies. A
+model that is right on recorded layouts and wrong on new ones has learnt the layouts by heart.
+
+Prints a table and writes benchmarks/results/localisation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, write_result
+
+from chatvla.training.labels import PLACE_TOL_CM, judge_reasoning
+
+SETS = {"recorded layouts": 0, "new layouts": 920_000}  # first task seed of each set
+_PLACE = r"[Pp]ick card (\d+) at \((-?\d+), (-?\d+)\)"
+
+
+def judge_set(model: Any, robot_box: list[Any], first_seed: int, n: int) -> dict[str, Any]:
+    """Decode and judge `n` scenes from task seed `first_seed`; `robot_box` keeps one sim robot."""
+    import re
+
+    from chatvla.client.sim.robot import make_sim_robot
+    from chatvla.client.sim.tasks import MathMatchingTask, make_task
+    from chatvla.client.sim.tasks.math_matching import card_name
+
+    right = placed = 0
+    errors: list[float] = []
+    for i in range(n):
+        task = make_task("math_matching", seed=first_seed + i, split="train")
+        assert isinstance(task, MathMatchingTask)
+        if not robot_box:
+            robot_box.append(make_sim_robot("franka_joint", task))
+        obs = robot_box[0].reset(task)
+        poses = robot_box[0].object_poses()
+        text = model.reason([model.prepare(obs.images, task.instruction)])[0].text
+        j = judge_reasoning(task, text, poses)
+        right += j.correct
+        placed += bool(j.place_ok)
+        m = re.search(_PLACE, text)
+        if m and card_name(int(m.group(1))) in poses:
+            pos = poses[card_name(int(m.group(1)))].pos
+            errors.append(max(abs(int(m.group(2)) - 100 * pos[0]), abs(int(m.group(3)) - 100 * pos[1])))
+    e = np.asarray(errors, float)
+    return {
+        "scenes": n, "reasoning_right": right, f"place_within_{PLACE_TOL_CM}cm": placed,
+        "stated_card_on_table": int(e.size),
+        "place_error_cm_median": round(float(np.median(e)), 1) if e.size else None,
+        "place_error_cm_p90": round(float(np.percentile(e, 90)), 1) if e.size else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", help="model to test (repeatable; default chatvla-tiny-mm)")
+    ap.add_argument("--scenes", type=int, default=30, help="scenes per set (default 30)")
+    args = ap.parse_args()
+    import torch
+
+    from chatvla.client.sim.render import rendering_available
+    from chatvla.model import load_model
+
+    ok, detail = rendering_available()
+    if not ok:
+        print(f"localisation: needs offscreen rendering ({detail})", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    rows, results = [], {}
+    for name in args.model or ["chatvla-tiny-mm"]:
+        model = load_model(name)
+        robot_box: list[Any] = []
+        t0 = time.perf_counter()
+        try:
+            for set_name, first in SETS.items():
+                r = judge_set(model, robot_box, first, args.scenes)
+                results.setdefault(name, {})[set_name] = r
+                rows.append({"model": name, "set": set_name, "right": f"{r['reasoning_right']}/{r['scenes']}",
+                             f"place<={PLACE_TOL_CM}cm": f"{r[f'place_within_{PLACE_TOL_CM}cm']}/{r['scenes']}",
+                             "err median cm": r["place_error_cm_median"], "err p90 cm": r["place_error_cm_p90"]})
+        finally:
+            if robot_box:
+                robot_box[0].close()
+        print(f"[localisation] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(table(rows))
+    path = write_result("localisation", {"scenes_per_set": args.scenes, "sets": SETS, "models": results})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
