@@ -54,6 +54,31 @@ async def test_malformed_http_requests_and_multipart_bodies_log_at_most_one_line
     assert (await srv.http.get("/healthz")).status_code == 200
 
 
+async def test_a_response_to_a_request_uvicorn_already_answered_is_dropped_without_a_traceback(serve):
+    """Malformed body bytes in the same segment as the head: uvicorn answers 400 itself while the app
+    runs; the app's own answer (404 here, no body read) used to end in h11's LocalProtocolError and an
+    "Exception in ASGI application" traceback (a bare FastAPI app does the same)."""
+    srv = await serve()
+    host, port = srv.app.settings.http_host, srv.app.http.port
+    seen = {name: Collect() for name in ("uvicorn.error", "chatvla.server.http")}
+    for name, handler in seen.items():
+        logging.getLogger(name).addHandler(handler)
+    try:
+        for path in (b"/nope", b"/v1/infer"):
+            for _ in range(3):
+                answer = await exchange(host, port, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                                        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nQQ\r\n", 2.0)
+                assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    finally:
+        for name, handler in seen.items():
+            logging.getLogger(name).removeHandler(handler)
+    records = [r for h in seen.values() for r in h.records]
+    assert not [r.getMessage() for r in records if r.levelno >= logging.ERROR or r.exc_info]
+    dropped = [r.getMessage() for r in seen["chatvla.server.http"].records]
+    assert len(dropped) <= 1 and all("already answered 400" in m for m in dropped)
+    assert (await srv.http.get("/healthz")).status_code == 200
+
+
 async def test_pipelined_bytes_after_a_refused_websocket_handshake_log_a_counted_warning_not_a_traceback():
     """websockets itself logs "unexpected internal error" with a traceback for this (a bare websockets
     server too); the openpi endpoint's filter turns exactly that record into a counted warning."""

@@ -33,6 +33,7 @@ from chatvla.server.log_rate import limit_per_request_warnings
 from chatvla.server.messages import ChunkResult
 from chatvla.server.sample_scene import SampleScenes, SampleUnavailable
 from chatvla.server.state import ServerState
+from chatvla.server.transports.answered_guard import AnsweredGuard
 from chatvla.server.validation import MAX_DEADLINE_MS, infer_from_form, infer_from_json
 from chatvla.wire.vocabulary import AUTHORIZATION_KEY, TRANSPORT_HTTP
 
@@ -298,7 +299,7 @@ async def start_http(
     sock = _bind(host, port)
     limit_per_request_warnings()  # uvicorn and python-multipart warn once per malformed request
     config = uvicorn.Config(
-        create_app(state), lifespan="off", access_log=False, log_level="warning",
+        AnsweredGuard(create_app(state)), lifespan="off", access_log=False, log_level="warning",
         timeout_graceful_shutdown=max(1, int(drain_s)),
         ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
     )
