@@ -65,7 +65,7 @@ async def test_synthetic_run_with_metrics_and_reports(null_server, tmp_path):
     assert json.loads(jp.read_text())["totals"]["chunks"] == r["totals"]["chunks"]
     page = hp.read_text()
     assert page.count("<svg") >= 3 and "Latency CDF" in page and "batch sizes" in page
-    assert "<th></th>" not in page  # no empty header row (tests/loadtest/test_report.py has the details)
+    assert "<th></th>" not in page  # no empty header row (tests/client/loadtest/test_report.py has the details)
     counts = [sm["active_sessions_max"], sm["batch_reasoning"]["batches"], *sm["batch_reasoning"]["histogram"].values(),
               *sm["requests_by_outcome"].values(), *sm["queue_depth_max"].values()]
     assert all(type(c) is int for c in counts), counts  # counts are integers in the JSON report too
