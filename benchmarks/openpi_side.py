@@ -1,4 +1,4 @@
-"""The openpi side of benchmarks/transport.py and tests/openpi: runs in the isolated `.venv-openpi`
+"""The openpi side of benchmarks/transport.py and tests/server/openpi: runs in the isolated `.venv-openpi`
 (openpi-client 0.1.2, numpy<2), so it imports nothing from chatvla.
 
     .venv-openpi/bin/python benchmarks/openpi_side.py ref-server [--port 0] [--horizon 50 --dim 14]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# An isolated venv with the real openpi-client from PyPI, for tests/openpi and benchmarks/transport.py.
+# An isolated venv with the real openpi-client from PyPI, for tests/server/openpi and benchmarks/transport.py.
 #
 #   bash scripts/setup_openpi_venv.sh [VENV]          default VENV: .venv-openpi
 #

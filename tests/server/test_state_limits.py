@@ -1,6 +1,6 @@
 """State limits from the robot profile and the checkpoint's statistics (validation.StateBounds): refused
 with INVALID_ARGUMENT naming the field and the index, on gRPC Infer, a Stream (in-band, the stream goes
-on) and HTTP (JSON and multipart); the openpi websocket is in tests/openpi/test_state_limits.py."""
+on) and HTTP (JSON and multipart); the openpi websocket is in tests/server/openpi/test_state_limits.py."""
 
 from __future__ import annotations
 

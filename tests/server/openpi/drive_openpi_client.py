@@ -1,4 +1,4 @@
-"""Run by tests/openpi/test_openpi_client.py with the isolated `.venv-openpi` interpreter (openpi-client
+"""Run by tests/server/openpi/test_openpi_client.py with the isolated `.venv-openpi` interpreter (openpi-client
 0.1.2 from PyPI, numpy<2): drives our endpoint with the real client and prints one JSON line.
 
     python drive_openpi_client.py URL STYLE [API_KEY]   STYLE: aloha | aloha-no-prompt | droid | connect-only

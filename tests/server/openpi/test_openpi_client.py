@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from openpikit import RampEngine, RecordingEngine
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 OPENPI_PYTHON = Path(os.environ.get("CHATVLA_OPENPI_PYTHON", ROOT / ".venv-openpi" / "bin" / "python"))
 DRIVER = Path(__file__).with_name("drive_openpi_client.py")
 
