@@ -25,19 +25,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_result
 
-from chatvla.training.labels import PLACE_TOL_CM, judge_reasoning
+from chatvla.training.labels import PLACE_TOL_CM, judge_reasoning, stated_place_error_cm
 
 SETS = {"recorded layouts": 0, "new layouts": 920_000}  # first task seed of each set
-_PLACE = r"[Pp]ick card (\d+) at \((-?\d+), (-?\d+)\)"
 
 
 def judge_set(model: Any, robot_box: list[Any], first_seed: int, n: int) -> dict[str, Any]:
     """Decode and judge `n` scenes from task seed `first_seed`; `robot_box` keeps one sim robot."""
-    import re
-
     from chatvla.client.sim.robot import make_sim_robot
     from chatvla.client.sim.tasks import MathMatchingTask, make_task
-    from chatvla.client.sim.tasks.math_matching import card_name
 
     right = placed = 0
     errors: list[float] = []
@@ -52,10 +48,9 @@ def judge_set(model: Any, robot_box: list[Any], first_seed: int, n: int) -> dict
         j = judge_reasoning(task, text, poses)
         right += j.correct
         placed += bool(j.place_ok)
-        m = re.search(_PLACE, text)
-        if m and card_name(int(m.group(1))) in poses:
-            pos = poses[card_name(int(m.group(1)))].pos
-            errors.append(max(abs(int(m.group(2)) - 100 * pos[0]), abs(int(m.group(3)) - 100 * pos[1])))
+        err = stated_place_error_cm(text, poses)
+        if err is not None:
+            errors.append(err)
     e = np.asarray(errors, float)
     return {
         "scenes": n, "reasoning_right": right, f"place_within_{PLACE_TOL_CM}cm": placed,

@@ -163,13 +163,14 @@ def check_state_values(arr: np.ndarray, field: str, spec: InputSpec,
     several caller fields (openpi's joint and gripper keys) passes `value_fields`, one name per value,
     so a refusal names the key the caller sent rather than the concatenation."""
     limits = spec.limits
+    names = value_fields if value_fields and len(value_fields) == arr.size else None
     with np.errstate(invalid="ignore"):
         bad = np.flatnonzero(~(np.abs(arr) <= limits.max_state_abs))  # NaN compares false: caught too
     if bad.size:
-        where = value_fields[int(bad[0])] if value_fields and len(value_fields) == arr.size else field
+        where = names[int(bad[0])] if names else field
         raise invalid(where, f"every value must be finite and within +-{limits.max_state_abs:g} (robot units)")
     if arr.shape == (spec.profile.state_dim,):
-        spec.state_bounds.check(arr, field, value_fields if value_fields and len(value_fields) == arr.size else None)
+        spec.state_bounds.check(arr, field, names)
     return arr
 
 

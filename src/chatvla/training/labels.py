@@ -103,6 +103,16 @@ _CARD = re.compile(r"[Pp]ick card (\d+)(?: at \((-?\d+), (-?\d+)\))?")
 PLACE_TOL_CM = 2
 
 
+def stated_place_error_cm(text: str, poses: dict[str, Pose]) -> float | None:
+    """How far (cm, the larger of the x and y errors) the place the text states for the card it picks
+    is from where that card lies; None when the text states no place or picks no card in `poses`."""
+    c = _CARD.search(text)
+    if not c or c.group(2) is None or card_name(int(c.group(1))) not in poses:
+        return None
+    pos = poses[card_name(int(c.group(1)))].pos
+    return float(max(abs(int(c.group(2)) - 100 * pos[0]), abs(int(c.group(3)) - 100 * pos[1])))
+
+
 def judge_reasoning(task: MathMatchingTask, text: str, poses: dict[str, Pose] | None = None) -> ReasoningJudgement:
     """Parse "a+b=s. Pick card n at (x, y)..." leniently (spaces, case) and compare with the task."""
     m = _SUM.search(text)
@@ -112,11 +122,8 @@ def judge_reasoning(task: MathMatchingTask, text: str, poses: dict[str, Pose] | 
     stated_card = int(c.group(1)) if c else None
     place_ok = None
     if poses is not None:
-        place_ok = False
-        if c and c.group(2) is not None and stated_card == task.answer:
-            pos = poses[card_name(task.answer)].pos
-            err = max(abs(int(c.group(2)) - 100 * pos[0]), abs(int(c.group(3)) - 100 * pos[1]))
-            place_ok = bool(err <= PLACE_TOL_CM)
+        err = stated_place_error_cm(text, poses) if stated_card == task.answer else None
+        place_ok = err is not None and err <= PLACE_TOL_CM
     return ReasoningJudgement(sum_ok, stated_card == task.answer, stated_sum, stated_card, place_ok)
 
 

@@ -99,18 +99,11 @@ def _gripper_max(profile: RobotProfile, index: int) -> float:
 
 
 def _action_units(profile: RobotProfile) -> list[str]:
-    """Per-dimension units of our own actions: rad for joints, m for positions and gripper widths."""
-    units = []
-    for i, name in enumerate(profile.action_names):
-        if i in profile.gripper_indices:
-            units.append("m (gripper width, 0 = closed)")
-        elif profile.action_space == "joint_position":
-            units.append("rad")
-        elif name in ("x", "y", "z"):
-            units.append("m")
-        else:
-            units.append("1 (rotation-matrix entry)")
-    return units
+    """Per-dimension units of our own actions (`RobotProfile.action_units`), worded for openpi clients,
+    which see no profile: the gripper's zero and what a unitless entry is."""
+    gripper = set(profile.gripper_indices)
+    return ["m (gripper width, 0 = closed)" if i in gripper else unit or "1 (rotation-matrix entry)"
+            for i, unit in enumerate(profile.action_units)]
 
 
 @dataclass(frozen=True)
