@@ -18,6 +18,7 @@ whether the executor had an action and which safety interventions fired, and cla
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,9 +58,7 @@ class TickCounts:
     safety: dict[str, int] = field(default_factory=dict)  # ticks on which each intervention fired
 
     def __add__(self, other: TickCounts) -> TickCounts:
-        safety = dict(self.safety)
-        for k, v in other.safety.items():
-            safety[k] = safety.get(k, 0) + v
+        safety = Counter(self.safety) + Counter(other.safety)
         return TickCounts(
             ticks=self.ticks + other.ticks,
             startup_ticks=self.startup_ticks + other.startup_ticks,
@@ -83,10 +82,7 @@ def count_ticks(no_action: Sequence[bool], interventions: Sequence[Sequence[str]
     if len(no_action) != len(interventions):
         raise ValueError(f"{len(no_action)} stall flags for {len(interventions)} ticks")
     statuses = tick_statuses(no_action)
-    safety: dict[str, int] = {}
-    for names in interventions:
-        for name in set(names):
-            safety[name] = safety.get(name, 0) + 1
+    safety = Counter(name for names in interventions for name in set(names))
     return TickCounts(
         ticks=len(statuses),
         startup_ticks=statuses.count(STARTUP),

@@ -31,6 +31,29 @@ class Calls:
         return [c for c in self.log if c[0] == name]
 
 
+def fake_gripper(calls: Calls, state: dict, *, grasped_width: float | None = None) -> type:
+    """The libfranka gripper both Franka SDKs wrap (panda-py's `libfranka.Gripper`, franky's `Gripper`):
+    same calls, recorded under the same names; each SDK's fake adds how it reads the width back.
+    `grasped_width`: where a grasp leaves the fingers (None: the width is left as it was)."""
+
+    class Gripper:
+        def __init__(self, hostname):
+            calls.add("Gripper", hostname)
+
+        def move(self, width, speed):
+            calls.add("gripper.move", width, speed)
+            state["width"] = width
+            return True
+
+        def grasp(self, width, speed, force, epsilon_inner=0.005, epsilon_outer=0.005):
+            calls.add("gripper.grasp", width, speed, force, epsilon_inner, epsilon_outer)
+            if grasped_width is not None:
+                state["width"] = grasped_width
+            return True
+
+    return Gripper
+
+
 # --- panda_py ----------------------------------------------------------------------------------------
 def make_fake_panda_py(calls: Calls, *, q=PANDA_HOME, refuse: bool = False, width: float = 0.08):
     mod = types.ModuleType("panda_py")
@@ -76,20 +99,7 @@ def make_fake_panda_py(calls: Calls, *, q=PANDA_HOME, refuse: bool = False, widt
         def set_control(self, position, orientation, q_nullspace=None):
             calls.add("set_control_ee", np.array(position), np.array(orientation))
 
-    class Gripper:
-        def __init__(self, hostname):
-            calls.add("Gripper", hostname)
-
-        def move(self, width, speed):
-            calls.add("gripper.move", width, speed)
-            state["width"] = width
-            return True
-
-        def grasp(self, width, speed, force, epsilon_inner=0.005, epsilon_outer=0.005):
-            calls.add("gripper.grasp", width, speed, force, epsilon_inner, epsilon_outer)
-            state["width"] = 0.03
-            return True
-
+    class Gripper(fake_gripper(calls, state, grasped_width=0.03)):
         def read_once(self):
             return types.SimpleNamespace(width=state["width"])
 
@@ -178,22 +188,10 @@ def make_fake_franky(calls: Calls, *, q=PANDA_HOME, refuse: str | None = None, h
             calls.add("join_motion", timeout)
             return True
 
-    class Gripper:
-        def __init__(self, fci_hostname):
-            calls.add("Gripper", fci_hostname)
-
+    class Gripper(fake_gripper(calls, state)):
         @property
         def width(self):
             return state["width"]
-
-        def move(self, width, speed):
-            calls.add("gripper.move", width, speed)
-            state["width"] = width
-            return True
-
-        def grasp(self, width, speed, force, epsilon_inner=0.005, epsilon_outer=0.005):
-            calls.add("gripper.grasp", width, speed, force, epsilon_inner, epsilon_outer)
-            return True
 
     for obj in (
         RealtimeConfig,
