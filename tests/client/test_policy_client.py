@@ -28,7 +28,7 @@ from chatvla.client.connection import (
     Unauthenticated,
     Unavailable,
 )
-from chatvla.client.conversion import error_from_code
+from chatvla.client.conversion import error_from_code, rpc_status
 from chatvla.client.policy_client import GrpcPolicyClient
 from chatvla.v1 import policy_pb2 as pb
 
@@ -347,3 +347,22 @@ def test_control_loop_over_real_grpc_executes_only_current_ticks(counter, h):
     assert loop.error is None and not loop.running
     executed = [(r.tick, r.proposed[0]) for r in records if r.proposed is not None]
     assert executed and all(abs(v - t) < 1e-6 for t, v in executed)
+
+
+def test_a_failed_call_is_read_for_its_status_and_anything_else_is_unknown() -> None:
+    class FailedCall(grpc.RpcError, grpc.Call):  # what grpc raises from a call: an error that is a Call
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return "queue full"
+
+        def initial_metadata(self): ...
+        def trailing_metadata(self): ...
+        def is_active(self): ...
+        def time_remaining(self): ...
+        def cancel(self): ...
+        def add_callback(self, callback): ...
+
+    assert rpc_status(FailedCall()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+    assert rpc_status(grpc.RpcError()) == (grpc.StatusCode.UNKNOWN, str(grpc.StatusCode.UNKNOWN))

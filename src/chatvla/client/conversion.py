@@ -55,6 +55,15 @@ _STREAM_ERRORS: dict[int, type[PolicyError]] = {
 }
 
 
+def rpc_status(e: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of a failed call. The exceptions grpc raises from a call are also
+    `grpc.Call`s and carry both; the `grpc.RpcError` base class declares neither, so anything else
+    counts as UNKNOWN."""
+    code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (e.details() if isinstance(e, grpc.Call) else "") or str(code)
+    return code, details
+
+
 def error_from_code(
     code: grpc.StatusCode | int, message: str, *, field: str = "", seq: int | None = None
 ) -> PolicyError:

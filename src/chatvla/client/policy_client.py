@@ -69,7 +69,7 @@ from chatvla.client.connection import (
     Unavailable,
     Unimplemented,
 )
-from chatvla.client.conversion import decode_chunk, encode_observation, error_from_code
+from chatvla.client.conversion import decode_chunk, encode_observation, error_from_code, rpc_status
 from chatvla.client.framing import ObservationFramer
 from chatvla.client.readiness import Readiness, wait_until_serving
 from chatvla.profiles import RobotProfile
@@ -413,8 +413,7 @@ class GrpcPolicyClient(PolicyConnection):
             if error is None and not self._closed.is_set():
                 error = Unavailable("the server ended the stream")
         except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-            error = error_from_code(code, (e.details() if hasattr(e, "details") else "") or str(code))
+            error = error_from_code(*rpc_status(e))
             if not att.session and error.code == "INVALID_ARGUMENT":
                 error = SessionRejected(error.message)
         finally:

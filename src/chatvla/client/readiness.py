@@ -29,6 +29,7 @@ from enum import Enum
 
 import grpc
 
+from chatvla.client.conversion import rpc_status
 from chatvla.wire.vocabulary import HEALTH_WATCH_METHOD
 
 # grpc.health.v1.HealthCheckResponse.ServingStatus
@@ -141,7 +142,7 @@ def wait_until_serving(
                     saw_down = True
             saw_down = True  # the server ended the watch: it is going away
         except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            code, _ = rpc_status(e)
             if closed.is_set():
                 return Readiness.CLOSED
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
