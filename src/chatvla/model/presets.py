@@ -110,6 +110,9 @@ def tiny_chatvla1() -> ChatVLAConfig:
     return _tiny(FRANKA_JOINT, MOE_CHATVLA_V1, "chatvla1-tiny")
 
 
+SIM_ROPE_THETA = 10.0
+
+
 def tiny_sim() -> ChatVLAConfig:
     """The starting point of the trained default (`chatvla train`): the tiny model sized for the sim's
     math-matching task. Cameras are read at their full 224x224 (64 tokens each) so the whiteboard and
@@ -119,6 +122,12 @@ def tiny_sim() -> ChatVLAConfig:
     base = _tiny(FRANKA_JOINT, replace(MOE_AUTHORS_SCRIPTS, expert_intermediate_size=128), "chatvla-tiny-sim")
     vlm = tiny_vlm_dict()
     vlm["vision_config"].update(depth=3, embed_dim=96, num_heads=4)
+    # M-RoPE gives each image token its row and column through the rotary frequencies of two sections
+    # (Qwen2-VL: [temporal | height | width], highest frequencies first). With Qwen2-VL's theta 1e6 and
+    # this model's 32-wide heads, the width section turns at 1e-4 to 1e-5 rad per column: 8 columns
+    # rotate by 0.001 rad, so the decoder cannot tell where on the table a card lies. Theta 10 puts
+    # the height section at 0.27-0.56 and the width section at 0.12-0.24 rad per token.
+    vlm["text_config"]["rope_parameters"]["rope_theta"] = SIM_ROPE_THETA
     gripper = set(FRANKA_JOINT.gripper_indices)
     return replace(
         base,
