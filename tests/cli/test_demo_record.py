@@ -74,6 +74,19 @@ def test_record_oracle_writes_successful_demonstrations(tmp_path):
         assert all(rec.action is not None for rec in ep.records)
 
 
+def test_record_oracle_skips_a_layout_it_cannot_plan_and_records_the_rest(tmp_path):
+    """Toy-placement seed 13 on the bimanual rig puts the toy where neither arm's IK reaches (found by a
+    400-episode recording that used to stop there with a PlanningError)."""
+    if not _render_ok():
+        pytest.skip("no headless GL")
+    r = _cli("record", "--robot", "sim-bimanual", "--policy", "oracle", "--task", "toy_placement",
+             "--out", str(tmp_path), "--episodes", "2", "--seed", "12")
+    assert r.returncode == 0, r.stderr
+    assert "skipped episode 1 (task seed 13): the oracle found no plan" in r.stderr
+    assert "recorded 1 of 2 episodes" in r.stderr
+    assert [f.name for f in sorted(tmp_path.glob("*.chatvla"))] == ["sim-bimanual-ep000.chatvla"]
+
+
 def test_record_against_a_server(tmp_path):
     if not _render_ok():
         pytest.skip("no headless GL")

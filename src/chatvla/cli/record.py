@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--target", help="policy server HOST:PORT, several separated by commas, or dns:///NAME:PORT")
     p.add_argument("--token", help="bearer token for the server")
     p.add_argument("--robot-id", help="name for logs and replica choice (default: the robot name)")
-    p.add_argument("--episodes", type=int, default=1, help="episodes to record, one file each")
+    p.add_argument("--episodes", type=int, default=1,
+                   help="episodes to record, one file each (task seeds --seed .. --seed+N-1; with --policy oracle a "
+                   "layout the scripted arm cannot reach is skipped, and said)")
     p.add_argument("--seconds", type=float, default=10.0, help="episode length in seconds with the server policy "
                    "(the oracle runs until its plan ends)")
     p.add_argument("--task", choices=(*TASKS, "both"), default="both", help="sim task (alternates if both)")
@@ -99,13 +101,10 @@ def _cameras(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
     return static_cameras(profile)
 
 
-def _record_oracle(robot: Any, writer: Any) -> bool:
+def _record_oracle(robot: Any, writer: Any, plan: Any) -> bool:
     """Step the sim through the oracle's plan, writing every tick; returns task success."""
     import numpy as np
 
-    from chatvla.client.sim import solve_task
-
-    plan = solve_task(robot)
     dt = robot.profile.dt
     for tick, action in enumerate(plan):
         obs = robot.observe()
@@ -154,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    skipped = 0
     try:
         for ep in range(args.episodes):
             task_meta: dict[str, Any] = {}
@@ -166,12 +166,23 @@ def run(args: argparse.Namespace) -> int:
                 robot.reset(task)
                 instruction = task.instruction
                 task_meta = {"kind": kind, "seed": task.seed, "split": task.split, "policy": args.policy}
+            plan = None
+            if args.policy == "oracle":
+                from chatvla.client.sim import PlanningError, solve_task
+
+                try:
+                    plan = solve_task(robot)
+                except PlanningError as e:  # a layout the scripted arm cannot reach: no demonstration
+                    skipped += 1
+                    print(f"skipped episode {ep} (task seed {args.seed + ep}): the oracle found no plan ({e})",
+                          file=sys.stderr)
+                    continue
             path = episode_path(out, args.robot, ep)
             writer = EpisodeWriter(path, robot.profile, instruction=instruction, task=task_meta,
                                    image_encoding=args.image_encoding, overwrite=True)
             t0 = time.monotonic()
             if args.policy == "oracle":
-                success: bool | None = _record_oracle(robot, writer)
+                success: bool | None = _record_oracle(robot, writer, plan)
             else:
                 res = run_episode(robot, [a.strip() for a in args.target.split(",")], instruction,
                                   robot_id=args.robot_id or args.robot,
@@ -187,4 +198,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         robot.close()
+    if skipped:
+        print(f"recorded {args.episodes - skipped} of {args.episodes} episodes: {skipped} layouts had no oracle plan",
+              file=sys.stderr)
     return 0
