@@ -3,6 +3,8 @@
 - `tiny` (the embedded default): a few million parameters built from a seed in about a second on a
   CPU, with the shipped 571-token byte-level BPE; Franka joint profile. For tests, the demo and CI.
 - `tiny-bimanual`: the same, sized for the ARX R5 bimanual profile (14-d, chunk 50, 3 cameras).
+- `tiny-sim` / `tiny-sim-bimanual`: the starting points of `chatvla train` (math matching on the Franka,
+  toy placement on the bimanual rig).
 - `tiny-chatvla1`: the tiny model with ChatVLA v1's static MoE (understanding / control experts).
 - `chatvla2-2b`: the paper's sizes, Qwen2-VL-2B + MoE (8 routed, top-2) + DiT-L expert, ARX R5
   bimanual profile. Config only: no weights exist on this machine; import or convert a checkpoint.
@@ -138,6 +140,24 @@ def tiny_sim() -> ChatVLAConfig:
     )
 
 
+def tiny_sim_bimanual() -> ChatVLAConfig:
+    """`tiny-sim` for the ARX R5 bimanual rig (toy placement on `sim-bimanual`): the same vision tower,
+    rope theta, reasoning budget and pixel budget, with both arms' joint targets predicted as offsets
+    from the state (the two grippers stay absolute). The processor has one pixel budget for every
+    camera, so all three cameras are read at 224x224 (192 image tokens instead of tiny-sim's 128): the
+    toys are coloured shapes a few centimetres wide, legible from the top camera at that size."""
+    sim = tiny_sim()
+    p = ARX_R5_BIMANUAL
+    base = _tiny(p, replace(MOE_AUTHORS_SCRIPTS, expert_intermediate_size=128), "chatvla-tiny-sim-bimanual")
+    gripper = set(p.gripper_indices)
+    return replace(
+        base,
+        vlm=sim.vlm,
+        expert=replace(base.expert, relative_to_state=tuple(i for i in range(p.action_dim) if i not in gripper)),
+        reasoning=sim.reasoning,
+    )
+
+
 def chatvla2_2b() -> ChatVLAConfig:
     """Qwen2-VL-2B sizes (hidden 1536, 28 layers, 12 heads / 2 KV heads, vision 32 x 1280) + DiT-L."""
     vlm = {
@@ -187,6 +207,7 @@ PRESETS: dict[str, Callable[[], ChatVLAConfig]] = {
     "tiny-bimanual": tiny_bimanual,
     "tiny-chatvla1": tiny_chatvla1,
     "tiny-sim": tiny_sim,
+    "tiny-sim-bimanual": tiny_sim_bimanual,
     "chatvla2-2b": chatvla2_2b,
 }
 # Trained checkpoints that ship inside the package, by name: `chatvla serve --model chatvla-tiny-mm`.
@@ -195,7 +216,7 @@ SHIPPED: dict[str, Path] = {"chatvla-tiny-mm": SHIPPED_DIR / "chatvla-tiny-mm"}
 DEFAULT_MODEL = "chatvla-tiny-mm"  # what `chatvla serve` and `chatvla demo` load without --model
 
 # Presets that are complete without a weights file (built from their seed).
-SEEDED_PRESETS = ("tiny", "tiny-bimanual", "tiny-chatvla1", "tiny-sim")
+SEEDED_PRESETS = ("tiny", "tiny-bimanual", "tiny-chatvla1", "tiny-sim", "tiny-sim-bimanual")
 
 
 def get_preset(name: str) -> ChatVLAConfig:
