@@ -4,6 +4,9 @@
     chatvla train --data data/mm --out runs/mm            # stage 1, then stage 2; resumes if interrupted
     chatvla serve --model runs/mm
 
+    chatvla record --robot sim-bimanual --policy oracle --task toy_placement --episodes 400 --out data/toy
+    chatvla train --task toy_placement --data data/toy --out runs/toy   # preset tiny-sim-bimanual
+
 Stage 1 co-trains the VLM (reasoning text for every robot observation, image-text questions about
 rendered scenes, MoE load balancing) with the action expert's diffusion loss. Stage 2 freezes the VLM,
 caches its pooled hidden states once, and trains the action expert with its reasoning-following
@@ -23,6 +26,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from chatvla.training.data import TASK_PRESETS
     from chatvla.training.stages import TrainConfig
 
     d = TrainConfig()
@@ -31,7 +35,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True, metavar="DIR",
                    help="directory of recorded episodes (*.chatvla), repeatable")
     p.add_argument("--out", required=True, help="output checkpoint directory (resumable state in OUT/train/)")
-    p.add_argument("--preset", default="tiny-sim", help="model configuration to start from (default tiny-sim)")
+    p.add_argument("--task", default="math_matching", choices=sorted(TASK_PRESETS),
+                   help="the task to learn: its episodes are read, its scenes rendered (default math_matching)")
+    p.add_argument("--preset", help="model configuration to start from (default: tiny-sim for math_matching, "
+                   "tiny-sim-bimanual for toy_placement); its robot profile must be the task's")
     p.add_argument("--init", metavar="MODEL",
                    help="start from this checkpoint's weights (a directory or a shipped model name) instead of the "
                    "preset's seeded ones: fine-tuning, or more training for a finished run. The configuration "
@@ -76,7 +83,15 @@ def run(args: argparse.Namespace) -> int:
         from chatvla.model.chatvla2 import ChatVLA2
         from chatvla.model.presets import get_preset
         from chatvla.model.tokenizer import load_tiny_tokenizer
-        from chatvla.training.data import DataError, Dataset, episode_scenes, load_episodes, render_scenes
+        from chatvla.training.data import (
+            TASK_PRESETS,
+            TASK_PROFILES,
+            DataError,
+            Dataset,
+            episode_scenes,
+            load_episodes,
+            render_scenes,
+        )
         from chatvla.training.stages import STATE_DIR, TrainConfig, Trainer
     except ImportError as e:
         print(f"chatvla train: needs the server and sim extras ({e}); pip install 'chatvla-serve[server,sim,plot]'",
@@ -91,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     init = None
+    args.preset = args.preset or TASK_PRESETS[args.task]
     try:
         cfg_model = get_preset(args.preset)
         if args.init:
@@ -104,12 +120,16 @@ def run(args: argparse.Namespace) -> int:
     if cfg_model.profile is None:
         print(f"chatvla train: preset {args.preset} names no robot profile", file=sys.stderr)
         return 2
+    if cfg_model.profile.name != TASK_PROFILES[args.task]:
+        print(f"chatvla train: {args.task} is recorded on profile {TASK_PROFILES[args.task]}, preset {args.preset} "
+              f"is for {cfg_model.profile.name} (try --preset {TASK_PRESETS[args.task]})", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if args.restart and (out / STATE_DIR).exists():
         shutil.rmtree(out / STATE_DIR)
     t0 = time.monotonic()
     try:
-        episodes = load_episodes(args.data, cfg_model.profile, progress=not args.quiet)
+        episodes = load_episodes(args.data, cfg_model.profile, kinds=(args.task,), progress=not args.quiet)
     except (DataError, OSError, ValueError) as e:
         print(f"chatvla train: {e}", file=sys.stderr)
         return 2
@@ -119,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     data.scenes = episode_scenes(episodes, args.seed)
     if args.scenes:
         print(f"[train] rendering {args.scenes} scenes for image-text questions", file=sys.stderr, flush=True)
-        data.scenes += render_scenes(cfg_model.profile, args.scenes, seed=args.seed, progress=not args.quiet)
+        data.scenes += render_scenes(cfg_model.profile, args.scenes, seed=args.seed, kind=args.task,
+                                     progress=not args.quiet)
     tcfg = TrainConfig(seed=args.seed, device=args.device, batch_size=args.batch_size,
                        stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                        stage2_batch_size=args.stage2_batch_size, stage2_tick_stride=args.stage2_tick_stride,

@@ -3,7 +3,8 @@
 Episodes keep their images JPEG/PNG-encoded in memory and are decoded per batch, so a few hundred
 episodes fit in RAM. Every episode's task is rebuilt from its header (kind, seed, split), which gives
 the reasoning label; an episode whose task is not from the training split, or that shows a held-out
-number anywhere, is refused: held-out numbers must appear nowhere in training.
+number or a held-out toy anywhere, is refused: held-out numbers and toys must appear nowhere in
+training.
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from chatvla.client.recording import EncodedImage, read_episode
-from chatvla.client.sim.catalog import TRAIN_NUMBERS
+from chatvla.client.sim.catalog import TRAIN_NUMBERS, TRAIN_TOYS
 from chatvla.client.sim.tasks import MathMatchingTask, Pose, Task, make_task
+from chatvla.client.sim.tasks.toy_placement import ToyPlacementTask, toy_name
 from chatvla.model.config import NormStats
-from chatvla.profiles import RobotProfile
-from chatvla.training.labels import image_text_pairs, place_targets, reasoning_for
+from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT, RobotProfile
+from chatvla.training.labels import place_targets, reasoning_for, scene_pairs
+
+# The rig each trainable task is recorded and evaluated on (`chatvla record --robot sim-panda /
+# sim-bimanual`), by profile name; and the preset `chatvla train` starts from for it.
+TASK_PROFILES: dict[str, str] = {"math_matching": FRANKA_JOINT.name, "toy_placement": ARX_R5_BIMANUAL.name}
+TASK_PRESETS: dict[str, str] = {"math_matching": "tiny-sim", "toy_placement": "tiny-sim-bimanual"}
 
 
 class DataError(ValueError):
@@ -37,7 +44,8 @@ class RobotEpisode:
     states: np.ndarray  # [T, state_dim] float32
     actions: np.ndarray  # [T, action_dim] float32
     poses0: dict[str, Pose] | None = None  # object poses at the first tick (task frame)
-    places: np.ndarray | None = None  # [T, 5] per tick: labels.place_targets (math matching only)
+    places: np.ndarray | None = None  # [T, 5] per tick: labels.place_targets (math matching only: toy rows
+    # carry none, and a stage-1 batch then skips the place read-out, see batches.collate)
 
     def chunk(self, t: int, horizon: int) -> np.ndarray:
         """Actions for ticks t .. t+horizon-1; past the end the last action is held (the arm rests)."""
@@ -108,6 +116,10 @@ def _check_train_only(task: Task, where: str) -> None:
         leaked = sorted(shown - set(TRAIN_NUMBERS))
         if leaked:
             raise DataError(f"{where}: shows held-out numbers {leaked}")
+    if isinstance(task, ToyPlacementTask):
+        leaked_toys = sorted({o.name for o in task.objects} - {toy_name(t) for t in TRAIN_TOYS})
+        if leaked_toys:
+            raise DataError(f"{where}: shows held-out toys {leaked_toys}")
 
 
 def load_episodes(paths: Iterable[str | Path], profile: RobotProfile, *, kinds: Sequence[str] = ("math_matching",),
@@ -185,17 +197,17 @@ def episode_scenes(episodes: Sequence[RobotEpisode], seed: int) -> list[Scene]:
     rng = np.random.default_rng([seed, 7])
     out = []
     for e in episodes:
-        if isinstance(e.task, MathMatchingTask):
+        if isinstance(e.task, (MathMatchingTask, ToyPlacementTask)):
             poses = e.poses0 or e.task.initial_poses()
-            out.append(Scene({k: decode(v) for k, v in e.images[0].items()},
-                             image_text_pairs(e.task, poses, rng, k=3)))
+            out.append(Scene({k: decode(v) for k, v in e.images[0].items()}, scene_pairs(e.task, poses, rng, k=3)))
     return out
 
 
 def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: int = 1_000_000,
-                  progress: bool = True) -> list[Scene]:
-    """`n` extra math-matching scenes (training split, task seeds from `first_task_seed`) rendered at rest
-    with the rig's cameras, each with three questions. Needs the `sim` extra."""
+                  kind: str = "math_matching", progress: bool = True) -> list[Scene]:
+    """`n` extra scenes of task `kind` (training split, task seeds from `first_task_seed`) rendered at
+    rest with the rig's cameras, each with three questions, the instruction and the reasoning. Needs
+    the `sim` extra."""
     from chatvla.client.sim.robot import make_sim_robot
 
     rng = np.random.default_rng([seed, 11])
@@ -203,16 +215,15 @@ def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: 
     out: list[Scene] = []
     try:
         for i in range(n):
-            task = make_task("math_matching", seed=first_task_seed + i, split="train")
+            task = make_task(kind, seed=first_task_seed + i, split="train")
             _check_train_only(task, f"scene {i}")
             if robot is None:
                 robot = make_sim_robot(profile.name, task)
                 obs = robot.observe()
             else:
                 obs = robot.reset(task)
-            assert isinstance(task, MathMatchingTask)
             poses = robot.object_poses()
-            out.append(Scene(dict(obs.images), image_text_pairs(task, poses, rng, k=3), task.instruction,
+            out.append(Scene(dict(obs.images), scene_pairs(task, poses, rng, k=3), task.instruction,
                              reasoning_for(task, poses)))
             if progress and (i + 1) % 200 == 0:
                 print(f"[data] rendered {i + 1}/{n} scenes", file=sys.stderr, flush=True)

@@ -7,9 +7,16 @@ now, in centimetres in the task frame (x away from the robot, y to its left):
 the numbers or the places, so the only way to write this text is to read the scene from pixels; and
 the action expert, conditioned on this text, learns to go where it says (reasoning-following).
 
+Toy placement gets the same treatment: the instruction names the two toys and the relation, the
+reasoning adds what only the pixels tell: where the subject is now and where it goes, which is where
+the reference is plus the relation's offset ("Put red cube (4, -10) left of blue ball: place at
+(2, 16).").
+
 Image-text questions are the stage-1 "understanding" data: reading the board, reading the cards,
-saying where a card lies. They are generated from the same scenes as the episodes and only from
-training-split tasks, so held-out numbers appear nowhere in training.
+saying where a card lies; for toys, naming the toys on the table, saying where one lies, which of
+two is further left or nearer the robot, and where the subject has to go. They are generated from
+the same scenes as the episodes and only from training-split tasks, so held-out numbers and toys
+appear nowhere in training.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 
 from chatvla.client.sim.tasks.base import Pose, Task
 from chatvla.client.sim.tasks.math_matching import MathMatchingTask, card_name
-from chatvla.client.sim.tasks.toy_placement import PHRASES, ToyPlacementTask
+from chatvla.client.sim.tasks.toy_placement import PHRASES, RELATIONS, Relation, ToyPlacementTask
 
 END_MARKER = "Next action:"  # the authors' end of reasoning (DexVLA / ChatVLA-2)
 
@@ -71,10 +78,57 @@ def reasoning_for(task: Task, poses: dict[str, Pose] | None = None) -> str:
     if isinstance(task, MathMatchingTask):
         return f"{task.a}+{task.b}={task.answer}. {pick_text(task, task.answer, poses)}"
     if isinstance(task, ToyPlacementTask):
-        subject = task.subject.replace("_", " ")
-        reference = task.reference.replace("_", " ")
-        return f"Put the {subject} {PHRASES[task.relation]} the {reference}."
+        return toy_text(task, task.relation, poses)
     raise ValueError(f"no reasoning label for task kind {type(task).__name__}")
+
+
+def spoken(name: str) -> str:
+    """An object name as the text says it ("red_cube" -> "red cube")."""
+    return name.replace("_", " ")
+
+
+def toy_goal(task: ToyPlacementTask, relation: Relation, poses: dict[str, Pose]) -> tuple[float, float]:
+    """Where the subject goes to be `relation` of the reference where the reference is *now* (task
+    frame, metres): the oracle's aim (`goal_xy`, a fixed clearance beyond both footprints) moved with
+    the reference, so a per-tick label stays true if the reference is nudged."""
+    gx, gy = task.goal_xy() if relation == task.relation else _replace_relation(task, relation).goal_xy()
+    ref = task.object(task.reference)
+    pos = poses[task.reference].pos
+    return (float(pos[0]) + gx - ref.xy[0], float(pos[1]) + gy - ref.xy[1])
+
+
+def _replace_relation(task: ToyPlacementTask, relation: Relation) -> ToyPlacementTask:
+    from dataclasses import replace
+
+    return replace(task, relation=relation)
+
+
+RELATION_WORDS: dict[Relation, str] = {"left": "left of", "right": "right of", "front": "in front of",
+                                       "behind": "behind"}  # the task's phrases without "to the": fewer tokens
+
+
+def toy_text(task: ToyPlacementTask, relation: Relation, poses: dict[str, Pose] | None = None) -> str:
+    """"Put red cube (4, -10) left of blue ball: place at (2, 16)." with the subject's current place
+    and its destination (which carries the reference's place). At most 45 tokens of the tiny tokenizer
+    with the end marker, inside tiny-sim's 48: the toy names cost up to 7 tokens each and every place
+    about 7, so the reference's own place is left out."""
+    poses = poses or task.initial_poses()
+    gx, gy = toy_goal(task, relation, poses)
+    return (f"Put {spoken(task.subject)} {place(poses[task.subject])} {RELATION_WORDS[relation]} "
+            f"{spoken(task.reference)}: place at ({cm(gx)}, {cm(gy)}).")
+
+
+def override_relation(task: ToyPlacementTask) -> Relation | None:
+    """The relation a toy override names: another relation whose spot is on the workspace, free, and
+    not already satisfied (deterministic from the seed); None when no other relation fits."""
+    from chatvla.client.sim.tasks.toy_placement import _solvable
+
+    others = [r for r in RELATIONS if r != task.relation]
+    k = task.seed % len(others)
+    for r in others[k:] + others[:k]:
+        if _solvable(_replace_relation(task, r)):
+            return r
+    return None
 
 
 def override_text(task: MathMatchingTask, card: int, poses: dict[str, Pose] | None = None) -> str:
@@ -127,6 +181,64 @@ def judge_reasoning(task: MathMatchingTask, text: str, poses: dict[str, Pose] | 
     return ReasoningJudgement(sum_ok, stated_card == task.answer, stated_sum, stated_card, place_ok)
 
 
+@dataclass(frozen=True)
+class ToyJudgement:
+    """Did a toy-placement reasoning name the right subject, relation and reference (and, when the
+    scene's poses are given, state the subject's place and its destination within `PLACE_TOL_CM`)?"""
+
+    subject_ok: bool
+    relation_ok: bool
+    reference_ok: bool
+    stated_relation: str | None
+    place_ok: bool | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.subject_ok and self.relation_ok and self.reference_ok
+
+
+_TOY = re.compile(r"[Pp]ut (?:the )?([a-z ]+?)(?: at)? ?(?:\((-?\d+), (-?\d+)\))? ?"
+                  r"((?:to the )?left of|(?:to the )?right of|in front of|behind) (?:the )?([a-z ]+?)\s*(?:[:.,]|$)")
+_DEST = re.compile(r"place (?:it )?at \((-?\d+), (-?\d+)\)")
+
+
+def _relation_of(phrase: str) -> Relation:
+    return next(r for r, w in RELATION_WORDS.items() if phrase.endswith(w))
+
+
+def judge_toy_reasoning(task: ToyPlacementTask, text: str, poses: dict[str, Pose] | None = None) -> ToyJudgement:
+    """Parse "Put A (x, y) left of B: place at (x, y)." leniently (case, "the", the task's longer
+    phrases) and compare with the task. With `poses`, the subject's stated place and the destination
+    must both be stated and within `PLACE_TOL_CM` of the subject's place and of `toy_goal` for the
+    relation the text names."""
+    m = _TOY.search(text.strip().lower())
+    if not m:
+        return ToyJudgement(False, False, False, None, None if poses is None else False)
+    subject, sx, sy, reference = m.group(1), m.group(2), m.group(3), m.group(5)
+    relation = _relation_of(m.group(4))
+    place_ok = None
+    d = _DEST.search(text.lower())
+    if poses is not None:
+        place_ok = False
+        if sx is not None and d is not None and task.subject in poses:
+            pos = poses[task.subject].pos
+            gx, gy = toy_goal(task, relation, poses)
+            err = max(abs(int(sx) - 100 * pos[0]), abs(int(sy) - 100 * pos[1]),
+                      abs(int(d.group(1)) - 100 * gx), abs(int(d.group(2)) - 100 * gy))
+            place_ok = bool(err <= PLACE_TOL_CM)
+    return ToyJudgement(subject == spoken(task.subject), relation == task.relation,
+                        reference == spoken(task.reference), relation, place_ok)
+
+
+def judge(task: Task, text: str, poses: dict[str, Pose] | None = None) -> ReasoningJudgement | ToyJudgement:
+    """The judge for the task's kind."""
+    if isinstance(task, MathMatchingTask):
+        return judge_reasoning(task, text, poses)
+    if isinstance(task, ToyPlacementTask):
+        return judge_toy_reasoning(task, text, poses)
+    raise ValueError(f"no judge for task kind {type(task).__name__}")
+
+
 # --- image-text questions (stage 1) ---------------------------------------------------------------------
 def _side(pose: Pose) -> str:
     """Robot's view: +y is left, -x is near the robot."""
@@ -156,3 +268,35 @@ def image_text_pairs(task: MathMatchingTask, poses: dict[str, Pose], rng: np.ran
         candidates.append((f"Which is further left, card {n} or card {m}?", f"Card {left}."))
     idx = rng.permutation(len(candidates))[:k]
     return [candidates[i] for i in idx]
+
+
+def toy_pairs(task: ToyPlacementTask, poses: dict[str, Pose], rng: np.random.Generator, k: int = 2
+              ) -> list[tuple[str, str]]:
+    """`k` (question, answer) pairs about a toy scene at rest; `poses` in the task frame. Every toy is
+    one of the task's own, so a training-split task names training toys only."""
+    names = sorted((o.name for o in task.objects), key=lambda n: -float(poses[n].pos[1]))  # left to right
+    n = names[int(rng.integers(len(names)))]
+    candidates = [
+        ("Which toys are on the table, from left to right?", ", ".join(spoken(x) for x in names) + "."),
+        (f"Where is the {spoken(n)}?", f"The {spoken(n)} is {_side(poses[n])}, at {place(poses[n])}."),
+        (f"Where does the {spoken(task.subject)} go to be {PHRASES[task.relation]} the {spoken(task.reference)}?",
+         "At ({}, {}).".format(*(cm(v) for v in toy_goal(task, task.relation, poses)))),
+    ]
+    other = [x for x in names if x != n]
+    if other:
+        m = other[int(rng.integers(len(other)))]
+        left = n if poses[n].pos[1] > poses[m].pos[1] else m
+        near = n if poses[n].pos[0] < poses[m].pos[0] else m
+        candidates.append((f"Which is further left, the {spoken(n)} or the {spoken(m)}?", f"The {spoken(left)}."))
+        candidates.append((f"Which is nearer the robot, the {spoken(n)} or the {spoken(m)}?", f"The {spoken(near)}."))
+    idx = rng.permutation(len(candidates))[:k]
+    return [candidates[i] for i in idx]
+
+
+def scene_pairs(task: Task, poses: dict[str, Pose], rng: np.random.Generator, k: int = 2) -> list[tuple[str, str]]:
+    """The image-text pairs for the task's kind (math matching: `image_text_pairs`, unchanged)."""
+    if isinstance(task, MathMatchingTask):
+        return image_text_pairs(task, poses, rng, k)
+    if isinstance(task, ToyPlacementTask):
+        return toy_pairs(task, poses, rng, k)
+    raise ValueError(f"no image-text pairs for task kind {type(task).__name__}")
