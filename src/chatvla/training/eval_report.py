@@ -46,6 +46,25 @@ def _pct(r: Mapping[str, Any]) -> str:
     return f"{100 * r['rate']:.0f}% ({r['k']}/{r['n']}; 95% CI {100 * lo:.0f}-{100 * hi:.0f}%)"
 
 
+MATH_LEGEND = ("reasoning correct = states the right sum and card; place = the card's place within 2 cm; "
+               "override mode supplies the text (naming a wrong card), so its reasoning columns are empty.")
+TOY_LEGEND = ("reasoning correct = names the right subject, relation and reference; places = the subject's place "
+              "and its destination within 2 cm; override mode supplies the text (naming another relation), so "
+              "its reasoning columns are empty.")
+
+
+def _what(o: Mapping[str, Any]) -> str:
+    """The episode's task: the board for math matching, "subject relation reference" for toys."""
+    if "board" in o:
+        return f"{o['board']}={o['answer']}"
+    return html.escape(f"{o['subject']} {o['relation']} {o['reference']}")
+
+
+def _named(o: Mapping[str, Any]) -> Any:
+    """What an override episode's text names: a card or a relation."""
+    return o.get("override_card", o.get("override_relation"))
+
+
 def html_report(summary: Mapping[str, Any], meta: Mapping[str, Any], outcomes: Sequence[Mapping[str, Any]],
                 film: Path | None, path: Path) -> Path:
     rows = []
@@ -61,10 +80,11 @@ def html_report(summary: Mapping[str, Any], meta: Mapping[str, Any], outcomes: S
     if film is not None and film.is_file():
         b64 = base64.b64encode(film.read_bytes()).decode()
         img = f'<h2>Filmstrip</h2><img alt="filmstrip" src="data:image/png;base64,{b64}">'
+    toy = meta.get("task") == "toy_placement"
     eps = "".join(
-        f"<tr><td>{o['mode']}</td><td>{o['seed']}</td><td>{o['board']}={o['answer']}</td>"
+        f"<tr><td>{o['mode']}</td><td>{o['seed']}</td><td>{_what(o)}</td>"
         f"<td>{html.escape(o['reasoning_first'])}</td><td>{'yes' if o['success'] else 'no'}</td>"
-        f"<td>{'' if o['override_card'] is None else o['override_card']}</td>"
+        f"<td>{'' if _named(o) is None else _named(o)}</td>"
         f"<td>{'' if o['override_followed'] is None else ('yes' if o['override_followed'] else 'no')}</td>"
         f"<td>{html.escape(o['error'])}</td></tr>" for o in outcomes)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>chatvla eval</title>
@@ -72,14 +92,15 @@ def html_report(summary: Mapping[str, Any], meta: Mapping[str, Any], outcomes: S
 padding:3px 8px;font-size:13px}}</style></head><body>
 <h1>Closed-loop evaluation: {html.escape(str(meta.get('model', '')))}</h1>
 <p>{html.escape(str(meta.get('description', '')))}</p>
-<p>reasoning correct = states the right sum and card; place = the card's place within 2 cm; override
-mode supplies the text (naming a wrong card), so its reasoning columns are empty.</p>
+<p>{TOY_LEGEND if toy else MATH_LEGEND}</p>
 <table><tr><th>mode</th><th>episodes</th><th>task success</th><th>reasoning correct (first)</th>
-<th>card place right (first)</th><th>reasoning correct (all chunks)</th><th>median s to success</th>
-<th>override card placed</th><th>stall ticks / episode</th></tr>{''.join(rows)}</table>
+<th>{'places' if toy else 'card place'} right (first)</th><th>reasoning correct (all chunks)</th>
+<th>median s to success</th><th>override {'followed' if toy else 'card placed'}</th><th>stall ticks / episode</th>
+</tr>{''.join(rows)}</table>
 {img}
-<h2>Episodes</h2><table><tr><th>mode</th><th>seed</th><th>board</th><th>first reasoning</th><th>success</th>
-<th>override card</th><th>override placed</th><th>error</th></tr>{eps}</table>
+<h2>Episodes</h2><table><tr><th>mode</th><th>seed</th><th>{'task' if toy else 'board'}</th><th>first reasoning</th>
+<th>success</th><th>override {'relation' if toy else 'card'}</th><th>override {'followed' if toy else 'placed'}</th>
+<th>error</th></tr>{eps}</table>
 </body></html>"""
     path.write_text(page)
     return path

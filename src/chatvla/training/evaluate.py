@@ -12,6 +12,12 @@ Three modes, each on its own episodes:
 
 Per episode: success (the task's own check at the end), time to first success, the reasoning texts of
 the chunks and whether they state the right sum and card, and (override) which card ended on the zone.
+
+Toy placement on the bimanual rig (`kind="toy_placement"`) runs the same three modes: `train` (training
+toys, new layouts), `heldout` (held-out toys only), `override` (training toys; every observation
+carries the reasoning for another relation, with the subject's current place and the new destination,
+"Put red cube (4, -10) in front of blue ball: place at (-6, 6)."; counted as followed when the subject
+ends where that text says, by the task's own check for that relation).
 """
 
 from __future__ import annotations
@@ -21,18 +27,21 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from chatvla.client.runtime import TickRecord
-from chatvla.client.sim.tasks import MathMatchingTask, make_task
+from chatvla.client.sim.tasks import MathMatchingTask, Pose, Task, make_task
 from chatvla.client.sim.tasks.base import resting
 from chatvla.client.sim.tasks.math_matching import CARD_HALF, FACE_UP_COS, card_name
+from chatvla.client.sim.tasks.toy_placement import ToyPlacementTask
 from chatvla.profiles import FRANKA_JOINT
-from chatvla.training.labels import judge_reasoning, override_text
+from chatvla.training.data import TASK_PROFILES
+from chatvla.training.labels import judge, judge_reasoning, override_relation, override_text, toy_text
 
 MODES = ("train", "heldout", "override")
 EVAL_SEED_BASE = 500_000  # task seeds for evaluation: far from the recorded training episodes' seeds
@@ -60,14 +69,42 @@ class EpisodeOutcome:
 
 
 @dataclass
+class ToyEpisodeOutcome:
+    """One toy-placement episode; the reasoning is judged on subject, relation and reference."""
+
+    mode: str
+    seed: int
+    instruction: str
+    subject: str
+    relation: str
+    reference: str
+    success: bool
+    seconds_to_success: float | None
+    ticks: int
+    reasoning_first: str
+    reasoning_correct_first: bool
+    reasoning_correct_fraction: float
+    stalls: int
+    reasoning_place_first: bool | None = None  # the subject's place and its destination stated within 2 cm
+    override_relation: str | None = None
+    override_followed: bool | None = None  # the subject ends where the supplied text says
+    instruction_followed: bool | None = None  # ... where the instruction says instead
+    error: str = ""
+
+
+Outcome = EpisodeOutcome | ToyEpisodeOutcome
+
+
+@dataclass
 class _Watcher:
     """Per-tick observer: reasoning texts, first success, filmstrip frames."""
 
     robot: Any
-    task: MathMatchingTask
+    task: Task
     dt: float
     film: bool
-    override_card: int | None = None
+    override: Callable[[dict[str, Pose]], str] | None = None  # the supplied reasoning for the scene now
+    camera: str = "front"  # the filmstrip's camera
     loop: Any = None
     reasonings: list[str] = field(default_factory=list)
     first_success_tick: int | None = None
@@ -79,8 +116,8 @@ class _Watcher:
         self._refresh_override()
 
     def _refresh_override(self) -> None:
-        if self.loop is not None and self.override_card is not None:
-            self.loop.set_reasoning_override(override_text(self.task, self.override_card, self.robot.object_poses()))
+        if self.loop is not None and self.override is not None:
+            self.loop.set_reasoning_override(self.override(self.robot.object_poses()))
 
     def on_tick(self, record: TickRecord) -> None:
         self._refresh_override()
@@ -90,7 +127,7 @@ class _Watcher:
         if self.first_success_tick is None and record.tick % 5 == 0 and self.robot.check_success().success:
             self.first_success_tick = record.tick
         if self.film and record.tick % max(1, round(FILM_EVERY_S / self.dt)) == 0:
-            img = record.observation.images.get("front")
+            img = record.observation.images.get(self.camera)
             if img is not None:
                 self.frames.append((record.tick * self.dt, np.asarray(img).copy(),
                                     self.reasonings[-1] if self.reasonings else ""))
@@ -110,31 +147,70 @@ def wrong_card(task: MathMatchingTask) -> int:
     return others[task.seed % len(others)]
 
 
-def episode_task(mode: str, index: int) -> MathMatchingTask:
+TOY_OVERRIDE_STRIDE = 10_000  # a toy override seed with no other relation that fits tries this much further
+
+
+def episode_task(mode: str, index: int, kind: str = "math_matching") -> Task:
+    """The task of episode `index` of `mode`: seeds from `EVAL_SEED_BASE`, far from recorded ones. A toy
+    override episode needs another relation whose spot is free and reachable; a seed without one is
+    replaced by the next at `TOY_OVERRIDE_STRIDE` (deterministic)."""
     split = "heldout" if mode == "heldout" else "train"
     offset = {"train": 0, "heldout": 100_000, "override": 200_000}[mode]
-    task = make_task("math_matching", seed=EVAL_SEED_BASE + offset + index, split=split)
-    assert isinstance(task, MathMatchingTask)
+    seed = EVAL_SEED_BASE + offset + index
+    task = make_task(kind, seed=seed, split=split)
+    if kind == "math_matching":
+        assert isinstance(task, MathMatchingTask)
+        return task
+    assert isinstance(task, ToyPlacementTask)
+    while mode == "override" and override_relation(task) is None:
+        seed += TOY_OVERRIDE_STRIDE
+        task = make_task(kind, seed=seed, split=split)
+        assert isinstance(task, ToyPlacementTask)
     return task
 
 
 def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds: float, *, film: bool = False,
-            token: str | None = None) -> tuple[EpisodeOutcome, list[tuple[float, np.ndarray, str]]]:
+            token: str | None = None, kind: str = "math_matching"
+            ) -> tuple[Outcome, list[tuple[float, np.ndarray, str]]]:
     from chatvla.client.episodes import run_episode
 
-    task = episode_task(mode, index)
+    task = episode_task(mode, index, kind)
     robot.reset(task)
     poses0 = robot.object_poses()
     dt = robot.profile.dt
-    named = wrong_card(task) if mode == "override" else None
-    watcher = _Watcher(robot, task, dt, film, override_card=named)
+    override: Callable[[dict[str, Pose]], str] | None = None
+    named_card = named_relation = None
+    if mode == "override" and isinstance(task, ToyPlacementTask):
+        named_relation = override_relation(task)
+        assert named_relation is not None  # episode_task picks seeds that have one
+        override = partial(toy_text, task, named_relation)
+    elif mode == "override" and isinstance(task, MathMatchingTask):
+        named_card = wrong_card(task)
+        override = partial(override_text, task, named_card)
+    watcher = _Watcher(robot, task, dt, film, override=override, camera=robot.profile.cameras[0].name)
     res = run_episode(robot, addresses, task.instruction, max_ticks=max(1, round(seconds / dt)),
                       observers=[watcher], token=token, robot_id=f"eval-{mode}-{index}",
-                      on_loop=watcher.attach if named is not None else None)
+                      on_loop=watcher.attach if override is not None else None)
     result = robot.check_success()
-    judged = [judge_reasoning(task, t).correct for t in watcher.reasonings]
+    judged = [judge(task, t).correct for t in watcher.reasonings]
     first = watcher.reasonings[0] if watcher.reasonings else ""
     ex = dict(res.summary.get("executor", {}))
+    seconds_to_success = (watcher.first_success_tick * dt if result.success and watcher.first_success_tick
+                          is not None else None)
+    if isinstance(task, ToyPlacementTask):
+        toy = ToyEpisodeOutcome(
+            mode=mode, seed=task.seed, instruction=task.instruction, subject=task.subject, relation=task.relation,
+            reference=task.reference, success=bool(result.success), seconds_to_success=seconds_to_success,
+            ticks=res.ticks, reasoning_first=first, reasoning_correct_first=bool(judged and judged[0]),
+            reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0, stalls=int(ex.get("stalls", 0)),
+            reasoning_place_first=judge(task, first, poses0).place_ok if first else None,
+        )
+        if named_relation is not None:
+            toy.override_relation = named_relation
+            toy.override_followed = bool(replace(task, relation=named_relation).check(robot.object_poses()).success)
+            toy.instruction_followed = bool(result.success)
+        return toy, watcher.frames
+    assert isinstance(task, MathMatchingTask)
     out = EpisodeOutcome(
         mode=mode, seed=task.seed, board=f"{task.a}+{task.b}", answer=task.answer,
         success=bool(result.success),
@@ -146,9 +222,9 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
         stalls=int(ex.get("stalls", 0)),
         reasoning_place_first=judge_reasoning(task, first, poses0).place_ok if first else None,
     )
-    if named is not None:
-        out.override_card = named
-        out.override_followed = card_on_zone(robot, task, named)
+    if named_card is not None:
+        out.override_card = named_card
+        out.override_followed = card_on_zone(robot, task, named_card)
         out.answer_card_placed = card_on_zone(robot, task, task.answer)
     return out, watcher.frames
 
@@ -169,7 +245,7 @@ def rate(flags: Sequence[bool]) -> dict[str, Any]:
     return {"k": k, "n": n, "rate": round(k / n, 4) if n else None, "ci95": wilson(k, n)}
 
 
-def summarise(outcomes: Sequence[EpisodeOutcome]) -> dict[str, Any]:
+def summarise(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode in MODES:
         eps = [o for o in outcomes if o.mode == mode and not o.error]
@@ -189,15 +265,39 @@ def summarise(outcomes: Sequence[EpisodeOutcome]) -> dict[str, Any]:
             s["reasoning_correct_all_chunks"] = round(float(np.mean([o.reasoning_correct_fraction for o in eps])), 4)
         else:
             s["override_followed"] = rate([bool(o.override_followed) for o in eps])
-            s["answer_card_placed_instead"] = rate([bool(o.answer_card_placed) for o in eps])
+            if isinstance(eps[0], ToyEpisodeOutcome):
+                s["instruction_followed_instead"] = rate([bool(o.instruction_followed) for o in eps
+                                                          if isinstance(o, ToyEpisodeOutcome)])
+            else:
+                s["answer_card_placed_instead"] = rate([bool(o.answer_card_placed) for o in eps
+                                                        if isinstance(o, EpisodeOutcome)])
         out[mode] = s
     return out
 
 
+def describe(o: Outcome) -> str:
+    """The episode's task in a few words (progress lines, report)."""
+    if isinstance(o, ToyEpisodeOutcome):
+        return f"{o.subject} {o.relation} {o.reference}"
+    return f"{o.board}={o.answer}"
+
+
+def failed_outcome(mode: str, index: int, kind: str, error: str) -> Outcome:
+    """The outcome of an episode that raised: reported as a failure with its error."""
+    task = episode_task(mode, index, kind)
+    if isinstance(task, ToyPlacementTask):
+        return ToyEpisodeOutcome(mode, task.seed, task.instruction, task.subject, task.relation, task.reference,
+                                 False, None, 0, "", False, 0.0, 0, error=error)
+    assert isinstance(task, MathMatchingTask)
+    return EpisodeOutcome(mode, task.seed, f"{task.a}+{task.b}", task.answer, False, None, 0, "", False, 0.0, 0,
+                          error=error)
+
+
 def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, robots: int = 2,
              seconds: float = 20.0, film_episodes: int = 2, token: str | None = None,
-             progress: bool = True) -> tuple[list[EpisodeOutcome], dict[str, list]]:
-    """Run `episodes` per mode with `robots` simulated robots in parallel against the server(s)."""
+             progress: bool = True, kind: str = "math_matching") -> tuple[list[Outcome], dict[str, list]]:
+    """Run `episodes` per mode of task `kind` with `robots` simulated robots (the kind's rig) in
+    parallel against the server(s)."""
     from chatvla.client.sim.robot import make_sim_robot
 
     jobs: queue.Queue[tuple[str, int]] = queue.Queue()
@@ -205,7 +305,7 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
         for i in range(episodes):
             jobs.put((mode, i))
     total = jobs.qsize()
-    outcomes: list[EpisodeOutcome] = []
+    outcomes: list[Outcome] = []
     films: dict[str, list] = {}
     lock = threading.Lock()
     t0 = time.monotonic()
@@ -219,14 +319,12 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
                 except queue.Empty:
                     return
                 if robot is None:
-                    robot = make_sim_robot(FRANKA_JOINT.name, episode_task(mode, i))
+                    robot = make_sim_robot(TASK_PROFILES[kind], episode_task(mode, i, kind))
                 film = i < film_episodes
                 try:
-                    o, frames = run_one(robot, addresses, mode, i, seconds, film=film, token=token)
+                    o, frames = run_one(robot, addresses, mode, i, seconds, film=film, token=token, kind=kind)
                 except Exception as e:  # one broken episode is reported, the evaluation goes on
-                    task = episode_task(mode, i)
-                    o, frames = EpisodeOutcome(mode, task.seed, f"{task.a}+{task.b}", task.answer, False, None, 0,
-                                               "", False, 0.0, 0, error=f"{type(e).__name__}: {e}"), []
+                    o, frames = failed_outcome(mode, i, kind, f"{type(e).__name__}: {e}"), []
                 with lock:
                     outcomes.append(o)
                     if frames:
@@ -234,9 +332,13 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
                     if progress:
                         done = len(outcomes)
                         eta = (time.monotonic() - t0) / done * (total - done)
-                        extra = ("" if o.override_card is None
-                                 else f"; override card {o.override_card} placed: {o.override_followed}")
-                        print(f"[eval] {done}/{total} {mode} #{i} {o.board}={o.answer}: "
+                        if isinstance(o, ToyEpisodeOutcome):
+                            extra = ("" if o.override_relation is None
+                                     else f"; override {o.override_relation} followed: {o.override_followed}")
+                        else:
+                            extra = ("" if o.override_card is None
+                                     else f"; override card {o.override_card} placed: {o.override_followed}")
+                        print(f"[eval] {done}/{total} {mode} #{i} {describe(o)}: "
                               f"{'success' if o.success else 'fail'}; reasoning {o.reasoning_first!r}{extra}"
                               f"{f'; ERROR {o.error}' if o.error else ''} (ETA {eta:.0f} s)",
                               file=sys.stderr, flush=True)
@@ -253,7 +355,7 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
     return outcomes, films
 
 
-def outcomes_json(outcomes: Sequence[EpisodeOutcome]) -> list[dict[str, Any]]:
+def outcomes_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
     return [asdict(o) for o in outcomes]
 
 
