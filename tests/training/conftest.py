@@ -31,3 +31,13 @@ def episodes_dir(rendering, tmp_path_factory) -> Path:
                     "--task", "math_matching", "--split", "train", "--episodes", "3", "--seed", "7", "--out", str(out)],
                    check=True, capture_output=True, timeout=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_episodes_dir(rendering, tmp_path_factory) -> Path:
+    """Two oracle toy-placement episodes on the simulated bimanual rig, recorded by `chatvla record`."""
+    out = tmp_path_factory.mktemp("toy_episodes")
+    subprocess.run([sys.executable, "-m", "chatvla.cli.main", "record", "--robot", "sim-bimanual", "--policy",
+                    "oracle", "--task", "toy_placement", "--split", "train", "--episodes", "2", "--seed", "7",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    return out
