@@ -362,7 +362,11 @@ class Scheduler:
         )
         waiting, session.waiting_text = session.waiting_text, []
         for j in waiting:
-            if j.answer is None:
+            if j.answer is not None:
+                continue
+            if j.request.obs.instruction != w.obs.instruction:  # it waits for a newer instruction's text
+                self._dispatch(j)
+            else:
                 j.text = session.cache.text
                 session.cache.since_refresh += 1
                 self._put(j)
