@@ -78,9 +78,6 @@ class SchedulerConfig:
     reasoning: ReasoningPolicy = DEFAULT_REASONING
 
 
-SESSIONS_LIMIT = "sessions_limit"  # the rejection reason `open_session` counts itself
-
-
 class Scheduler:
     """Schedules observations from all transports onto one engine."""
 
