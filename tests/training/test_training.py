@@ -256,3 +256,18 @@ def test_rendered_scenes_teach_the_tasks_reasoning_on_new_layouts(rendering, epi
     assert sum(it.chunk is not None for it in crowded) == 1
     off = stage1_items(data, TrainConfig(batch_size=8, scene_reasoning_fraction=0.0), 0)
     assert not any(it.reasoning for it in off)
+
+
+def test_init_vlm_takes_the_vlm_from_another_robots_model_and_keeps_the_seeded_expert():
+    """A VLM trained on the Panda's scenes starts a bimanual model; the 14-d expert cannot come along."""
+    from chatvla.cli.train import start_from
+
+    panda = ChatVLA2(get_preset("tiny-sim").with_updates(init_seed=1), load_tiny_tokenizer())
+    bimanual = ChatVLA2(get_preset("tiny-sim-bimanual").with_updates(init_seed=2), load_tiny_tokenizer())
+    expert_before = {k: v.clone() for k, v in bimanual.expert.state_dict().items()}
+    assert start_from(bimanual, panda, vlm_only=False) is not None  # the whole model does not fit
+    assert start_from(bimanual, panda, vlm_only=True) is None
+    for k, v in panda.vlm.state_dict().items():
+        assert torch.equal(bimanual.vlm.state_dict()[k], v), k
+    for k, v in bimanual.expert.state_dict().items():
+        assert torch.equal(expert_before[k], v), k

@@ -23,6 +23,10 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatvla.model.chatvla2 import ChatVLA2
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="start from this checkpoint's weights (a directory or a shipped model name) instead of the "
                    "preset's seeded ones: fine-tuning, or more training for a finished run. The configuration "
                    "still comes from --preset; the weights must fit it")
+    p.add_argument("--init-vlm", metavar="MODEL",
+                   help="start only the VLM (vision tower + language model) from this checkpoint, the action expert "
+                   "from the preset's seed: a VLM trained on one robot's scenes taken to another robot or task "
+                   "(its VLM configuration must be the preset's; not with --init)")
     p.add_argument("--model-id", help="model id the checkpoint reports to clients (default: the preset's)")
     p.add_argument("--relative-actions", action="store_true",
                    help="predict joint targets as offsets from the current state (the tiny-sim preset does)")
@@ -75,6 +83,27 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def start_from(model: ChatVLA2, init: ChatVLA2, *, vlm_only: bool) -> str | None:
+    """Copy `init`'s weights into `model` (all of them, or the VLM's only); the reason it cannot, else None.
+
+    The VLM alone transfers across robots: the vision tower and the language model do not depend on the
+    action space, the expert does (its action and state sizes, its chunk length)."""
+    src, dst = (init.vlm, model.vlm) if vlm_only else (init, model)
+    have, want = src.state_dict(), dst.state_dict()
+    # checked before copying: a failing load_state_dict has already copied the tensors that did fit
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    wrong = [f"{k}: {tuple(have[k].shape)} for {tuple(want[k].shape)}" for k in sorted(set(want) & set(have))
+             if have[k].shape != want[k].shape]
+    if missing or unexpected or wrong:
+        return "; ".join(part for part in (
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
+            f"shapes {', '.join(wrong[:5])}" if wrong else "") if part)
+    dst.load_state_dict(have, strict=True)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import torch
@@ -104,18 +133,23 @@ def run(args: argparse.Namespace) -> int:
         print("chatvla train: step counts, --scenes and --max-episodes must be >= 0, --batch-size >= 1",
               file=sys.stderr)
         return 2
+    if args.init and args.init_vlm:
+        print("chatvla train: --init and --init-vlm exclude each other (--init already starts the VLM)",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     init = None
+    init_name = args.init or args.init_vlm
     args.preset = args.preset or TASK_PRESETS[args.task]
     try:
         cfg_model = get_preset(args.preset)
-        if args.init:
-            init = load_model(args.init, device=args.device)
+        if init_name:
+            init = load_model(init_name, device=args.device)
     except KeyError as e:
         print(f"chatvla train: {e.args[0]}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as e:
-        print(f"chatvla train: --init {args.init}: {e}", file=sys.stderr)
+        print(f"chatvla train: {'--init' if args.init else '--init-vlm'} {init_name}: {e}", file=sys.stderr)
         return 2
     if cfg_model.profile is None:
         print(f"chatvla train: preset {args.preset} names no robot profile", file=sys.stderr)
@@ -155,10 +189,10 @@ def run(args: argparse.Namespace) -> int:
     model = ChatVLA2(cfg_model.with_updates(init_seed=cfg_model.init_seed + args.seed), load_tiny_tokenizer(),
                      data.stats(cfg_model.expert.relative_to_state), device=args.device)
     if init is not None:
-        try:
-            model.load_state_dict(init.state_dict(), strict=True)
-        except RuntimeError as e:
-            print(f"chatvla train: --init {args.init} does not fit preset {args.preset}: {str(e)[:500]}",
+        problem = start_from(model, init, vlm_only=bool(args.init_vlm))
+        if problem:
+            flag = "--init-vlm" if args.init_vlm else "--init"
+            print(f"chatvla train: {flag} {init_name} does not fit preset {args.preset}: {problem[:500]}",
                   file=sys.stderr)
             return 2
     trainer = Trainer(model, data, out, tcfg, progress_bars=not args.quiet)
