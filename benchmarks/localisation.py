@@ -25,7 +25,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_result
 
-from chatvla.training.labels import PLACE_TOL_CM, judge_reasoning, stated_place_error_cm
+from chatvla.training.labels import (
+    PLACE_TOL_CM,
+    answer_place,
+    judge_reasoning,
+    place_error_cm,
+    stated_place_error_cm,
+    where_is_card,
+)
 
 SETS = {"recorded layouts": 0, "new layouts": 920_000}  # first task seed of each set
 
@@ -34,9 +41,12 @@ def judge_set(model: Any, robot_box: list[Any], first_seed: int, n: int) -> dict
     """Decode and judge `n` scenes from task seed `first_seed`; `robot_box` keeps one sim robot."""
     from chatvla.client.sim.robot import make_sim_robot
     from chatvla.client.sim.tasks import MathMatchingTask, make_task
+    from chatvla.client.sim.tasks.math_matching import card_name
 
-    right = placed = 0
+    right = placed = asked = found = 0
     errors: list[float] = []
+    card_errors: list[float] = []
+    distinct: list[int] = []
     for i in range(n):
         task = make_task("math_matching", seed=first_seed + i, split="train")
         assert isinstance(task, MathMatchingTask)
@@ -51,12 +61,30 @@ def judge_set(model: Any, robot_box: list[Any], first_seed: int, n: int) -> dict
         err = stated_place_error_cm(text, poses)
         if err is not None:
             errors.append(err)
+        # Every card of the scene, asked for by number: a model that finds card N by its label states
+        # a different place for each card; one that cannot states one place for all of them.
+        answers = model.reason([model.prepare(obs.images, where_is_card(c)) for c in task.card_numbers])
+        places = set()
+        for c, a in zip(task.card_numbers, answers):
+            asked += 1
+            stated = answer_place(a.text)
+            if stated is not None:
+                ce = place_error_cm(stated, poses[card_name(c)])
+                card_errors.append(ce)
+                found += ce <= PLACE_TOL_CM
+                places.add(stated)
+        distinct.append(len(places))
     e = np.asarray(errors, float)
+    ce_all = np.asarray(card_errors, float)
     return {
         "scenes": n, "reasoning_right": right, f"place_within_{PLACE_TOL_CM}cm": placed,
         "stated_card_on_table": int(e.size),
         "place_error_cm_median": round(float(np.median(e)), 1) if e.size else None,
         "place_error_cm_p90": round(float(np.percentile(e, 90)), 1) if e.size else None,
+        "card_questions": asked, f"card_question_within_{PLACE_TOL_CM}cm": found,
+        "card_question_error_cm_median": round(float(np.median(ce_all)), 1) if ce_all.size else None,
+        "distinct_places_per_scene_mean": round(float(np.mean(distinct)), 2),
+        "cards_per_scene_mean": round(asked / n, 2),
     }
 
 
@@ -86,7 +114,11 @@ def main() -> int:
                 results.setdefault(name, {})[set_name] = r
                 rows.append({"model": name, "set": set_name, "right": f"{r['reasoning_right']}/{r['scenes']}",
                              f"place<={PLACE_TOL_CM}cm": f"{r[f'place_within_{PLACE_TOL_CM}cm']}/{r['scenes']}",
-                             "err median cm": r["place_error_cm_median"], "err p90 cm": r["place_error_cm_p90"]})
+                             "err median cm": r["place_error_cm_median"], "err p90 cm": r["place_error_cm_p90"],
+                             f"card N asked, <={PLACE_TOL_CM}cm":
+                                 f"{r[f'card_question_within_{PLACE_TOL_CM}cm']}/{r['card_questions']}",
+                             "card N err median": r["card_question_error_cm_median"],
+                             "places/scene": f"{r['distinct_places_per_scene_mean']} of {r['cards_per_scene_mean']}"})
         finally:
             if robot_box:
                 robot_box[0].close()

@@ -7,7 +7,15 @@ import pytest
 
 from chatvla.client.sim.catalog import HELDOUT_NUMBERS
 from chatvla.client.sim.tasks import make_task
-from chatvla.training.labels import image_text_pairs, judge_reasoning, override_text, reasoning_for
+from chatvla.training.labels import (
+    answer_place,
+    image_text_pairs,
+    judge_reasoning,
+    override_text,
+    place_error_cm,
+    reasoning_for,
+    where_is_card,
+)
 
 
 def test_reasoning_states_the_sum_the_card_and_the_places():
@@ -69,6 +77,23 @@ def test_where_is_card_answers_from_the_pose():
         n = int(q.split()[-1].rstrip("?"))
         pos = poses[f"card_{n}"].pos
         assert ("left" in a) == (pos[1] > 0) and ("near" in a) == (pos[0] < 0)
+
+
+def test_a_where_answer_is_read_back_to_the_place_it_states_within_the_rounding():
+    """The localisation benchmark asks each card's place and reads the answer back with these."""
+    task = make_task("math_matching", seed=5, split="train")
+    poses = task.initial_poses()
+    rng = np.random.default_rng(1)
+    pairs = dict(p for _ in range(30) for p in image_text_pairs(task, poses, rng, k=6))
+    asked = [n for n in task.card_numbers if where_is_card(n) in pairs]
+    assert asked
+    for n in asked:
+        answer = pairs[where_is_card(n)]
+        stated = answer_place(answer)
+        assert stated is not None and all(v % 2 == 0 for v in stated)
+        assert place_error_cm(stated, poses[f"card_{n}"]) <= 1.0  # rounded to even centimetres
+        assert place_error_cm((stated[0] + 6, stated[1]), poses[f"card_{n}"]) >= 5.0
+    assert answer_place("Card 3 is on the far left.") is None
 
 
 @pytest.mark.parametrize("kind", ["toy_placement"])

@@ -157,14 +157,32 @@ _CARD = re.compile(r"[Pp]ick card (\d+)(?: at \((-?\d+), (-?\d+)\))?")
 PLACE_TOL_CM = 2
 
 
+_AT = re.compile(r"at \((-?\d+), (-?\d+)\)")
+
+
+def where_is_card(n: int) -> str:
+    """The image-text question about a card's place (its answer: "Card N is on the far left, at (x, y).")."""
+    return f"Where is card {n}?"
+
+
+def answer_place(text: str) -> tuple[int, int] | None:
+    """The first place (x, y in cm) an answer states, as `place` writes it; None when it states none."""
+    m = _AT.search(text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def place_error_cm(stated: tuple[int, int], pose: Pose) -> float:
+    """The larger of the x and y errors (cm) of a stated place against where the object lies."""
+    return float(max(abs(stated[0] - 100 * pose.pos[0]), abs(stated[1] - 100 * pose.pos[1])))
+
+
 def stated_place_error_cm(text: str, poses: dict[str, Pose]) -> float | None:
     """How far (cm, the larger of the x and y errors) the place the text states for the card it picks
     is from where that card lies; None when the text states no place or picks no card in `poses`."""
     c = _CARD.search(text)
     if not c or c.group(2) is None or card_name(int(c.group(1))) not in poses:
         return None
-    pos = poses[card_name(int(c.group(1)))].pos
-    return float(max(abs(int(c.group(2)) - 100 * pos[0]), abs(int(c.group(3)) - 100 * pos[1])))
+    return place_error_cm((int(c.group(2)), int(c.group(3))), poses[card_name(int(c.group(1)))])
 
 
 def judge_reasoning(task: MathMatchingTask, text: str, poses: dict[str, Pose] | None = None) -> ReasoningJudgement:
@@ -257,7 +275,7 @@ def image_text_pairs(task: MathMatchingTask, poses: dict[str, Pose], rng: np.ran
         ("What is written on the whiteboard?", f"{task.a}+{task.b}"),
         ("Solve the math problem on the whiteboard.", f"{task.a}+{task.b}={task.answer}"),
         ("Read the cards on the table from left to right.", ", ".join(str(c) for c in cards)),
-        (f"Where is card {n}?", f"Card {n} is {_side(poses[card_name(n)])}, at {place(poses[card_name(n)])}."),
+        (where_is_card(n), f"Card {n} is {_side(poses[card_name(n)])}, at {place(poses[card_name(n)])}."),
         ("Where is the green square?", "At ({}, {}).".format(*(cm(v) for v in next(
             f for f in task.fixtures if f.name == task.zone).xy))),
         ("Which card shows the answer to the problem on the whiteboard?", f"Card {task.answer}."),
