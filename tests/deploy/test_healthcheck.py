@@ -3,6 +3,7 @@ process configured the way the images configure it: CHATVLA_* env vars and a CHA
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -103,11 +104,10 @@ def test_bad_settings_are_unhealthy_with_the_reason():
 
 
 def test_wildcard_hosts_map_to_loopback():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import healthcheck as hc
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("healthcheck", SCRIPT)  # a script, not a package module
+    assert spec is not None and spec.loader is not None
+    hc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hc)
     assert hc.local_address("0.0.0.0") == "127.0.0.1"
     assert hc.local_address("::") == "[::1]"
     assert hc.local_address("10.1.2.3") == "10.1.2.3"
