@@ -197,31 +197,22 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
     ex = dict(res.summary.get("executor", {}))
     seconds_to_success = (watcher.first_success_tick * dt if result.success and watcher.first_success_tick
                           is not None else None)
+    common: dict[str, Any] = dict(  # the fields both kinds' outcomes share, judged by the kind's own judge
+        success=bool(result.success), seconds_to_success=seconds_to_success, ticks=res.ticks,
+        reasoning_first=first, reasoning_correct_first=bool(judged and judged[0]),
+        reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0, stalls=int(ex.get("stalls", 0)),
+        reasoning_place_first=judge(task, first, poses0).place_ok if first else None,
+    )
     if isinstance(task, ToyPlacementTask):
-        toy = ToyEpisodeOutcome(
-            mode=mode, seed=task.seed, instruction=task.instruction, subject=task.subject, relation=task.relation,
-            reference=task.reference, success=bool(result.success), seconds_to_success=seconds_to_success,
-            ticks=res.ticks, reasoning_first=first, reasoning_correct_first=bool(judged and judged[0]),
-            reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0, stalls=int(ex.get("stalls", 0)),
-            reasoning_place_first=judge(task, first, poses0).place_ok if first else None,
-        )
+        toy = ToyEpisodeOutcome(mode=mode, seed=task.seed, instruction=task.instruction, subject=task.subject,
+                                relation=task.relation, reference=task.reference, **common)
         if named_relation is not None:
             toy.override_relation = named_relation
             toy.override_followed = bool(replace(task, relation=named_relation).check(robot.object_poses()).success)
             toy.instruction_followed = bool(result.success)
         return toy, watcher.frames
     assert isinstance(task, MathMatchingTask)
-    out = EpisodeOutcome(
-        mode=mode, seed=task.seed, board=f"{task.a}+{task.b}", answer=task.answer,
-        success=bool(result.success),
-        seconds_to_success=(watcher.first_success_tick * dt if result.success and watcher.first_success_tick
-                            is not None else None),
-        ticks=res.ticks, reasoning_first=first,
-        reasoning_correct_first=bool(judged and judged[0]),
-        reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0,
-        stalls=int(ex.get("stalls", 0)),
-        reasoning_place_first=judge_reasoning(task, first, poses0).place_ok if first else None,
-    )
+    out = EpisodeOutcome(mode=mode, seed=task.seed, board=f"{task.a}+{task.b}", answer=task.answer, **common)
     if named_card is not None:
         out.override_card = named_card
         out.override_followed = card_on_zone(robot, task, named_card)
