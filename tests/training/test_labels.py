@@ -118,3 +118,21 @@ def test_place_targets_are_where_the_text_says_and_fold_the_card_yaw():
     c, s = np.cos(np.pi - 0.1), np.sin(np.pi - 0.1)  # turned by pi - 0.1 looks like turned by -0.1
     turned = {**poses, f"card_{task.answer}": Pose(card.pos, np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]))}
     assert place_targets(task, turned)[2] == pytest.approx(-0.1, abs=1e-5)
+
+
+def test_card_token_labels_name_the_token_that_holds_each_card_and_ignore_the_ring_around_it():
+    """An 8x8 token grid over a 224x224 image (28 px per token)."""
+    from chatvla.training.labels import IGNORE, NO_CARD, card_token_labels
+
+    labels = card_token_labels({36: (100.0, 60.0), 14: (210.0, 215.0)}, (224, 224), (8, 8))
+    assert labels.shape == (8, 8) and labels.dtype == np.int64
+    assert labels[2, 3] == 36 and labels[7, 7] == 14  # row 60 // 28 = 2, column 100 // 28 = 3
+    assert (labels[1:4, 2:5] == IGNORE).sum() == 8  # the ring around card 36
+    assert labels[6, 6] == IGNORE and labels[5, 5] == NO_CARD and labels[0, 0] == NO_CARD
+    assert (labels > 0).sum() == 2
+    shared = card_token_labels({36: (100.0, 60.0), 12: (110.0, 70.0)}, (224, 224), (8, 8))
+    assert shared[2, 3] == IGNORE and (shared > 0).sum() == 0  # two cards' centres in one token: no label
+    outside = card_token_labels({36: (-3.0, 60.0), 12: (float("nan"), 10.0)}, (224, 224), (8, 8))
+    assert (outside == NO_CARD).all()
+    finer = card_token_labels({36: (100.0, 60.0)}, (224, 224), (12, 12))  # the same image read at 336x336
+    assert finer[3, 5] == 36  # row 60 * 12 // 224 = 3, column 100 * 12 // 224 = 5

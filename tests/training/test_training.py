@@ -271,3 +271,47 @@ def test_init_vlm_takes_the_vlm_from_another_robots_model_and_keeps_the_seeded_e
         assert torch.equal(bimanual.vlm.state_dict()[k], v), k
     for k, v in bimanual.expert.state_dict().items():
         assert torch.equal(expert_before[k], v), k
+
+
+def test_card_token_loss_labels_the_vision_tokens_that_show_the_cards_and_trains_the_vision_tower(rendering):
+    """Rendered scenes say where each card lies in each camera; a batch turns that into one label per
+    vision token, in the order the vision tower emits its tokens, and the loss on them reaches the tower."""
+    from chatvla.client.sim.tasks import make_task
+    from chatvla.training.data import render_scenes
+    from chatvla.training.stages import CardTokenProbe, VisionTap, vlm_forward
+
+    scenes = render_scenes(FRANKA_JOINT, 2, seed=0, first_task_seed=1_000_000, progress=False)
+    for i, s in enumerate(scenes):
+        assert s.card_pixels is not None and set(s.card_pixels) == {"front", "wrist"}
+        assert set(s.card_pixels["front"]) == set(make_task("math_matching", seed=1_000_000 + i).card_numbers)
+    torch.manual_seed(0)
+    net = ChatVLA2(get_preset("tiny-sim"), load_tiny_tokenizer())
+    items = [Item(s.images, "Read the cards on the table from left to right.", "1, 2, 3", card_pixels=s.card_pixels)
+             for s in scenes] + [Item(scenes[0].images, "What is written on the whiteboard?", "1+2")]
+    batch = collate(net, items)
+    tap = VisionTap(net)
+    vlm_forward(net, batch)
+    tokens = tap.take()
+    assert tokens is not None and batch.card_tokens is not None
+    assert batch.card_tokens.shape == (tokens.shape[0],) == (3 * 2 * 64,)  # 3 rows x 2 cameras x 8x8 tokens
+    for i, s in enumerate(scenes):
+        for k, cam in enumerate(("front", "wrist")):
+            grid = batch.card_tokens[(2 * i + k) * 64:(2 * i + k + 1) * 64].reshape(8, 8)
+            for n, (col, row) in s.card_pixels[cam].items():
+                assert grid[int(row // 28), int(col // 28)] in (n, -100)
+            assert (grid > 0).sum() >= 1
+    assert (batch.card_tokens[4 * 64:] == -100).all()  # the row without card places is ignored
+    probe = CardTokenProbe(net.cfg.hidden_size, 49)
+    opt = torch.optim.Adam([*net.vlm.model.visual.parameters(), *probe.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(10):
+        net.vlm.model.visual(batch.pixel_values, grid_thw=batch.image_grid_thw)  # the tower alone: faster
+        loss = probe.loss(tap.take(), batch.card_tokens)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.vlm.model.visual.parameters())
+    assert losses[-1] < 0.3 * losses[0], losses
+    tap.close()
+    assert probe.loss(tokens.detach(), torch.full((tokens.shape[0],), -100)) is None

@@ -73,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--place-weight", type=float, default=d.place_weight,
                    help=f"weight of the stage-1 place read-out loss on the pooled hidden states (default "
                    f"{d.place_weight}; 0: off)")
+    p.add_argument("--card-token-weight", type=float, default=d.card_token_weight,
+                   help="weight of the stage-1 loss that asks each vision token which card number it shows, on "
+                   f"rendered math-matching scenes (teaches the vision tower to read the cards) (default "
+                   f"{d.card_token_weight}; 0: off)")
     p.add_argument("--stage2-tick-stride", type=int, default=d.stage2_tick_stride,
                    help=f"cache every Nth tick for stage 2 (default {d.stage2_tick_stride})")
     p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0 = all)")
@@ -129,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.scene_reasoning < 1.0:
         print("chatvla train: --scene-reasoning must be in [0, 1)", file=sys.stderr)
         return 2
+    if min(args.place_weight, args.card_token_weight) < 0:
+        print("chatvla train: --place-weight and --card-token-weight must be >= 0", file=sys.stderr)
+        return 2
     if min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes) < 0 or args.batch_size < 1:
         print("chatvla train: step counts, --scenes and --max-episodes must be >= 0, --batch-size >= 1",
               file=sys.stderr)
@@ -179,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
                        stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                        stage2_batch_size=args.stage2_batch_size, stage2_tick_stride=args.stage2_tick_stride,
                        save_every=args.save_every, place_weight=args.place_weight,
+                       card_token_weight=args.card_token_weight,
                        scene_reasoning_fraction=args.scene_reasoning)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)

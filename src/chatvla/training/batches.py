@@ -18,7 +18,7 @@ import torch
 from chatvla.model.chatvla2 import ChatVLA2
 from chatvla.model.processor import PreparedPrompt, PromptBuilder
 from chatvla.model.tokenizer import IMAGE_PAD
-from chatvla.training.labels import stated_places
+from chatvla.training.labels import IGNORE, card_token_labels, stated_places
 
 
 def patchify(builder: PromptBuilder, image: np.ndarray) -> torch.Tensor | None:
@@ -76,6 +76,7 @@ class Item:
     chunk: np.ndarray | None = None  # [H, A] robot units
     places: np.ndarray | None = None  # labels.place_targets of the scene, for the place read-out loss
     reasoning: bool = False  # the target is control reasoning (ends with the end marker) without a chunk
+    card_pixels: Mapping[str, Mapping[int, tuple[float, float]]] | None = None  # data.Scene.card_pixels
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Batch:
     chunks: torch.Tensor | None  # [R, H, A] robot units
     places: torch.Tensor | None = None  # [R, 5] when every robot row has place targets
     stated_places: torch.Tensor | None = None  # [R, 4] the same places as the text states them
+    card_tokens: torch.Tensor | None = None  # [merged vision tokens of the batch] labels.card_token_labels
 
 
 def target_ids(model: ChatVLA2, item: Item) -> list[int]:
@@ -122,7 +124,29 @@ def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
         if all(items[i].places is not None for i in robot):
             places = torch.from_numpy(np.stack([np.asarray(items[i].places, np.float32) for i in robot]))
             stated = torch.from_numpy(np.stack([stated_places(items[i].places) for i in robot]))
-    return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks, places, stated)
+    return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks, places, stated,
+                 card_token_targets(model, items, prepared))
+
+
+def card_token_targets(model: ChatVLA2, items: Sequence[Item], prepared: Sequence[PreparedPrompt]
+                       ) -> torch.Tensor | None:
+    """One label per merged vision token of the batch, in the order the vision tower emits them (item
+    by item, cameras in prompt order, each camera's tokens row by row): `labels.card_token_labels` for
+    items that say where their cards are, `IGNORE` for the others; None when no item does."""
+    if all(it.card_pixels is None for it in items):
+        return None
+    merge = model.prompts.merge_size
+    out = []
+    for it, p in zip(items, prepared):
+        cams = [c for c in (model.camera_order or tuple(it.images)) if c in it.images]  # prompt order
+        for cam, image, (t, gh, gw) in zip(cams, p.images, p.image_grid_thw.tolist()):
+            grid = (gh // merge, gw // merge)
+            if it.card_pixels is None or cam not in it.card_pixels:
+                labels = np.full(grid, IGNORE, np.int64)
+            else:
+                labels = card_token_labels(it.card_pixels[cam], image.shape[:2], grid)
+            out.append(np.tile(labels.reshape(-1), t))
+    return torch.from_numpy(np.concatenate(out))
 
 
 def pool_spans(hidden: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:

@@ -13,16 +13,21 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from chatvla.client.recording import EncodedImage, read_episode
 from chatvla.client.sim.catalog import TRAIN_NUMBERS, TRAIN_TOYS
 from chatvla.client.sim.tasks import MathMatchingTask, Pose, Task, make_task
+from chatvla.client.sim.tasks.math_matching import card_name
 from chatvla.client.sim.tasks.toy_placement import ToyPlacementTask, toy_name
 from chatvla.model.config import NormStats
 from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT, RobotProfile
 from chatvla.training.labels import place_targets, reasoning_for, scene_pairs
+
+if TYPE_CHECKING:  # the sim (mujoco) is needed only to render scenes
+    from chatvla.client.sim.robot import SimRobot
 
 # The rig each trainable task is recorded and evaluated on (`chatvla record --robot sim-panda /
 # sim-bimanual`), by profile name; and the preset `chatvla train` starts from for it.
@@ -65,6 +70,9 @@ class Scene:
     pairs: list[tuple[str, str]]
     instruction: str | None = None
     reasoning: str | None = None
+    # camera -> card number -> (column, row) of the card's centre in that camera's image: which vision
+    # token shows which card, for the card-token loss (rendered math-matching scenes only)
+    card_pixels: dict[str, dict[int, tuple[float, float]]] | None = None
 
 
 @dataclass
@@ -203,6 +211,17 @@ def episode_scenes(episodes: Sequence[RobotEpisode], seed: int) -> list[Scene]:
     return out
 
 
+def card_pixels(robot: SimRobot, task: MathMatchingTask) -> dict[str, dict[int, tuple[float, float]]]:
+    """camera -> card number -> (column, row) of the card's centre in that camera's image, as it is now."""
+    out: dict[str, dict[int, tuple[float, float]]] = {}
+    for cam in robot.profile.camera_names:
+        out[cam] = {}
+        for n in task.card_numbers:
+            col, row = robot.pixels_of(card_name(n), cam)
+            out[cam][int(n)] = (float(col), float(row))
+    return out
+
+
 def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: int = 1_000_000,
                   kind: str = "math_matching", progress: bool = True) -> list[Scene]:
     """`n` extra scenes of task `kind` (training split, task seeds from `first_task_seed`) rendered at
@@ -223,8 +242,9 @@ def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: 
             else:
                 obs = robot.reset(task)
             poses = robot.object_poses()
+            pixels = card_pixels(robot, task) if isinstance(task, MathMatchingTask) else None
             out.append(Scene(dict(obs.images), scene_pairs(task, poses, rng, k=3), task.instruction,
-                             reasoning_for(task, poses)))
+                             reasoning_for(task, poses), pixels))
             if progress and (i + 1) % 200 == 0:
                 print(f"[data] rendered {i + 1}/{n} scenes", file=sys.stderr, flush=True)
     finally:

@@ -22,6 +22,7 @@ appear nowhere in training.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -318,3 +319,26 @@ def scene_pairs(task: Task, poses: dict[str, Pose], rng: np.random.Generator, k:
     if isinstance(task, ToyPlacementTask):
         return toy_pairs(task, poses, rng, k)
     raise ValueError(f"no image-text pairs for task kind {type(task).__name__}")
+
+
+# --- which vision token shows which card (stage 1's card-token loss) ----------------------------------
+NO_CARD, IGNORE = 0, -100
+
+
+def card_token_labels(pixels: Mapping[int, tuple[float, float]], image_hw: tuple[int, int],
+                      grid: tuple[int, int]) -> np.ndarray:
+    """[rows, cols] labels of one camera's merged vision tokens: the card's number on the token that
+    holds its centre (`pixels`: number -> (column, row) in an image of `image_hw`), `NO_CARD` on tokens
+    two or more tokens away from every card, `IGNORE` on the ring around a card (its label may spill
+    into a neighbour) and where two cards' centres share a token. Cards outside the image are left out."""
+    (h, w), (rows, cols) = image_hw, grid
+    out = np.full((rows, cols), NO_CARD, np.int64)
+    cells: dict[tuple[int, int], list[int]] = {}
+    for n, (col, row) in pixels.items():
+        if 0 <= col < w and 0 <= row < h:
+            cells.setdefault((int(row * rows // h), int(col * cols // w)), []).append(int(n))
+    for r, c in cells:
+        out[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = IGNORE
+    for (r, c), numbers in cells.items():
+        out[r, c] = numbers[0] if len(numbers) == 1 else IGNORE
+    return out

@@ -27,15 +27,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from chatvla.client.sim.catalog import MAX_NUMBER
 from chatvla.model.chatvla2 import ChatVLA2
 from chatvla.model.checkpoint import load_checkpoint, save_checkpoint
 from chatvla.model.moe import MoEBlock
 from chatvla.training.batches import Batch, Item, collate, pool_spans
 from chatvla.training.data import Dataset, decode
+from chatvla.training.labels import NO_CARD
 
 STATE_DIR = "train"  # inside the output directory: resumable state
 PROGRESS = "progress.json"
 PROBE = "place_probe.safetensors"
+CARD_PROBE = "card_probe.safetensors"
 
 
 @dataclass
@@ -53,6 +56,7 @@ class TrainConfig:
     scene_reasoning_fraction: float = 0.25  # share that is control reasoning on rendered scenes (no chunk)
     diffusion_weight: float = 1.0
     place_weight: float = 1.0  # PlaceProbe read-out loss in stage 1 (0: off)
+    card_token_weight: float = 0.0  # CardTokenProbe loss on the vision tokens in stage 1 (0: off)
     balance_weight: float = 0.01
     stage2_tick_stride: int = 3  # cache every Nth tick for stage 2 (neighbouring ticks look alike)
     save_every: int = 200
@@ -146,6 +150,55 @@ class PlaceProbe(torch.nn.Module):
                 + F.mse_loss(self.reasoning(reasoning_pooled), stated * self.POS_SCALE))
 
 
+class CardTokenProbe(torch.nn.Module):
+    """A training-only linear read-out asking each merged vision token which card's number it shows.
+
+    Finding card N needs its label read: 6-10 px high in the 224x224 cameras. Taught only through the
+    answers' next-token loss, the vision tower never learnt it (`benchmarks/card_reading.py`: the
+    shipped model read 0 of 40 rows of cards and guessed the sum for every card), because that
+    gradient reaches a card's token only once the decoder already attends to it. This head gives the
+    token that holds a card's centre its number directly (and the tokens far from every card "none",
+    at a tenth of the weight: they are most of the image). Like `PlaceProbe` it lives in the training
+    state only and is dropped from the servable checkpoint."""
+
+    NONE_WEIGHT = 0.1
+
+    def __init__(self, dim: int, numbers: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(dim, numbers + 1)  # 0 = no card
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """`tokens` [N, D] the vision tower's merged output; `labels` [N] (labels.card_token_labels)."""
+        labels = labels.to(tokens.device)
+        card, none = labels > NO_CARD, labels == NO_CARD
+        if not card.any():
+            return None
+        logits = self.head(tokens.float())
+        loss = F.cross_entropy(logits[card], labels[card])
+        if none.any():
+            loss = loss + self.NONE_WEIGHT * F.cross_entropy(logits[none], labels[none])
+        return loss
+
+
+class VisionTap:
+    """Keeps the vision tower's merged output (what the decoder reads as image tokens) of the last
+    forward pass, for `CardTokenProbe`."""
+
+    def __init__(self, model: ChatVLA2) -> None:
+        self.tokens: torch.Tensor | None = None
+        self.handle = model.vlm.model.visual.merger.register_forward_hook(self._hook)
+
+    def _hook(self, _m: torch.nn.Module, _i: object, out: torch.Tensor) -> None:
+        self.tokens = out
+
+    def take(self) -> torch.Tensor | None:
+        tokens, self.tokens = self.tokens, None
+        return tokens
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
 def vlm_forward(model: ChatVLA2, batch: Batch) -> torch.Tensor:
     """Last-layer (post-norm) hidden states [B, L, D]: what `reason`/`prefill` hand the expert."""
     dev = model.device
@@ -182,10 +235,10 @@ def stage1_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
     for _ in range(n_qa):
         s = data.scenes[int(rng.integers(len(data.scenes)))]
         q, a = s.pairs[int(rng.integers(len(s.pairs)))]
-        items.append(Item(s.images, q, a))
+        items.append(Item(s.images, q, a, card_pixels=s.card_pixels))
     for _ in range(max(n_told, 0)):
         s = told[int(rng.integers(len(told)))]
-        items.append(Item(s.images, s.instruction or "", s.reasoning or "", reasoning=True))
+        items.append(Item(s.images, s.instruction or "", s.reasoning or "", reasoning=True, card_pixels=s.card_pixels))
     return items
 
 
@@ -228,6 +281,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the heads start the same in a resumed run (then load their state)
             self.probe = PlaceProbe(model.expert.input_action_proj.mlps[0].in_features).to(cfg.device)
+            self.card_probe = CardTokenProbe(model.cfg.hidden_size, MAX_NUMBER).to(cfg.device)
         self._t0 = time.monotonic()
         self._seconds0 = 0.0
 
@@ -246,12 +300,17 @@ class Trainer:
         probe = self.state_dir / PROBE
         if probe.is_file():
             self.probe.load_state_dict(load_file(str(probe)))
+        card_probe = self.state_dir / CARD_PROBE
+        if card_probe.is_file():
+            self.card_probe.load_state_dict(load_file(str(card_probe)))
         return True
 
     def _save(self, opt: torch.optim.Optimizer | None) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.model, self.state_dir / "model")
         save_file({k: v.contiguous() for k, v in self.probe.state_dict().items()}, str(self.state_dir / PROBE))
+        save_file({k: v.contiguous() for k, v in self.card_probe.state_dict().items()},
+                  str(self.state_dir / CARD_PROBE))
         if opt is not None:
             save_optimizer(opt, self.state_dir / f"optimizer-stage{self.progress.stage}")
         self.progress.seconds = self._seconds0 + time.monotonic() - self._t0
@@ -272,11 +331,14 @@ class Trainer:
             return
         model.train()
         params = [p for p in model.parameters() if p.requires_grad] + list(self.probe.parameters())
+        if cfg.card_token_weight:  # only then: a run started without it resumes its optimiser state
+            params += list(self.card_probe.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr_stage1, weight_decay=0.01)
         opt_path = self.state_dir / "optimizer-stage1"
         if self.progress.step and opt_path.with_suffix(".json").is_file():
             load_optimizer(opt, opt_path)
         tap = BalanceTap(model)
+        vision = VisionTap(model)
         ema: dict[str, float] = {}
         bar = self._bar(cfg.stage1_steps, self.progress.step, "stage 1 (VLM + expert)")
         try:
@@ -289,6 +351,11 @@ class Trainer:
                 bal = tap.loss()
                 if bal is not None:
                     losses["balance"] = bal
+                tokens = vision.take()
+                if cfg.card_token_weight and batch.card_tokens is not None and tokens is not None:
+                    card = self.card_probe.loss(tokens, batch.card_tokens)
+                    if card is not None:
+                        losses["card"] = card
                 if batch.robot_rows:
                     rows = batch.robot_rows
                     pp = pool_spans(hidden[rows], [batch.prompt_spans[i] for i in rows])
@@ -300,7 +367,8 @@ class Trainer:
                                                           batch.stated_places.to(pp.device))
                 total = (losses["lm"] + cfg.diffusion_weight * losses.get("diffusion", 0.0)
                          + cfg.balance_weight * losses.get("balance", 0.0)
-                         + cfg.place_weight * losses.get("place", 0.0))
+                         + cfg.place_weight * losses.get("place", 0.0)
+                         + cfg.card_token_weight * losses.get("card", 0.0))
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -318,6 +386,7 @@ class Trainer:
         finally:
             bar.close()
             tap.close()
+            vision.close()
         self.progress.stage, self.progress.step = 2, 0
         self._save(None)
 

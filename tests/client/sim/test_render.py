@@ -48,3 +48,35 @@ def test_whiteboard_text_reaches_the_camera(rendering: str) -> None:
         images.append(r.observe().images["front"])
         r.close()
     assert not np.array_equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("camera", ["front", "wrist"])
+def test_pixels_of_lands_on_the_card_in_the_image(camera: str, rendering: str) -> None:
+    """Take one card off the table: the pixels that change are that card, and their centre is where
+    `pixels_of` says the card is (the scene labels that say which image token shows which card)."""
+    from chatvla.client.sim.robot import make_sim_robot
+    from chatvla.client.sim.tasks.math_matching import card_name
+
+    task = make_task("math_matching", 3)
+    r = make_sim_robot("franka_joint", task)
+    try:
+        for n in task.card_numbers:
+            name = card_name(n)
+            col, row = r.pixels_of(name, camera)
+            with_card = r.observe().images[camera].astype(int)
+            pose = r.object_poses()[name]
+            r.set_object_pose(name, 3.0, 3.0)  # far off the table, out of every camera
+            without = r.observe().images[camera].astype(int)
+            r.set_object_pose(name, float(pose.pos[0]), float(pose.pos[1]),
+                              yaw=float(np.arctan2(pose.rot[1, 0], pose.rot[0, 0])))
+            changed = np.abs(with_card - without).sum(axis=2) > 60
+            rows, cols = np.nonzero(changed)
+            assert rows.size > 10, f"card {n} not visible from {camera}"
+            assert abs(cols.mean() - col) < 4 and abs(rows.mean() - row) < 4, (n, camera, col, row,
+                                                                               cols.mean(), rows.mean())
+        with pytest.raises(KeyError, match="no camera"):
+            r.pixels_of(card_name(task.card_numbers[0]), "top")
+        with pytest.raises(KeyError, match="no task object"):
+            r.pixels_of("card_99", camera)
+    finally:
+        r.close()

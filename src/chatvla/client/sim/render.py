@@ -51,6 +51,27 @@ class CameraRig:
         self._renderers.clear()
 
 
+def project(model: mujoco.MjModel, data: mujoco.MjData, camera: str, points: np.ndarray, height: int,
+            width: int) -> np.ndarray:
+    """World points [N, 3] -> [N, 2] pixel (column, row) in the `height` x `width` image that `CameraRig`
+    renders from scene camera `camera` (row 0 at the top; a pixel's centre at +0.5), for labelling what
+    an image shows where. Points behind the camera come out as NaN. MuJoCo's camera looks along its -z
+    axis with +y up; `fovy` spans the image height."""
+    cid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+    if cid < 0:
+        raise KeyError(f"no camera {camera!r} in the scene")
+    rot = data.cam_xmat[cid].reshape(3, 3)
+    local = (np.asarray(points, np.float64).reshape(-1, 3) - data.cam_xpos[cid]) @ rot  # camera frame
+    depth = -local[:, 2]
+    f = (height / 2) / np.tan(np.deg2rad(model.cam_fovy[cid]) / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        col = width / 2 + f * local[:, 0] / depth
+        row = height / 2 - f * local[:, 1] / depth
+    out = np.stack([col, row], axis=1)
+    out[depth <= 0] = np.nan
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def rendering_available() -> tuple[bool, str]:
     """(True, backend) if an offscreen GL context can be made, else (False, the error)."""

@@ -14,7 +14,7 @@ import mujoco
 import numpy as np
 
 from chatvla.client.robots.base import Robot, RobotObservation
-from chatvla.client.sim.render import CameraRig
+from chatvla.client.sim.render import CameraRig, project
 from chatvla.client.sim.rigs import Rig, get_rig
 from chatvla.client.sim.scene import build_model
 from chatvla.client.sim.tasks.base import Pose, Task, TaskResult
@@ -145,6 +145,18 @@ class SimRobot(Robot):
         if self.task is None:
             return TaskResult(False, "no task loaded")
         return self.task.check(self.object_poses())
+
+    def pixels_of(self, name: str, camera: str) -> np.ndarray:
+        """Where a task object's centre appears in a profile camera's image: (column, row) in pixels,
+        NaN when it is behind the camera; it may lie outside the image. Used to label scenes (which image
+        token shows which card), not by the control loop."""
+        spec = next((c for c in self.profile.cameras if c.name == camera), None)
+        if spec is None:
+            raise KeyError(f"profile {self.profile.name} has no camera {camera!r}")
+        if name not in self._object_bodies:
+            raise KeyError(f"no task object {name!r}")
+        point = self.data.xpos[self._object_bodies[name]][None]
+        return project(self.model, self.data, self.rig.cameras[camera], point, spec.height, spec.width)[0]
 
     def tcp_pose(self, arm: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """World position and rotation of an arm's tool centre point (between the finger pads)."""
