@@ -43,6 +43,7 @@ def render(first_seed: int, n: int) -> list[tuple[dict[str, np.ndarray], list[in
     from chatvla.client.sim.robot import make_sim_robot
     from chatvla.client.sim.tasks import make_task
     from chatvla.client.sim.tasks.math_matching import card_name
+    from chatvla.training.data import card_pixels
 
     robot = None
     out = []
@@ -54,9 +55,7 @@ def render(first_seed: int, n: int) -> list[tuple[dict[str, np.ndarray], list[in
             obs = robot.reset(task)
             poses = robot.object_poses()
             cards = sorted((int(c) for c in task.card_numbers), key=lambda c: -float(poses[card_name(c)].pos[1]))
-            pixels = {cam: {c: tuple(robot.pixels_of(card_name(c), cam)) for c in cards}
-                      for cam in robot.profile.camera_names}
-            out.append((dict(obs.images), cards, pixels))
+            out.append((dict(obs.images), cards, card_pixels(robot, task)))
     finally:
         if robot is not None:
             robot.close()
@@ -81,6 +80,8 @@ def token_samples(model: Any, scenes: list) -> dict[str, tuple[np.ndarray, np.nd
     """camera -> (features [N, D] of the tokens holding one card's centre, numbers [N])."""
     import torch
 
+    from chatvla.training.labels import card_token_labels
+
     feats: dict[str, list[np.ndarray]] = {}
     labels: dict[str, list[int]] = {}
     visual = model.vlm.model.visual
@@ -93,16 +94,11 @@ def token_samples(model: Any, scenes: list) -> dict[str, tuple[np.ndarray, np.nd
         start = 0
         for cam, (t, gh, gw) in zip(model.camera_order, prompt.image_grid_thw.tolist()):
             th, tw = gh // merge, gw // merge
-            h, w = images[cam].shape[:2]
-            cells: dict[tuple[int, int], list[int]] = {}
-            for c in numbers:
-                col, row = pixels[cam][c]
-                if 0 <= col < w and 0 <= row < h:
-                    cells.setdefault((int(row * th // h), int(col * tw // w)), []).append(c)
-            for (r, k), cs in cells.items():
-                if len(cs) == 1:
-                    feats.setdefault(cam, []).append(tokens[start + r * tw + k])
-                    labels.setdefault(cam, []).append(cs[0])
+            grid = card_token_labels(pixels[cam], images[cam].shape[:2], (th, tw)).reshape(-1)
+            for c in numbers:  # left to right; a card is labelled on a token that holds its centre alone
+                for i in np.flatnonzero(grid == c):
+                    feats.setdefault(cam, []).append(tokens[start + i])
+                    labels.setdefault(cam, []).append(c)
             start += t * th * tw
     return {cam: (np.array(feats[cam]), np.array(labels[cam])) for cam in feats}
 
