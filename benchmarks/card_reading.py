@@ -1,7 +1,7 @@
 """Can the model read the cards? Decoded answers, and a linear probe on the vision tokens.
 
     python benchmarks/card_reading.py [--model chatvla-tiny-mm] [--model runs/other] [--scenes 40]
-                                      [--probe-scenes 800]
+                                      [--probe-scenes 800] [--name card_reading]
 
 Finding card N needs its label read from the pixels: about 20 px wide and 6-10 px high in the
 224x224 front and wrist images. For each model this measures two things on math-matching scenes of
@@ -17,7 +17,7 @@ the training split that no recording or training scene used (task seeds from 920
              weights) is the baseline a trained tower has to beat; `chance` is the commonest number.
 
 A token that holds two cards' centres is left out. Prints a table and writes
-benchmarks/results/card_reading.json.
+benchmarks/results/NAME.json (`--name`, default card_reading).
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ def main() -> int:
     ap.add_argument("--model", action="append", help="model to test (repeatable; default chatvla-tiny-mm)")
     ap.add_argument("--scenes", type=int, default=40, help="scenes for the decoded answers (default 40)")
     ap.add_argument("--probe-scenes", type=int, default=800, help="scenes for the token probe (default 800)")
+    ap.add_argument("--name", default="card_reading",
+                    help="result file benchmarks/results/NAME.json (default card_reading)")
     args = ap.parse_args()
     import torch
 
@@ -173,7 +175,7 @@ def main() -> int:
         rows.append(row)
         print(f"[card_reading] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(rows))
-    path = write_result("card_reading", {"decode_scenes": args.scenes, "probe_scenes": args.probe_scenes,
+    path = write_result(args.name, {"decode_scenes": args.scenes, "probe_scenes": args.probe_scenes,
                                          "seeds": {"decoded": DECODE_SEED, "probe": PROBE_SEED},
                                          "baseline": BASELINE, "models": results})
     print(f"wrote {path}")

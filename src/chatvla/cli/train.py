@@ -7,7 +7,8 @@
     chatvla record --robot sim-bimanual --policy oracle --task toy_placement --episodes 400 --out data/toy
     chatvla train --task toy_placement --data data/toy --out runs/toy   # preset tiny-sim-bimanual
 
-Stage 1 co-trains the VLM (reasoning text for every robot observation, image-text questions about
+With --card-steps, a stage 0 first trains the vision tower alone to read the cards' labels on crops
+of rendered scenes. Stage 1 co-trains the VLM (reasoning text for every robot observation, image-text questions about
 rendered scenes, MoE load balancing) with the action expert's diffusion loss. Stage 2 freezes the VLM,
 caches its pooled hidden states once, and trains the action expert with its reasoning-following
 module. Normalisation statistics are computed from the episodes and saved as `stats.json`.
@@ -77,6 +78,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="weight of the stage-1 loss that asks each vision token which card number it shows, on "
                    f"rendered math-matching scenes (teaches the vision tower to read the cards) (default "
                    f"{d.card_token_weight}; 0: off)")
+    p.add_argument("--card-steps", type=int, default=d.card_steps,
+                   help="stage 0 before stage 1: steps that train the vision tower alone to read the cards' labels "
+                   f"on crops of the rendered scenes ({d.card_batch_size} crops a step; math_matching, needs "
+                   f"--scenes) (default {d.card_steps}: no stage 0)")
     p.add_argument("--stage2-tick-stride", type=int, default=d.stage2_tick_stride,
                    help=f"cache every Nth tick for stage 2 (default {d.stage2_tick_stride})")
     p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0 = all)")
@@ -136,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
     if min(args.place_weight, args.card_token_weight) < 0:
         print("chatvla train: --place-weight and --card-token-weight must be >= 0", file=sys.stderr)
         return 2
-    if min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes) < 0 or args.batch_size < 1:
+    if args.card_steps and (args.task != "math_matching" or not args.scenes):
+        print("chatvla train: --card-steps reads the cards of rendered math-matching scenes: it needs --task "
+              "math_matching and --scenes > 0", file=sys.stderr)
+        return 2
+    if (min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes, args.card_steps) < 0
+            or args.batch_size < 1):
         print("chatvla train: step counts, --scenes and --max-episodes must be >= 0, --batch-size >= 1",
               file=sys.stderr)
         return 2
@@ -186,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
                        stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                        stage2_batch_size=args.stage2_batch_size, stage2_tick_stride=args.stage2_tick_stride,
                        save_every=args.save_every, place_weight=args.place_weight,
-                       card_token_weight=args.card_token_weight,
+                       card_token_weight=args.card_token_weight, card_steps=args.card_steps,
                        scene_reasoning_fraction=args.scene_reasoning)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)

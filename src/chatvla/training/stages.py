@@ -32,6 +32,7 @@ from chatvla.model.chatvla2 import ChatVLA2
 from chatvla.model.checkpoint import load_checkpoint, save_checkpoint
 from chatvla.model.moe import MoEBlock
 from chatvla.training.batches import Batch, Item, collate, pool_spans
+from chatvla.training.card_crops import card_views, crop_batch, vision_tokens
 from chatvla.training.data import Dataset, decode
 from chatvla.training.labels import NO_CARD
 
@@ -57,6 +58,9 @@ class TrainConfig:
     diffusion_weight: float = 1.0
     place_weight: float = 1.0  # PlaceProbe read-out loss in stage 1 (0: off)
     card_token_weight: float = 0.0  # CardTokenProbe loss on the vision tokens in stage 1 (0: off)
+    card_steps: int = 0  # stage 0: vision tower + CardTokenProbe on crops around cards (0: off)
+    card_batch_size: int = 128  # crops per stage-0 step
+    lr_card: float = 3e-3
     balance_weight: float = 0.01
     stage2_tick_stride: int = 3  # cache every Nth tick for stage 2 (neighbouring ticks look alike)
     save_every: int = 200
@@ -65,7 +69,7 @@ class TrainConfig:
 
 @dataclass
 class Progress:
-    stage: int = 1
+    stage: int = 0
     step: int = 0
     history: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[step, value], ...]
     seconds: float = 0.0
@@ -324,11 +328,61 @@ class Trainer:
         return tqdm(total=total, initial=start, desc=desc, disable=not self.bars, dynamic_ncols=True,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 
+    # -- stage 0 --
+    def stage0(self) -> None:
+        """The vision tower and `CardTokenProbe` alone, on crops around the rendered scenes' cards
+        (`card_crops`): reading the labels before stage 1 asks the decoder to use them."""
+        cfg, model = self.cfg, self.model
+        if self.progress.stage > 0:
+            return
+        views = card_views(self.data.scenes) if cfg.card_steps else []
+        if cfg.card_steps and not views:
+            raise ValueError("stage 0 (card reading) needs rendered math-matching scenes (--scenes): none has cards")
+        if views:
+            model.train()
+            visual = model.vlm.model.visual
+            params = [p for p in visual.parameters() if p.requires_grad] + list(self.card_probe.parameters())
+            opt = torch.optim.AdamW(params, lr=cfg.lr_card, weight_decay=0.01)
+            opt_path = self.state_dir / "optimizer-stage0"
+            if self.progress.step and opt_path.with_suffix(".json").is_file():
+                load_optimizer(opt, opt_path)
+            ema = None
+            bar = self._bar(cfg.card_steps, self.progress.step, "stage 0 (vision tower reads the cards)")
+            try:
+                for step in range(self.progress.step, cfg.card_steps):
+                    for g in opt.param_groups:
+                        g["lr"] = lr_at(step, cfg.card_steps, cfg.lr_card, min(cfg.warmup_steps, cfg.card_steps // 10))
+                    rng = np.random.default_rng([cfg.seed, 0, step])
+                    batch = crop_batch(model.prompts, self.data.scenes, views, rng, cfg.card_batch_size)
+                    loss = self.card_probe.loss(vision_tokens(visual, batch.pixel_values, batch.grid_thw),
+                                                batch.labels)
+                    if loss is not None:  # None only if two cards' centres share every crop's token
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        opt.step()
+                        v = loss.item()
+                        ema = v if ema is None else 0.95 * ema + 0.05 * v
+                        if step % 10 == 0:
+                            self.progress.log("stage0/card", step, v)
+                        bar.set_postfix({"card": f"{ema:.3f}"}, refresh=False)
+                    bar.update(1)
+                    self.progress.step = step + 1
+                    if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.card_steps:
+                        self._save(opt)
+            finally:
+                bar.close()
+        self.progress.stage, self.progress.step = 1, 0
+        if views:
+            self._save(None)
+
     # -- stage 1 --
     def stage1(self) -> None:
         cfg, model = self.cfg, self.model
         if self.progress.stage > 1 or cfg.stage1_steps == 0:
             return
+        if self.progress.stage < 1:  # called without stage 0 (whose end starts stage 1 at step 0)
+            self.progress.stage, self.progress.step = 1, 0
         model.train()
         params = [p for p in model.parameters() if p.requires_grad] + list(self.probe.parameters())
         if cfg.card_token_weight:  # only then: a run started without it resumes its optimiser state
@@ -464,7 +518,9 @@ class Trainer:
         self._save(None)
 
     def run(self) -> Path:
-        """Both stages, then the servable checkpoint in `out` (+ loss_curve.png, train_log.json)."""
+        """Both stages (after stage 0 when asked for), then the servable checkpoint in `out` (+
+        loss_curve.png, train_log.json)."""
+        self.stage0()
         self.stage1()
         self.stage2()
         self.model.eval()
