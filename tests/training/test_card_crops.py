@@ -27,16 +27,19 @@ def _coordinates_image() -> np.ndarray:
 CARDS = {7: (100.0, 60.0), 30: (160.0, 110.0), 12: (20.0, 210.0)}
 
 
+def _cut(number: int, rng: np.random.Generator) -> tuple[int, int, np.ndarray]:
+    """Where a crop around card `number` of `CARDS` was cut (column, row) and its token labels."""
+    crop, labels = card_crop(_coordinates_image(), CARDS, number, rng)
+    assert crop.shape == (CROP, CROP, 3)
+    return int(crop[0, 0, 1]), int(crop[0, 0, 0]), labels.reshape(CROP // TOKEN, CROP // TOKEN)
+
+
 def test_the_card_a_crop_is_cut_around_sits_a_token_inside_and_carries_its_number():
-    image = _coordinates_image()
     rng = np.random.default_rng(0)
     for _ in range(100):
-        crop, labels = card_crop(image, CARDS, 7, rng)
-        y0, x0 = int(crop[0, 0, 0]), int(crop[0, 0, 1])
-        assert crop.shape == (CROP, CROP, 3)
+        x0, y0, grid = _cut(7, rng)
         col, row = CARDS[7][0] - x0, CARDS[7][1] - y0
         assert TOKEN - 1 <= col <= CROP - TOKEN + 1 and TOKEN - 1 <= row <= CROP - TOKEN + 1
-        grid = labels.reshape(CROP // TOKEN, CROP // TOKEN)
         assert grid[int(row // TOKEN), int(col // TOKEN)] == 7
         c30, r30 = CARDS[30][0] - x0, CARDS[30][1] - y0  # the other card, when the crop holds it
         if 0 <= c30 < CROP and 0 <= r30 < CROP:
@@ -45,13 +48,11 @@ def test_the_card_a_crop_is_cut_around_sits_a_token_inside_and_carries_its_numbe
 
 
 def test_a_card_at_the_image_edge_gives_a_crop_inside_the_image_that_still_holds_it():
-    image = _coordinates_image()
     rng = np.random.default_rng(1)
     for _ in range(20):
-        crop, labels = card_crop(image, CARDS, 12, rng)
-        y0, x0 = int(crop[0, 0, 0]), int(crop[0, 0, 1])
+        x0, y0, grid = _cut(12, rng)
         assert x0 == 0 and y0 == 224 - CROP
-        assert labels.reshape(4, 4)[int((210 - y0) // TOKEN), int(20 // TOKEN)] == 12
+        assert grid[int((210 - y0) // TOKEN), int(20 // TOKEN)] == 12
 
 
 def test_crops_that_do_not_fit_the_token_grid_or_the_image_are_refused():

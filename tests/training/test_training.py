@@ -130,6 +130,16 @@ def test_interrupted_training_resumes_to_the_same_weights(episodes_dir, tmp_path
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_stage_starts_at_its_own_step_0_after_an_earlier_stage_was_cut_short(episodes_dir, tmp_path):
+    """A run stopped in stage 1 and restarted with --stage1-steps 0 goes on with all of stage 2, not
+    from the step stage 1 had reached."""
+    trainer = _trainer(episodes_dir, tmp_path, 0, 3)
+    trainer.progress.stage, trainer.progress.step = 1, 5  # as an interrupted stage 1 leaves it
+    trainer.stage2()
+    assert trainer.progress.history["stage2/diffusion"][0][0] == 0
+    assert trainer.progress.stage == 3
+
+
 @pytest.mark.slow
 def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_dir, tmp_path):
     out = tmp_path / "run"

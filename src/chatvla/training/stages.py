@@ -322,6 +322,23 @@ class Trainer:
         tmp.write_text(json.dumps({**asdict(self.progress), "config": asdict(self.cfg)}))
         os.replace(tmp, self.state_dir / PROGRESS)
 
+    def _begin(self, stage: int, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """Enters `stage` (at step 0 unless it is the stage being resumed) and returns its optimiser,
+        with the saved state of an interrupted run of the same stage."""
+        if self.progress.stage < stage:  # a stage before it ended or was skipped (0 steps)
+            self.progress.stage, self.progress.step = stage, 0
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        path = self.state_dir / f"optimizer-stage{stage}"  # what `_save` writes during this stage
+        if self.progress.step and path.with_suffix(".json").is_file():
+            load_optimizer(opt, path)
+        return opt
+
+    def _step(self, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        opt.step()
+
     def _bar(self, total: int, start: int, desc: str):
         from tqdm import tqdm
 
@@ -342,10 +359,7 @@ class Trainer:
             model.train()
             visual = model.vlm.model.visual
             params = [p for p in visual.parameters() if p.requires_grad] + list(self.card_probe.parameters())
-            opt = torch.optim.AdamW(params, lr=cfg.lr_card, weight_decay=0.01)
-            opt_path = self.state_dir / "optimizer-stage0"
-            if self.progress.step and opt_path.with_suffix(".json").is_file():
-                load_optimizer(opt, opt_path)
+            opt = self._begin(0, params, cfg.lr_card)
             ema = None
             bar = self._bar(cfg.card_steps, self.progress.step, "stage 0 (vision tower reads the cards)")
             try:
@@ -357,10 +371,7 @@ class Trainer:
                     loss = self.card_probe.loss(vision_tokens(visual, batch.pixel_values, batch.grid_thw),
                                                 batch.labels)
                     if loss is not None:  # None only if two cards' centres share every crop's token
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                        opt.step()
+                        self._step(opt, params, loss)
                         v = loss.item()
                         ema = v if ema is None else 0.95 * ema + 0.05 * v
                         if step % 10 == 0:
@@ -381,16 +392,11 @@ class Trainer:
         cfg, model = self.cfg, self.model
         if self.progress.stage > 1 or cfg.stage1_steps == 0:
             return
-        if self.progress.stage < 1:  # called without stage 0 (whose end starts stage 1 at step 0)
-            self.progress.stage, self.progress.step = 1, 0
         model.train()
         params = [p for p in model.parameters() if p.requires_grad] + list(self.probe.parameters())
         if cfg.card_token_weight:  # only then: a run started without it resumes its optimiser state
             params += list(self.card_probe.parameters())
-        opt = torch.optim.AdamW(params, lr=cfg.lr_stage1, weight_decay=0.01)
-        opt_path = self.state_dir / "optimizer-stage1"
-        if self.progress.step and opt_path.with_suffix(".json").is_file():
-            load_optimizer(opt, opt_path)
+        opt = self._begin(1, params, cfg.lr_stage1)
         tap = BalanceTap(model)
         vision = VisionTap(model)
         ema: dict[str, float] = {}
@@ -423,10 +429,7 @@ class Trainer:
                          + cfg.balance_weight * losses.get("balance", 0.0)
                          + cfg.place_weight * losses.get("place", 0.0)
                          + cfg.card_token_weight * losses.get("card", 0.0))
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                self._step(opt, params, total)
                 for k, t in losses.items():
                     v = t.item()
                     ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
@@ -483,10 +486,7 @@ class Trainer:
         feats = self.features()
         model.expert.train()
         params = list(model.expert.parameters())
-        opt = torch.optim.AdamW(params, lr=cfg.lr_stage2, weight_decay=0.01)
-        opt_path = self.state_dir / "optimizer-stage2"
-        if self.progress.step and opt_path.with_suffix(".json").is_file():
-            load_optimizer(opt, opt_path)
+        opt = self._begin(2, params, cfg.lr_stage2)
         n = feats["prompt"].shape[0]
         dev = model.device
         ema = None
@@ -499,10 +499,7 @@ class Trainer:
                 idx = torch.randint(0, n, (cfg.stage2_batch_size,), generator=gen)
                 loss = diffusion_loss(model, feats["prompt"][idx].to(dev), feats["reasoning"][idx].to(dev),
                                       feats["states"][idx], feats["chunks"][idx], gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                self._step(opt, params, loss)
                 v = loss.item()
                 ema = v if ema is None else 0.98 * ema + 0.02 * v
                 if step % 10 == 0:
