@@ -16,6 +16,11 @@ the training split that no recording or training scene used (task seeds from 920
              the rest, per camera. The same probe on the untrained `tiny-sim` preset (random
              weights) is the baseline a trained tower has to beat; `chance` is the commonest number.
 
+  place      do the decoder's image rows know where their card lies? The same tokens' rows after
+             the first two decoder layers (what `--card-place-weight` trains), prompt "Read the
+             cards...": a ridge regression fitted on the first 3/4 of the scenes predicts the card's
+             place on the table (task frame) on the rest; median error and share within 2 cm.
+
 A token that holds two cards' centres is left out. Prints a table and writes
 benchmarks/results/NAME.json (`--name`, default card_reading).
 """
@@ -38,8 +43,10 @@ DECODE_SEED, PROBE_SEED = 920_000, 940_000
 BASELINE = "tiny-sim"
 
 
-def render(first_seed: int, n: int) -> list[tuple[dict[str, np.ndarray], list[int], dict[str, dict[int, tuple]]]]:
-    """`n` scenes at rest: (images, card numbers left to right, camera -> number -> (col, row) px)."""
+def render(first_seed: int, n: int) -> list[tuple[dict[str, np.ndarray], list[int], dict[str, dict[int, tuple]],
+                                                 dict[int, tuple[float, float]]]]:
+    """`n` scenes at rest: (images, card numbers left to right, camera -> number -> (col, row) px,
+    number -> (x, y) on the table in metres)."""
     from chatvla.client.sim.robot import make_sim_robot
     from chatvla.client.sim.tasks import make_task
     from chatvla.client.sim.tasks.math_matching import card_name
@@ -55,7 +62,8 @@ def render(first_seed: int, n: int) -> list[tuple[dict[str, np.ndarray], list[in
             obs = robot.reset(task)
             poses = robot.object_poses()
             cards = sorted((int(c) for c in task.card_numbers), key=lambda c: -float(poses[card_name(c)].pos[1]))
-            out.append((dict(obs.images), cards, card_pixels(robot, task)))
+            places = {c: (float(poses[card_name(c)].pos[0]), float(poses[card_name(c)].pos[1])) for c in cards}
+            out.append((dict(obs.images), cards, card_pixels(robot, task), places))
     finally:
         if robot is not None:
             robot.close()
@@ -65,7 +73,7 @@ def render(first_seed: int, n: int) -> list[tuple[dict[str, np.ndarray], list[in
 def decoded(model: Any, scenes: list) -> dict[str, Any]:
     rows = cards = right = 0
     examples = []
-    for images, numbers, _ in scenes:
+    for images, numbers, _, _ in scenes:
         text = model.reason([model.prepare(images, READ)])[0].text
         said = [s.strip(" .") for s in text.split("Next action:")[0].split(",")]
         rows += said == [str(c) for c in numbers]
@@ -86,7 +94,7 @@ def token_samples(model: Any, scenes: list) -> dict[str, tuple[np.ndarray, np.nd
     labels: dict[str, list[int]] = {}
     visual = model.vlm.model.visual
     merge = model.prompts.merge_size
-    for images, numbers, pixels in scenes:
+    for images, numbers, pixels, _ in scenes:
         prompt = model.prepare(images, READ)
         with torch.no_grad():
             tokens = visual(prompt.pixel_values.to(model.device), grid_thw=prompt.image_grid_thw.to(model.device))
@@ -101,6 +109,38 @@ def token_samples(model: Any, scenes: list) -> dict[str, tuple[np.ndarray, np.nd
                     labels.setdefault(cam, []).append(c)
             start += t * th * tw
     return {cam: (np.array(feats[cam]), np.array(labels[cam])) for cam in feats}
+
+
+def row_places(model: Any, scenes: list, layer: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(decoder image rows [N, D] after `layer` layers of the tokens holding one card's centre, the
+    card's (x, y) [N, 2] in metres), both cameras."""
+    import torch
+
+    from chatvla.training.batches import Item, collate
+    from chatvla.training.stages import vlm_forward_layer
+
+    feats, places = [], []
+    for images, _, pixels, where in scenes:
+        batch = collate(model, [Item(images, READ, "", card_pixels=pixels, card_places=where)])
+        assert batch.card_places is not None
+        with torch.no_grad():
+            _, rows = vlm_forward_layer(model, batch, layer)
+        known = torch.isfinite(batch.card_places).all(-1)
+        feats.append(rows[known.to(rows.device)].float().cpu().numpy())
+        places.append(batch.card_places[known].numpy())
+    return np.concatenate(feats), np.concatenate(places)
+
+
+def place_probe(x: np.ndarray, y: np.ndarray, fit_fraction: float = 0.75, ridge: float = 1.0) -> dict[str, Any]:
+    """Held-out error of a ridge regression (standardised features) from rows to places, in cm."""
+    k = int(len(x) * fit_fraction)
+    mu, sd = x[:k].mean(0), x[:k].std(0) + 1e-6
+    a = np.c_[(x - mu) / sd, np.ones(len(x))]
+    w = np.linalg.solve(a[:k].T @ a[:k] + ridge * np.eye(a.shape[1]), a[:k].T @ y[:k])
+    err = 100 * np.linalg.norm(a[k:] @ w - y[k:], axis=1)
+    spread = 100 * np.linalg.norm(y[k:] - y[:k].mean(0), axis=1)
+    return {"fit": k, "test": int(len(x) - k), "error_cm_median": round(float(np.median(err)), 2),
+            "within_2cm": int((err <= 2).sum()), "mean_guess_error_cm_median": round(float(np.median(spread)), 2)}
 
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, fit_fraction: float = 0.75) -> dict[str, Any]:
@@ -165,6 +205,7 @@ def main() -> int:
         if name != BASELINE:
             r["decoded"] = decoded(model, decode_scenes)
         r["probe"] = {cam: probe_accuracy(x, y) for cam, (x, y) in token_samples(model, probe_scenes).items()}
+        r["place"] = place_probe(*row_places(model, probe_scenes))
         results[name] = r
         d = r.get("decoded")
         row = {"model": name,
@@ -172,6 +213,9 @@ def main() -> int:
                "cards read": f"{d['cards_right']}/{d['cards']}" if d else "-"}
         for cam, p in r["probe"].items():
             row[f"probe {cam}"] = f"{p['right']}/{p['test']} ({p['accuracy']:.0%}, chance {p['chance']:.0%})"
+        pl = r["place"]
+        row["rows -> place <=2cm"] = f"{pl['within_2cm']}/{pl['test']}"
+        row["median cm (mean guess)"] = f"{pl['error_cm_median']} ({pl['mean_guess_error_cm_median']})"
         rows.append(row)
         print(f"[card_reading] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(rows))

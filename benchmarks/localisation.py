@@ -1,6 +1,6 @@
 """Does the model read a scene, or remember it? Its own reasoning on recorded layouts against new ones.
 
-    python benchmarks/localisation.py [--model chatvla-tiny-mm] [--model runs/other] [--scenes 30]
+    python benchmarks/localisation.py [--model chatvla-tiny-mm] [--model runs/other] [--scenes 30] [--name NAME]
 
 For each model this resets the sim to `--scenes` math-matching tasks whose layouts were recorded for
 training (task seeds 0.., the first frame of each training episode) and to as many it never saw (task
@@ -9,7 +9,7 @@ seeds from 920000, training split), lets the model decode its reasoning from the
 `labels.PLACE_TOL_CM`, and how far the stated card's stated place is from where that card lies. A
 model that is right on recorded layouts and wrong on new ones has learnt the layouts by heart.
 
-Prints a table and writes benchmarks/results/localisation.json.
+Prints a table and writes benchmarks/results/localisation.json (or NAME.json).
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", help="model to test (repeatable; default chatvla-tiny-mm)")
     ap.add_argument("--scenes", type=int, default=30, help="scenes per set (default 30)")
+    ap.add_argument("--name", default="localisation",
+                    help="result file under benchmarks/results/ (default localisation; another name keeps that one)")
     args = ap.parse_args()
     import torch
 
@@ -124,7 +126,7 @@ def main() -> int:
                 robot_box[0].close()
         print(f"[localisation] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(rows))
-    path = write_result("localisation", {"scenes_per_set": args.scenes, "sets": SETS, "models": results})
+    path = write_result(args.name, {"scenes_per_set": args.scenes, "sets": SETS, "models": results})
     print(f"wrote {path}")
     return 0
 

@@ -325,3 +325,66 @@ def test_card_token_loss_labels_the_vision_tokens_that_show_the_cards_and_trains
     assert losses[-1] < 0.3 * losses[0], losses
     tap.close()
     assert probe.loss(tokens.detach(), torch.full((tokens.shape[0],), -100)) is None
+
+
+def test_card_place_loss_asks_the_decoders_image_row_of_each_card_where_that_card_lies(rendering):
+    """The rows of the decoder's sequence that hold images come in the vision tower's order, so the
+    token labels line up with them; each labelled card token gets its card's table place, every other
+    token none; the loss on those rows reaches the decoder's early layers and falls."""
+    from chatvla.training.data import render_scenes
+    from chatvla.training.stages import CardPlaceProbe, vlm_forward, vlm_forward_layer
+
+    scenes = render_scenes(FRANKA_JOINT, 2, seed=0, first_task_seed=1_000_000, progress=False)
+    for s in scenes:
+        assert s.card_places is not None and set(s.card_places) == set(s.card_pixels["front"])
+        assert all(abs(x) < 0.5 and abs(y) < 0.5 for x, y in s.card_places.values())  # metres, on the table
+    torch.manual_seed(0)
+    net = ChatVLA2(get_preset("tiny-sim"), load_tiny_tokenizer())
+    items = [Item(s.images, "Where is card 3?", "(2, 4)", card_pixels=s.card_pixels, card_places=s.card_places)
+             for s in scenes] + [Item(scenes[0].images, "Read the board.", "1+2", card_pixels=scenes[0].card_pixels)]
+    batch = collate(net, items)
+    assert batch.card_tokens is not None and batch.card_places is not None
+    assert batch.card_places.shape == (3 * 2 * 64, 2)
+    known = torch.isfinite(batch.card_places).all(-1)
+    for i, s in enumerate(scenes):
+        span = slice(2 * i * 64, 2 * (i + 1) * 64)
+        labels, places = batch.card_tokens[span], batch.card_places[span]
+        for k in torch.nonzero(labels > 0).flatten().tolist():
+            assert torch.allclose(places[k], torch.tensor(s.card_places[int(labels[k])]))
+        assert int(known[span].sum()) == int((labels > 0).sum()) >= 1
+    assert not known[4 * 64:].any()  # the row that gives no places: its labelled cards have none
+    assert (batch.card_tokens[4 * 64:] > 0).any()
+    with torch.no_grad():
+        last, rows = vlm_forward_layer(net, batch, 2)
+        torch.testing.assert_close(last, vlm_forward(net, batch))
+    assert rows.shape == (3 * 2 * 64, net.cfg.hidden_size)
+    probe = CardPlaceProbe(net.cfg.hidden_size)
+    layers = net.vlm.model.language_model.layers
+    opt = torch.optim.Adam([*layers[:2].parameters(), *probe.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        _, rows = vlm_forward_layer(net, batch, 2)
+        loss = probe.loss(rows, batch.card_places)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[3].self_attn.q_proj.weight.grad is None  # the rows are read before the last layers
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert probe.loss(rows.detach(), torch.full((rows.shape[0], 2), float("nan"))) is None
+
+
+def test_train_refuses_bad_weights_and_an_unwritable_out_before_reading_any_data(tmp_path, capsys):
+    """Minutes of loading and rendering come before the first checkpoint: an --out that cannot be
+    written (here a symlink to a missing directory) is an error up front, with a message."""
+    from chatvla.cli.main import main
+
+    missing = tmp_path / "no-episodes-here"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--card-place-weight", "-1"]) == 2
+    assert "--card-place-weight must be >= 0" in capsys.readouterr().err
+    out = tmp_path / "dangling"
+    out.symlink_to(tmp_path / "gone")
+    assert main(["train", "--data", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to --out {out}" in err and "Traceback" not in err

@@ -78,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="weight of the stage-1 loss that asks each vision token which card number it shows, on "
                    f"rendered math-matching scenes (teaches the vision tower to read the cards) (default "
                    f"{d.card_token_weight}; 0: off)")
+    p.add_argument("--card-place-weight", type=float, default=d.card_place_weight,
+                   help="weight of the stage-1 loss that asks the decoder's image row of each card where that card "
+                   f"lies on the table, on rendered math-matching scenes (default {d.card_place_weight}; 0: off)")
     p.add_argument("--card-steps", type=int, default=d.card_steps,
                    help="stage 0 before stage 1: steps that train the vision tower alone to read the cards' labels "
                    f"on crops of the rendered scenes ({d.card_batch_size} crops a step; math_matching, needs "
@@ -138,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.scene_reasoning < 1.0:
         print("chatvla train: --scene-reasoning must be in [0, 1)", file=sys.stderr)
         return 2
-    if min(args.place_weight, args.card_token_weight) < 0:
-        print("chatvla train: --place-weight and --card-token-weight must be >= 0", file=sys.stderr)
+    if min(args.place_weight, args.card_token_weight, args.card_place_weight) < 0:
+        print("chatvla train: --place-weight, --card-token-weight and --card-place-weight must be >= 0",
+              file=sys.stderr)
         return 2
     if args.card_steps and (args.task != "math_matching" or not args.scenes):
         print("chatvla train: --card-steps reads the cards of rendered math-matching scenes: it needs --task "
@@ -178,6 +182,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.restart and (out / STATE_DIR).exists():
         shutil.rmtree(out / STATE_DIR)
+    try:  # before minutes of loading and rendering, not at the first checkpoint
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"chatvla train: cannot write to --out {out}: {e}", file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     try:
         episodes = load_episodes(args.data, cfg_model.profile, kinds=(args.task,), progress=not args.quiet)
@@ -196,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
                        stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                        stage2_batch_size=args.stage2_batch_size, stage2_tick_stride=args.stage2_tick_stride,
                        save_every=args.save_every, place_weight=args.place_weight,
-                       card_token_weight=args.card_token_weight, card_steps=args.card_steps,
+                       card_token_weight=args.card_token_weight, card_place_weight=args.card_place_weight,
+                       card_steps=args.card_steps,
                        scene_reasoning_fraction=args.scene_reasoning)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)

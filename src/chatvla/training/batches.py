@@ -18,7 +18,7 @@ import torch
 from chatvla.model.chatvla2 import ChatVLA2
 from chatvla.model.processor import PreparedPrompt, PromptBuilder
 from chatvla.model.tokenizer import IMAGE_PAD
-from chatvla.training.labels import IGNORE, card_token_labels, stated_places
+from chatvla.training.labels import IGNORE, NO_CARD, card_token_labels, stated_places
 
 
 def patchify(builder: PromptBuilder, image: np.ndarray) -> torch.Tensor | None:
@@ -77,6 +77,7 @@ class Item:
     places: np.ndarray | None = None  # labels.place_targets of the scene, for the place read-out loss
     reasoning: bool = False  # the target is control reasoning (ends with the end marker) without a chunk
     card_pixels: Mapping[str, Mapping[int, tuple[float, float]]] | None = None  # data.Scene.card_pixels
+    card_places: Mapping[int, tuple[float, float]] | None = None  # data.Scene.card_places
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Batch:
     places: torch.Tensor | None = None  # [R, 5] when every robot row has place targets
     stated_places: torch.Tensor | None = None  # [R, 4] the same places as the text states them
     card_tokens: torch.Tensor | None = None  # [merged vision tokens of the batch] labels.card_token_labels
+    card_places: torch.Tensor | None = None  # [same tokens, 2] where the card a token shows lies (m); NaN elsewhere
 
 
 def target_ids(model: ChatVLA2, item: Item) -> list[int]:
@@ -124,19 +126,23 @@ def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
         if all(items[i].places is not None for i in robot):
             places = torch.from_numpy(np.stack([np.asarray(items[i].places, np.float32) for i in robot]))
             stated = torch.from_numpy(np.stack([stated_places(items[i].places) for i in robot]))
+    tokens, token_places = card_token_targets(model, items, prepared)
     return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks, places, stated,
-                 card_token_targets(model, items, prepared))
+                 tokens, token_places)
 
 
 def card_token_targets(model: ChatVLA2, items: Sequence[Item], prepared: Sequence[PreparedPrompt]
-                       ) -> torch.Tensor | None:
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One label per merged vision token of the batch, in the order the vision tower emits them (item
-    by item, cameras in prompt order, each camera's tokens row by row): `labels.card_token_labels` for
-    items that say where their cards are, `IGNORE` for the others; None when no item does."""
+    by item, cameras in prompt order, each camera's tokens row by row), which is also the order of the
+    image rows in the decoder's sequence: `labels.card_token_labels` for items that say where their
+    cards are, `IGNORE` for the others; None when no item does. Second, [tokens, 2]: the table place
+    (task frame, metres) of the card a token shows, for items that give their cards' places; NaN on
+    every other token (None when no item gives them)."""
     if all(it.card_pixels is None for it in items):
-        return None
+        return None, None
     merge = model.prompts.merge_size
-    out = []
+    out, where = [], []
     for it, p in zip(items, prepared):
         cams = [c for c in (model.camera_order or tuple(it.images)) if c in it.images]  # prompt order
         for cam, image, (t, gh, gw) in zip(cams, p.images, p.image_grid_thw.tolist()):
@@ -145,8 +151,16 @@ def card_token_targets(model: ChatVLA2, items: Sequence[Item], prepared: Sequenc
                 labels = np.full(grid, IGNORE, np.int64)
             else:
                 labels = card_token_labels(it.card_pixels[cam], image.shape[:2], grid)
-            out.append(np.tile(labels.reshape(-1), t))
-    return torch.from_numpy(np.concatenate(out))
+            flat = np.tile(labels.reshape(-1), t)
+            xy = np.full((flat.size, 2), np.nan, np.float32)
+            for i in np.flatnonzero(flat > NO_CARD):
+                if it.card_places is not None and int(flat[i]) in it.card_places:
+                    xy[i] = it.card_places[int(flat[i])]
+            out.append(flat)
+            where.append(xy)
+    xy_all = np.concatenate(where)
+    places = torch.from_numpy(xy_all) if np.isfinite(xy_all).any() else None
+    return torch.from_numpy(np.concatenate(out)), places
 
 
 def pool_spans(hidden: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:

@@ -73,6 +73,9 @@ class Scene:
     # camera -> card number -> (column, row) of the card's centre in that camera's image: which vision
     # token shows which card, for the card-token loss (rendered math-matching scenes only)
     card_pixels: dict[str, dict[int, tuple[float, float]]] | None = None
+    # card number -> (x, y) of the card in the task frame (metres): where the token that shows it lies on
+    # the table, for the card-place loss
+    card_places: dict[int, tuple[float, float]] | None = None
 
 
 @dataclass
@@ -242,9 +245,13 @@ def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: 
             else:
                 obs = robot.reset(task)
             poses = robot.object_poses()
-            pixels = card_pixels(robot, task) if isinstance(task, MathMatchingTask) else None
+            pixels = places = None
+            if isinstance(task, MathMatchingTask):
+                pixels = card_pixels(robot, task)
+                places = {int(n): (float(poses[card_name(n)].pos[0]), float(poses[card_name(n)].pos[1]))
+                          for n in task.card_numbers}
             out.append(Scene(dict(obs.images), scene_pairs(task, poses, rng, k=3), task.instruction,
-                             reasoning_for(task, poses), pixels))
+                             reasoning_for(task, poses), pixels, places))
             if progress and (i + 1) % 200 == 0:
                 print(f"[data] rendered {i + 1}/{n} scenes", file=sys.stderr, flush=True)
     finally:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from chatvla.client.sim.catalog import MAX_NUMBER
 from chatvla.model.chatvla2 import ChatVLA2
 from chatvla.model.checkpoint import load_checkpoint, save_checkpoint
 from chatvla.model.moe import MoEBlock
+from chatvla.model.tokenizer import IMAGE_PAD
 from chatvla.training.batches import Batch, Item, collate, pool_spans
 from chatvla.training.card_crops import card_views, crop_batch, vision_tokens
 from chatvla.training.data import Dataset, decode
@@ -40,6 +42,7 @@ STATE_DIR = "train"  # inside the output directory: resumable state
 PROGRESS = "progress.json"
 PROBE = "place_probe.safetensors"
 CARD_PROBE = "card_probe.safetensors"
+CARD_PLACE_PROBE = "card_place_probe.safetensors"
 
 
 @dataclass
@@ -58,6 +61,8 @@ class TrainConfig:
     diffusion_weight: float = 1.0
     place_weight: float = 1.0  # PlaceProbe read-out loss in stage 1 (0: off)
     card_token_weight: float = 0.0  # CardTokenProbe loss on the vision tokens in stage 1 (0: off)
+    card_place_weight: float = 0.0  # CardPlaceProbe loss on the decoder's image rows in stage 1 (0: off)
+    card_place_layer: int = 2  # after this many decoder layers (the later ones then copy from them)
     card_steps: int = 0  # stage 0: vision tower + CardTokenProbe on crops around cards (0: off)
     card_batch_size: int = 128  # crops per stage-0 step
     lr_card: float = 3e-3
@@ -184,6 +189,36 @@ class CardTokenProbe(torch.nn.Module):
         return loss
 
 
+class CardPlaceProbe(torch.nn.Module):
+    """A training-only linear read-out asking the decoder's image row of each card where that card lies
+    on the table (task frame), after the first `TrainConfig.card_place_layer` decoder layers.
+
+    Stage 0 taught the vision tower to read the labels (a probe names 85-94% of the cards from their
+    tokens), yet the decoder still answers "where is card N" with one place for the whole scene
+    (`benchmarks/localisation.py`). The vision tower cannot say where a token is: its only position
+    signal is a relative rotary embedding, so its output carries what a token shows, not where. The
+    decoder can: an image row attends to the fixed prompt text before the images at an offset that
+    depends on the row's own place in the image (M-RoPE), so its hidden state can learn its place, and
+    the label's spot inside the token gives the rest. This head asks for that, on the rows that hold
+    a card's centre, so that the reasoning's "card 36 at (" only has to find the row that shows 36 and
+    copy what it holds. Like the other probes it lives in the training state only."""
+
+    POS_SCALE = 10.0  # metres -> about unit range
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(dim, 2)
+
+    def loss(self, rows: torch.Tensor, places: torch.Tensor) -> torch.Tensor | None:
+        """`rows` [N, D] the decoder's image rows in sequence order; `places` [N, 2] (metres, NaN where
+        the row shows no card: `batches.card_token_targets`)."""
+        places = places.to(rows.device)
+        known = torch.isfinite(places).all(-1)
+        if not known.any():
+            return None
+        return F.mse_loss(self.head(rows[known].float()), places[known] * self.POS_SCALE)
+
+
 class VisionTap:
     """Keeps the vision tower's merged output (what the decoder reads as image tokens) of the last
     forward pass, for `CardTokenProbe`."""
@@ -203,13 +238,26 @@ class VisionTap:
         self.handle.remove()
 
 
-def vlm_forward(model: ChatVLA2, batch: Batch) -> torch.Tensor:
-    """Last-layer (post-norm) hidden states [B, L, D]: what `reason`/`prefill` hand the expert."""
+def _vlm(model: ChatVLA2, batch: Batch, *, every_layer: bool = False) -> Any:  # a transformers model output
     dev = model.device
     return model.vlm.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
                            mm_token_type_ids=batch.mm_token_type_ids.to(dev),
                            pixel_values=batch.pixel_values.to(dev), image_grid_thw=batch.image_grid_thw.to(dev),
-                           use_cache=False).last_hidden_state
+                           use_cache=False, output_hidden_states=every_layer)
+
+
+def vlm_forward(model: ChatVLA2, batch: Batch) -> torch.Tensor:
+    """Last-layer (post-norm) hidden states [B, L, D]: what `reason`/`prefill` hand the expert."""
+    return _vlm(model, batch).last_hidden_state
+
+
+def vlm_forward_layer(model: ChatVLA2, batch: Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vlm_forward`'s hidden states and, second, the image rows [N, D] after `layer` decoder layers,
+    in sequence order (batch row by row): the order of the vision tower's tokens and of
+    `Batch.card_tokens`."""
+    out = _vlm(model, batch, every_layer=True)
+    image = batch.input_ids.to(model.device) == model.prompts.tokenizer.token_to_id(IMAGE_PAD)
+    return out.last_hidden_state, out.hidden_states[layer][image]
 
 
 def lm_loss(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -239,10 +287,11 @@ def stage1_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
     for _ in range(n_qa):
         s = data.scenes[int(rng.integers(len(data.scenes)))]
         q, a = s.pairs[int(rng.integers(len(s.pairs)))]
-        items.append(Item(s.images, q, a, card_pixels=s.card_pixels))
+        items.append(Item(s.images, q, a, card_pixels=s.card_pixels, card_places=s.card_places))
     for _ in range(max(n_told, 0)):
         s = told[int(rng.integers(len(told)))]
-        items.append(Item(s.images, s.instruction or "", s.reasoning or "", reasoning=True, card_pixels=s.card_pixels))
+        items.append(Item(s.images, s.instruction or "", s.reasoning or "", reasoning=True, card_pixels=s.card_pixels,
+                          card_places=s.card_places))
     return items
 
 
@@ -286,6 +335,7 @@ class Trainer:
             torch.manual_seed(cfg.seed)  # the heads start the same in a resumed run (then load their state)
             self.probe = PlaceProbe(model.expert.input_action_proj.mlps[0].in_features).to(cfg.device)
             self.card_probe = CardTokenProbe(model.cfg.hidden_size, MAX_NUMBER).to(cfg.device)
+            self.card_place_probe = CardPlaceProbe(model.cfg.hidden_size).to(cfg.device)
         self._t0 = time.monotonic()
         self._seconds0 = 0.0
 
@@ -307,14 +357,17 @@ class Trainer:
         card_probe = self.state_dir / CARD_PROBE
         if card_probe.is_file():
             self.card_probe.load_state_dict(load_file(str(card_probe)))
+        card_place_probe = self.state_dir / CARD_PLACE_PROBE
+        if card_place_probe.is_file():
+            self.card_place_probe.load_state_dict(load_file(str(card_place_probe)))
         return True
 
     def _save(self, opt: torch.optim.Optimizer | None) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.model, self.state_dir / "model")
         save_file({k: v.contiguous() for k, v in self.probe.state_dict().items()}, str(self.state_dir / PROBE))
-        save_file({k: v.contiguous() for k, v in self.card_probe.state_dict().items()},
-                  str(self.state_dir / CARD_PROBE))
+        for probe, name in ((self.card_probe, CARD_PROBE), (self.card_place_probe, CARD_PLACE_PROBE)):
+            save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(self.state_dir / name))
         if opt is not None:
             save_optimizer(opt, self.state_dir / f"optimizer-stage{self.progress.stage}")
         self.progress.seconds = self._seconds0 + time.monotonic() - self._t0
@@ -396,6 +449,8 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad] + list(self.probe.parameters())
         if cfg.card_token_weight:  # only then: a run started without it resumes its optimiser state
             params += list(self.card_probe.parameters())
+        if cfg.card_place_weight:
+            params += list(self.card_place_probe.parameters())
         opt = self._begin(1, params, cfg.lr_stage1)
         tap = BalanceTap(model)
         vision = VisionTap(model)
@@ -406,8 +461,14 @@ class Trainer:
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg.stage1_steps, cfg.lr_stage1, cfg.warmup_steps)
                 batch = collate(model, stage1_items(self.data, cfg, step))
-                hidden = vlm_forward(model, batch)
+                if cfg.card_place_weight and batch.card_places is not None:
+                    hidden, rows = vlm_forward_layer(model, batch, cfg.card_place_layer)
+                    card_place = self.card_place_probe.loss(rows, batch.card_places)
+                else:
+                    hidden, card_place = vlm_forward(model, batch), None
                 losses = {"lm": lm_loss(model, hidden, batch.labels)}
+                if card_place is not None:
+                    losses["card_place"] = card_place
                 bal = tap.loss()
                 if bal is not None:
                     losses["balance"] = bal
@@ -428,7 +489,8 @@ class Trainer:
                 total = (losses["lm"] + cfg.diffusion_weight * losses.get("diffusion", 0.0)
                          + cfg.balance_weight * losses.get("balance", 0.0)
                          + cfg.place_weight * losses.get("place", 0.0)
-                         + cfg.card_token_weight * losses.get("card", 0.0))
+                         + cfg.card_token_weight * losses.get("card", 0.0)
+                         + cfg.card_place_weight * losses.get("card_place", 0.0))
                 self._step(opt, params, total)
                 for k, t in losses.items():
                     v = t.item()
