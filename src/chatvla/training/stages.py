@@ -351,22 +351,19 @@ class Trainer:
         self.model.load_state_dict(saved.state_dict())
         self.model.expert.set_stats(saved.stats)
         self.model.stats = saved.stats
-        probe = self.state_dir / PROBE
-        if probe.is_file():
-            self.probe.load_state_dict(load_file(str(probe)))
-        card_probe = self.state_dir / CARD_PROBE
-        if card_probe.is_file():
-            self.card_probe.load_state_dict(load_file(str(card_probe)))
-        card_place_probe = self.state_dir / CARD_PLACE_PROBE
-        if card_place_probe.is_file():
-            self.card_place_probe.load_state_dict(load_file(str(card_place_probe)))
+        for probe, name in self._probes():
+            if (self.state_dir / name).is_file():
+                probe.load_state_dict(load_file(str(self.state_dir / name)))
         return True
+
+    def _probes(self) -> list[tuple[torch.nn.Module, str]]:
+        """The training-only heads and the file each is kept in under `train/` (not in the checkpoint)."""
+        return [(self.probe, PROBE), (self.card_probe, CARD_PROBE), (self.card_place_probe, CARD_PLACE_PROBE)]
 
     def _save(self, opt: torch.optim.Optimizer | None) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.model, self.state_dir / "model")
-        save_file({k: v.contiguous() for k, v in self.probe.state_dict().items()}, str(self.state_dir / PROBE))
-        for probe, name in ((self.card_probe, CARD_PROBE), (self.card_place_probe, CARD_PLACE_PROBE)):
+        for probe, name in self._probes():
             save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(self.state_dir / name))
         if opt is not None:
             save_optimizer(opt, self.state_dir / f"optimizer-stage{self.progress.stage}")
