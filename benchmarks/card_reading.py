@@ -50,7 +50,7 @@ def render(first_seed: int, n: int) -> list[tuple[dict[str, np.ndarray], list[in
     from chatvla.client.sim.robot import make_sim_robot
     from chatvla.client.sim.tasks import make_task
     from chatvla.client.sim.tasks.math_matching import card_name
-    from chatvla.training.data import card_pixels
+    from chatvla.training.data import card_pixels, card_places
 
     robot = None
     out = []
@@ -62,8 +62,7 @@ def render(first_seed: int, n: int) -> list[tuple[dict[str, np.ndarray], list[in
             obs = robot.reset(task)
             poses = robot.object_poses()
             cards = sorted((int(c) for c in task.card_numbers), key=lambda c: -float(poses[card_name(c)].pos[1]))
-            places = {c: (float(poses[card_name(c)].pos[0]), float(poses[card_name(c)].pos[1])) for c in cards}
-            out.append((dict(obs.images), cards, card_pixels(robot, task), places))
+            out.append((dict(obs.images), cards, card_pixels(robot, task), card_places(task, poses)))
     finally:
         if robot is not None:
             robot.close()

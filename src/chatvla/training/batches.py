@@ -153,9 +153,10 @@ def card_token_targets(model: ChatVLA2, items: Sequence[Item], prepared: Sequenc
                 labels = card_token_labels(it.card_pixels[cam], image.shape[:2], grid)
             flat = np.tile(labels.reshape(-1), t)
             xy = np.full((flat.size, 2), np.nan, np.float32)
+            known = it.card_places or {}
             for i in np.flatnonzero(flat > NO_CARD):
-                if it.card_places is not None and int(flat[i]) in it.card_places:
-                    xy[i] = it.card_places[int(flat[i])]
+                if int(flat[i]) in known:
+                    xy[i] = known[int(flat[i])]
             out.append(flat)
             where.append(xy)
     xy_all = np.concatenate(where)

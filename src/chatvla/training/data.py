@@ -225,6 +225,11 @@ def card_pixels(robot: SimRobot, task: MathMatchingTask) -> dict[str, dict[int, 
     return out
 
 
+def card_places(task: MathMatchingTask, poses: dict[str, Pose]) -> dict[int, tuple[float, float]]:
+    """card number -> (x, y) of the card in the task frame (metres), from the scene's object poses."""
+    return {int(n): (float(poses[card_name(n)].pos[0]), float(poses[card_name(n)].pos[1])) for n in task.card_numbers}
+
+
 def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: int = 1_000_000,
                   kind: str = "math_matching", progress: bool = True) -> list[Scene]:
     """`n` extra scenes of task `kind` (training split, task seeds from `first_task_seed`) rendered at
@@ -247,9 +252,7 @@ def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: 
             poses = robot.object_poses()
             pixels = places = None
             if isinstance(task, MathMatchingTask):
-                pixels = card_pixels(robot, task)
-                places = {int(n): (float(poses[card_name(n)].pos[0]), float(poses[card_name(n)].pos[1]))
-                          for n in task.card_numbers}
+                pixels, places = card_pixels(robot, task), card_places(task, poses)
             out.append(Scene(dict(obs.images), scene_pairs(task, poses, rng, k=3), task.instruction,
                              reasoning_for(task, poses), pixels, places))
             if progress and (i + 1) % 200 == 0:
