@@ -375,6 +375,82 @@ def test_card_place_loss_asks_the_decoders_image_row_of_each_card_where_that_car
     assert probe.loss(rows.detach(), torch.full((rows.shape[0], 2), float("nan"))) is None
 
 
+def test_card_cell_loss_asks_each_coordinate_in_the_2cm_cells_the_text_writes():
+    """The classes are the even centimetres `labels.cm` writes ("-0" is 0), clamped at the ends; rows
+    without a place are left out; the loss falls when the rows can learn."""
+    from chatvla.training.labels import cm
+    from chatvla.training.stages import CardCellProbe
+
+    probe = CardCellProbe(16)
+    places = torch.tensor([[0.05, -0.1], [float("nan"), float("nan")], [-0.081, 0.199], [-0.001, 0.0], [0.5, -0.5]])
+    torch.manual_seed(0)
+    rows = torch.randn(5, 16, requires_grad=True)
+    logits = probe.head(rows).view(-1, 2, probe.cells)
+    for i in (0, 2, 3):
+        want = [(cm(float(v)) - probe.LOW) // 2 for v in places[i]]
+        loss_i = probe.loss(rows[i:i + 1], places[i:i + 1])
+        expect = torch.nn.functional.cross_entropy(logits[i], torch.tensor(want))
+        torch.testing.assert_close(loss_i, expect)
+    edge = probe.loss(rows[4:5], places[4:5])
+    torch.testing.assert_close(edge, torch.nn.functional.cross_entropy(logits[4], torch.tensor([probe.cells - 1, 0])))
+    assert probe.loss(rows[1:2], places[1:2]) is None
+    opt = torch.optim.Adam([rows, *probe.parameters()], lr=0.05)
+    losses = []
+    for _ in range(20):
+        loss = probe.loss(rows, places)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_pointer_loss_teaches_one_head_to_look_at_the_card_the_text_names_when_writing_its_place(rendering):
+    """Only the rows that write the place after "card N" point, only at the image rows that show card
+    N; texts without a place point nowhere; the loss trains that head of that layer, falls, and the tap
+    leaves the model on its own attention afterwards."""
+    from chatvla.training.data import render_scenes
+    from chatvla.training.stages import AttentionTap, pointer_loss, vlm_forward
+
+    scenes = render_scenes(FRANKA_JOINT, 2, seed=0, first_task_seed=1_000_000, progress=False)
+    torch.manual_seed(0)
+    net = ChatVLA2(get_preset("tiny-sim"), load_tiny_tokenizer())
+    n = [sorted(s.card_pixels["front"]) for s in scenes]
+    items = [Item(scenes[0].images, "Where is card?", f"Card {n[0][0]} is on the far left, at (-6, 10).",
+                  card_pixels=scenes[0].card_pixels),
+             Item(scenes[1].images, "go", f"1+2=3. Pick card {n[1][1]} at (8, -12), place at (2, 4).",
+                  reasoning=True, card_pixels=scenes[1].card_pixels),
+             Item(scenes[1].images, "Which card?", f"Card {n[1][0]}.", card_pixels=scenes[1].card_pixels),
+             Item(scenes[0].images, "Where is card?", f"Card {n[0][0]} is at (2, 4).")]  # no card pixels
+    batch = collate(net, items)
+    assert [p.row for p in batch.pointers] == [0, 1]
+    tok = net.prompts.tokenizer
+    for p, place, card in zip(batch.pointers, ["(-6, 10)", "(8, -12)"], [n[0][0], n[1][1]]):
+        written = [int(batch.input_ids[p.row, q + 1]) for q in p.queries]  # what each query row predicts
+        assert tok.decode(written, skip_special_tokens=False) == place
+        assert (batch.labels[p.row, [q + 1 for q in p.queries]] >= 0).all()
+        image = torch.nonzero(batch.input_ids[p.row] == tok.token_to_id("<|image_pad|>")).flatten().tolist()
+        labels = batch.card_tokens[p.row * 128:(p.row + 1) * 128].tolist()
+        assert sorted(p.keys) == [r for r, lab in zip(image, labels) if lab == card] and p.keys
+    layers = net.vlm.model.language_model.layers
+    tap = AttentionTap(net, 2)
+    opt = torch.optim.Adam(net.vlm.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        vlm_forward(net, batch)
+        loss = pointer_loss(tap.take(), batch.pointers, head=0)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    tap.close()
+    assert layers[2].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[3].self_attn.q_proj.weight.grad is None  # nothing after the pointing layer
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert net.vlm.model.language_model.config._attn_implementation == "sdpa"
+    assert pointer_loss(torch.zeros(1, 4, 3, 3), [], head=0) is None
+
+
 def test_train_refuses_bad_weights_and_an_unwritable_out_before_reading_any_data(tmp_path, capsys):
     """Minutes of loading and rendering come before the first checkpoint: an --out that cannot be
     written (here a symlink to a missing directory) is an error up front, with a message."""
@@ -382,7 +458,7 @@ def test_train_refuses_bad_weights_and_an_unwritable_out_before_reading_any_data
 
     missing = tmp_path / "no-episodes-here"
     assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--card-place-weight", "-1"]) == 2
-    assert "--card-place-weight must be >= 0" in capsys.readouterr().err
+    assert "--pointer-weight must be >= 0" in capsys.readouterr().err
     out = tmp_path / "dangling"
     out.symlink_to(tmp_path / "gone")
     assert main(["train", "--data", str(missing), "--out", str(out)]) == 2

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from chatvla.model.chatvla2 import ChatVLA2
+    from chatvla.profiles import RobotProfile
+    from chatvla.training.data import Scene
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -67,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=1000,
                    help="extra rendered scenes for image-text questions and the task's reasoning (default 1000; "
                    "0: the episodes' first frames only)")
+    p.add_argument("--scene-cache", default=None, metavar="DIR",
+                   help="keep the rendered scenes here and reuse them when a run asks for the same ones (same "
+                   "task, robot, --scenes and --seed): a resumed or a follow-up run skips rendering (default: "
+                   "OUT/train; about 0.3 MB a scene)")
     p.add_argument("--scene-reasoning", type=float, default=d.scene_reasoning_fraction,
                    help="share of each stage-1 batch that teaches the task's reasoning on rendered scenes "
                    f"(many layouts, so places are read from pixels, not remembered) (default "
@@ -81,6 +87,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--card-place-weight", type=float, default=d.card_place_weight,
                    help="weight of the stage-1 loss that asks the decoder's image row of each card where that card "
                    f"lies on the table, on rendered math-matching scenes (default {d.card_place_weight}; 0: off)")
+    p.add_argument("--card-cell-weight", type=float, default=d.card_cell_weight,
+                   help="weight of the stage-1 loss that asks the same image rows which 2 cm cell each coordinate of "
+                   f"their card's place falls in, as the text writes it (default {d.card_cell_weight}; 0: off)")
+    p.add_argument("--pointer-weight", type=float, default=d.pointer_weight,
+                   help="weight of the stage-1 loss that asks one attention head, on the rows that write \"card N "
+                   "at (x, y)\", to look at the image rows that show card N, on rendered math-matching scenes "
+                   f"(default {d.pointer_weight}; 0: off)")
     p.add_argument("--card-steps", type=int, default=d.card_steps,
                    help="stage 0 before stage 1: steps that train the vision tower alone to read the cards' labels "
                    f"on crops of the rendered scenes ({d.card_batch_size} crops a step; math_matching, needs "
@@ -116,6 +129,26 @@ def start_from(model: ChatVLA2, init: ChatVLA2, *, vlm_only: bool) -> str | None
     return None
 
 
+def rendered_scenes(args: argparse.Namespace, profile: RobotProfile, cache: Path) -> list[Scene]:
+    """`args.scenes` rendered scenes, from `cache` when an earlier run left the same ones there."""
+    from chatvla.training.data import FIRST_SCENE_SEED, render_scenes
+    from chatvla.training.scene_cache import cache_name, load_scenes, save_scenes
+
+    name = cache_name(args.task, profile.name, args.scenes, args.seed, FIRST_SCENE_SEED)
+    scenes = load_scenes(cache, name)
+    if scenes is not None:
+        print(f"[train] {len(scenes)} rendered scenes from {cache / name}.*", file=sys.stderr, flush=True)
+        return scenes
+    print(f"[train] rendering {args.scenes} scenes for image-text questions", file=sys.stderr, flush=True)
+    scenes = render_scenes(profile, args.scenes, seed=args.seed, first_task_seed=FIRST_SCENE_SEED,
+                           kind=args.task, progress=not args.quiet)
+    try:
+        save_scenes(scenes, cache, name)
+    except OSError as e:  # a cache is a saving, not a need
+        print(f"[train] could not keep the rendered scenes in {cache}: {e}", file=sys.stderr)
+    return scenes
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import torch
@@ -131,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
             Dataset,
             episode_scenes,
             load_episodes,
-            render_scenes,
         )
         from chatvla.training.stages import STATE_DIR, TrainConfig, Trainer
     except ImportError as e:
@@ -141,8 +173,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.scene_reasoning < 1.0:
         print("chatvla train: --scene-reasoning must be in [0, 1)", file=sys.stderr)
         return 2
-    if min(args.place_weight, args.card_token_weight, args.card_place_weight) < 0:
-        print("chatvla train: --place-weight, --card-token-weight and --card-place-weight must be >= 0",
+    if min(args.place_weight, args.card_token_weight, args.card_place_weight, args.card_cell_weight,
+           args.pointer_weight) < 0:
+        print("chatvla train: --place-weight, --card-token-weight, --card-place-weight, --card-cell-weight and "
+              "--pointer-weight "
+              "must be >= 0",
               file=sys.stderr)
         return 2
     if args.card_steps and (args.task != "math_matching" or not args.scenes):
@@ -198,14 +233,13 @@ def run(args: argparse.Namespace) -> int:
     data = Dataset(cfg_model.profile, episodes)
     data.scenes = episode_scenes(episodes, args.seed)
     if args.scenes:
-        print(f"[train] rendering {args.scenes} scenes for image-text questions", file=sys.stderr, flush=True)
-        data.scenes += render_scenes(cfg_model.profile, args.scenes, seed=args.seed, kind=args.task,
-                                     progress=not args.quiet)
+        data.scenes += rendered_scenes(args, cfg_model.profile, Path(args.scene_cache or out / STATE_DIR))
     tcfg = TrainConfig(seed=args.seed, device=args.device, batch_size=args.batch_size,
                        stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                        stage2_batch_size=args.stage2_batch_size, stage2_tick_stride=args.stage2_tick_stride,
                        save_every=args.save_every, place_weight=args.place_weight,
                        card_token_weight=args.card_token_weight, card_place_weight=args.card_place_weight,
+                       card_cell_weight=args.card_cell_weight, pointer_weight=args.pointer_weight,
                        card_steps=args.card_steps,
                        scene_reasoning_fraction=args.scene_reasoning)
     if args.model_id:

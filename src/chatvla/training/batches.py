@@ -9,8 +9,9 @@ through the processor itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -97,6 +98,20 @@ class Batch:
     stated_places: torch.Tensor | None = None  # [R, 4] the same places as the text states them
     card_tokens: torch.Tensor | None = None  # [merged vision tokens of the batch] labels.card_token_labels
     card_places: torch.Tensor | None = None  # [same tokens, 2] where the card a token shows lies (m); NaN elsewhere
+    pointers: list[Pointer] = field(default_factory=list)  # where the text states a card's place
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """In batch row `row`, the rows that write a card's place (each predicts the next token of "(x, y)")
+    and the image rows that show that card: what `stages.pointer_loss` asks one attention head to join."""
+
+    row: int
+    queries: tuple[int, ...]
+    keys: tuple[int, ...]
+
+
+_CARD_AT = re.compile(r"[Cc]ard (\d+)\b[^()]*?\bat (\(-?\d+, -?\d+\))")
 
 
 def target_ids(model: ChatVLA2, item: Item) -> list[int]:
@@ -127,8 +142,50 @@ def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
             places = torch.from_numpy(np.stack([np.asarray(items[i].places, np.float32) for i in robot]))
             stated = torch.from_numpy(np.stack([stated_places(items[i].places) for i in robot]))
     tokens, token_places = card_token_targets(model, items, prepared)
+    pointers = card_pointers(model, items, targets, ids, rspans, tokens) if tokens is not None else []
     return Batch(ids, mask, mm, pv, grid, labels, pspans, rspans, robot, states, chunks, places, stated,
-                 tokens, token_places)
+                 tokens, token_places, pointers)
+
+
+def place_token_span(model: ChatVLA2, text: str, ids: Sequence[int]) -> tuple[int, int, int] | None:
+    """(card N, first, end) for a target text that names card N and then states its place "(x, y)":
+    the indices into `ids` (the text's token ids) of the tokens that overlap the place; None when the
+    text states no card's place or the tokens do not decode back to it."""
+    text = text.strip()  # as `encode_reasoning` encodes it
+    m = _CARD_AT.search(text)
+    if m is None:
+        return None
+    decode = model.prompts.tokenizer.decode
+    base = decode(list(ids), skip_special_tokens=False).find(text)
+    if base < 0:
+        return None
+    a, b = base + m.start(2), base + m.end(2)
+    ends = [len(decode(list(ids[:j + 1]), skip_special_tokens=False)) for j in range(len(ids))]
+    starts = [0, *ends[:-1]]
+    hit = [j for j in range(len(ids)) if starts[j] < b and ends[j] > a]
+    return (int(m.group(1)), hit[0], hit[-1] + 1) if hit else None
+
+
+def card_pointers(model: ChatVLA2, items: Sequence[Item], targets: Sequence[Sequence[int]], ids: torch.Tensor,
+                  rspans: Sequence[tuple[int, int]], tokens: torch.Tensor) -> list[Pointer]:
+    """A `Pointer` for each item whose target states the place of a card that its images show at a
+    labelled token (`card_token_targets`' `tokens`, in the order of the image rows)."""
+    pad = model.prompts.tokenizer.token_to_id(IMAGE_PAD)
+    out, offset = [], 0
+    for i, (it, t) in enumerate(zip(items, targets)):
+        image_rows = torch.nonzero(ids[i] == pad).flatten()
+        labels = tokens[offset:offset + len(image_rows)]
+        offset += len(image_rows)
+        span = place_token_span(model, it.target, t) if it.card_pixels is not None else None
+        if span is None:
+            continue
+        card, first, end = span
+        keys = image_rows[labels == card]
+        start = rspans[i][0]  # the row of target token j is start + j; the row before it predicts it
+        queries = tuple(start + j - 1 for j in range(first, end))
+        if len(keys) and queries[0] >= 0:
+            out.append(Pointer(i, queries, tuple(int(k) for k in keys)))
+    return out
 
 
 def card_token_targets(model: ChatVLA2, items: Sequence[Item], prepared: Sequence[PreparedPrompt]

@@ -230,7 +230,10 @@ def card_places(task: MathMatchingTask, poses: dict[str, Pose]) -> dict[int, tup
     return {int(n): (float(poses[card_name(n)].pos[0]), float(poses[card_name(n)].pos[1])) for n in task.card_numbers}
 
 
-def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: int = 1_000_000,
+FIRST_SCENE_SEED = 1_000_000  # rendered scenes' task seeds start here, far from any recorded episode's
+
+
+def render_scenes(profile: RobotProfile, n: int, *, seed: int, first_task_seed: int = FIRST_SCENE_SEED,
                   kind: str = "math_matching", progress: bool = True) -> list[Scene]:
     """`n` extra scenes of task `kind` (training split, task seeds from `first_task_seed`) rendered at
     rest with the rig's cameras, each with three questions, the instruction and the reasoning. Needs
