@@ -275,7 +275,7 @@ class CardCellProbe(torch.nn.Module):
     turning a number into a sign and two digits takes sharp thresholds that the one layer after the
     copy has not learnt. A class per cell is what a token is; copied through the head's linear value
     path it stays one, so the last layer only has to map a cell and the token's place in "(x, y)" to
-    a digit.
+    a digit. Like the other probes it lives in the training state only."""
 
     LOW, HIGH = -30, 30  # cm; the table's cards lie well inside
 
