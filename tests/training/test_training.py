@@ -459,8 +459,52 @@ def test_train_refuses_bad_weights_and_an_unwritable_out_before_reading_any_data
     missing = tmp_path / "no-episodes-here"
     assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--card-place-weight", "-1"]) == 2
     assert "--pointer-weight must be >= 0" in capsys.readouterr().err
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--prompt-shuffle", "1.5"]) == 2
+    assert "--prompt-shuffle must be in [0, 1]" in capsys.readouterr().err
     out = tmp_path / "dangling"
     out.symlink_to(tmp_path / "gone")
     assert main(["train", "--data", str(missing), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"cannot write to --out {out}" in err and "Traceback" not in err
+
+
+def test_prompt_shuffle_takes_a_share_of_the_prompts_from_other_ticks_and_leaves_the_rest():
+    """--prompt-shuffle: off, the batch's own prompts and no draw from the generator (runs without it
+    are unchanged); at 1, every prompt from a random tick; in between, about that share."""
+    from chatvla.training.stages import shuffled_prompts
+
+    prompt = torch.arange(1000, dtype=torch.float32)[:, None].repeat(1, 3)
+    idx = torch.arange(200)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(shuffled_prompts(prompt, idx, 0.0, gen), prompt[idx])
+    assert torch.equal(torch.randint(0, 9, (4,), generator=gen),
+                       torch.randint(0, 9, (4,), generator=torch.Generator().manual_seed(0)))
+    every = shuffled_prompts(prompt, idx, 1.0, torch.Generator().manual_seed(1))
+    assert (every[:, 0] != idx.float()).float().mean() > 0.95
+    half = shuffled_prompts(prompt, idx, 0.5, torch.Generator().manual_seed(2))
+    kept = (half[:, 0] == idx.float()).float().mean().item()
+    assert 0.4 < kept < 0.65
+    assert torch.equal(half, shuffled_prompts(prompt, idx, 0.5, torch.Generator().manual_seed(2)))
+
+
+def test_stage2_with_prompt_shuffle_trains_and_records_it(episodes_dir, tmp_path):
+    trainer = _trainer(episodes_dir, tmp_path, 0, 4, prompt_shuffle=0.5)
+    before = [p.detach().clone() for p in trainer.model.expert.parameters()]
+    trainer.stage2()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.expert.parameters()))
+    saved = json.loads((tmp_path / "train" / "progress.json").read_text())
+    assert saved["config"]["prompt_shuffle"] == 0.5
+
+
+def test_stage2_features_are_cached_again_when_the_episodes_change(episodes_dir, tmp_path, capsys):
+    """A run continued with other episodes (or another stride) must not train on the old ones' features:
+    the cache carries a key of what it was computed from."""
+    first = _trainer(episodes_dir, tmp_path, 0, 1)
+    n_all = first.features()["prompt"].shape[0]
+    again = _trainer(episodes_dir, tmp_path, 0, 1)
+    assert again.features()["prompt"].shape[0] == n_all and "caching again" not in capsys.readouterr().err
+    fewer = _trainer(episodes_dir, tmp_path, 0, 1)
+    fewer.data.episodes = fewer.data.episodes[:1]
+    n_one = fewer.features()["prompt"].shape[0]
+    assert "caching again" in capsys.readouterr().err
+    assert n_one == -(-len(fewer.data.episodes[0].actions) // 8) < n_all

@@ -100,6 +100,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    f"--scenes) (default {d.card_steps}: no stage 0)")
     p.add_argument("--stage2-tick-stride", type=int, default=d.stage2_tick_stride,
                    help=f"cache every Nth tick for stage 2 (default {d.stage2_tick_stride})")
+    p.add_argument("--prompt-shuffle", type=float, default=d.prompt_shuffle,
+                   help="stage 2: share of samples whose prompt features (the images' pooled hidden states) come "
+                   "from another tick, so the expert must take the card's and the square's places from the "
+                   f"reasoning (default {d.prompt_shuffle}; 0: off)")
     p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0 = all)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N stage-1 steps")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: all cores)")
@@ -169,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"chatvla train: needs the server and sim extras ({e}); pip install 'chatvla-serve[server,sim,plot]'",
               file=sys.stderr)
+        return 2
+    if not 0.0 <= args.prompt_shuffle <= 1.0:
+        print("chatvla train: --prompt-shuffle must be in [0, 1]", file=sys.stderr)
         return 2
     if not 0.0 <= args.scene_reasoning < 1.0:
         print("chatvla train: --scene-reasoning must be in [0, 1)", file=sys.stderr)
@@ -240,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
                        save_every=args.save_every, place_weight=args.place_weight,
                        card_token_weight=args.card_token_weight, card_place_weight=args.card_place_weight,
                        card_cell_weight=args.card_cell_weight, pointer_weight=args.pointer_weight,
-                       card_steps=args.card_steps,
+                       card_steps=args.card_steps, prompt_shuffle=args.prompt_shuffle,
                        scene_reasoning_fraction=args.scene_reasoning)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)

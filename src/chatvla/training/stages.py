@@ -13,6 +13,7 @@ uninterrupted one would have seen. Optimiser state is saved as safetensors + JSO
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from chatvla.client.sim.catalog import MAX_NUMBER
@@ -72,6 +74,7 @@ class TrainConfig:
     lr_card: float = 3e-3
     balance_weight: float = 0.01
     stage2_tick_stride: int = 3  # cache every Nth tick for stage 2 (neighbouring ticks look alike)
+    prompt_shuffle: float = 0.0  # stage 2: share of samples whose prompt features come from another tick (0: off)
     save_every: int = 200
     grad_clip: float = 1.0
 
@@ -134,6 +137,30 @@ def diffusion_loss(model: ChatVLA2, prompt_pooled: torch.Tensor, reasoning_poole
     a = ex.ddim.alphas_cumprod.to(dev)[t].view(b, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
     return F.mse_loss(ex.policy_head(xt, t, obs_c, rea_c), eps)
+
+
+def features_key(data: Dataset, stride: int) -> str:
+    """What the stage-2 feature cache was computed from (each episode's task seed, file name and length,
+    and the stride): a run resumed or continued with more or other episodes must not train on the
+    features of the old ones."""
+    ids = [(getattr(ep.task, "seed", None), Path(ep.path).name, len(ep.actions)) for ep in data.episodes]
+    return hashlib.sha256(json.dumps([stride, ids]).encode()).hexdigest()[:16]
+
+
+def shuffled_prompts(prompt: torch.Tensor, idx: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """The pooled prompt features of samples `idx`, a `share` of them taken from another random tick.
+
+    Why: the prompt's pooled image features tell the 400 recorded layouts apart, so an expert trained on
+    them alone can remember each episode's motion and ignore the reasoning; on a new layout, or when the
+    text names another card, it then goes where nothing told it to. With the prompt of another tick (another
+    layout) on a share of samples, only the reasoning (where the card is, where the square is) and the
+    joint state predict the chunk, so the expert learns to follow the text: the paper's claim. The draw
+    consumes `gen` only when the share is above 0, so runs without it are unchanged."""
+    if share <= 0:
+        return prompt[idx]
+    swap = torch.rand(idx.shape[0], generator=gen) < share
+    other = torch.randint(0, prompt.shape[0], (idx.shape[0],), generator=gen)
+    return prompt[torch.where(swap, other, idx)]
 
 
 class PlaceProbe(torch.nn.Module):
@@ -606,9 +633,15 @@ class Trainer:
         """Pooled prompt / reasoning hidden states of every (strided) training tick, with its state and
         chunk; computed once with the frozen VLM and cached in `train/stage2_features.safetensors`."""
         path = self.state_dir / "stage2_features.safetensors"
-        if path.is_file():
-            return load_file(str(path))
         model, cfg = self.model, self.cfg
+        key = features_key(self.data, cfg.stage2_tick_stride)
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                cached = (f.metadata() or {}).get("key")
+            if cached == key:
+                return load_file(str(path))
+            print(f"stage 2: {path} was cached from other episodes or another --stage2-tick-stride; caching again",
+                  file=sys.stderr)
         model.eval()
         index = [(e, t) for e, ep in enumerate(self.data.episodes)
                  for t in range(0, len(ep.actions), cfg.stage2_tick_stride)]
@@ -627,7 +660,7 @@ class Trainer:
         feats = {"prompt": torch.cat(prompt), "reasoning": torch.cat(reas), "states": torch.cat(states),
                  "chunks": torch.cat(chunks)}
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(path))
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(path), metadata={"key": key})
         return feats
 
     def stage2(self) -> None:
@@ -650,7 +683,8 @@ class Trainer:
                     g["lr"] = lr_at(step, cfg.stage2_steps, cfg.lr_stage2, cfg.warmup_steps)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7 + step)
                 idx = torch.randint(0, n, (cfg.stage2_batch_size,), generator=gen)
-                loss = diffusion_loss(model, feats["prompt"][idx].to(dev), feats["reasoning"][idx].to(dev),
+                prompt = shuffled_prompts(feats["prompt"], idx, cfg.prompt_shuffle, gen)
+                loss = diffusion_loss(model, prompt.to(dev), feats["reasoning"][idx].to(dev),
                                       feats["states"][idx], feats["chunks"][idx], gen)
                 self._step(opt, params, loss)
                 v = loss.item()
