@@ -143,7 +143,7 @@ def features_key(data: Dataset, stride: int) -> str:
     """What the stage-2 feature cache was computed from (each episode's task seed, file name and length,
     and the stride): a run resumed or continued with more or other episodes must not train on the
     features of the old ones."""
-    ids = [(getattr(ep.task, "seed", None), Path(ep.path).name, len(ep.actions)) for ep in data.episodes]
+    ids = [(ep.task.seed, Path(ep.path).name, len(ep.actions)) for ep in data.episodes]
     return hashlib.sha256(json.dumps([stride, ids]).encode()).hexdigest()[:16]
 
 
