@@ -59,6 +59,7 @@ def test_one_closed_loop_eval_episode_through_a_server_process(rendering, tmp_pa
     (ep,) = doc["episodes"]
     assert not ep["error"] and ep["ticks"] >= 200
     assert "Pick card" in ep["reasoning_first"] and "+" in ep["reasoning_first"], ep["reasoning_first"]
+    assert 0.0 <= ep["reasoning_place_fraction"] <= 1.0
     assert doc["summary"]["train"]["success"]["n"] == 1
     assert (tmp_path / "filmstrip.png").stat().st_size > 10_000
     assert "Closed-loop evaluation" in (tmp_path / "report.html").read_text()

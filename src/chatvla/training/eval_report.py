@@ -74,6 +74,7 @@ def html_report(summary: Mapping[str, Any], meta: Mapping[str, Any], outcomes: S
             f"<td>{_pct(s.get('reasoning_correct_first', {}))}</td>"
             f"<td>{_pct(s.get('reasoning_place_within_2cm_first', {}))}</td>"
             f"<td>{s.get('reasoning_correct_all_chunks', '-')}</td>"
+            f"<td>{s.get('reasoning_place_within_2cm_all_chunks', '-')}</td>"
             f"<td>{s['seconds_to_success_median'] if s['seconds_to_success_median'] is not None else '-'}</td>"
             f"<td>{_pct(s.get('override_followed', {}))}</td><td>{s['stall_ticks_mean']}</td></tr>")
     img = ""
@@ -95,7 +96,8 @@ padding:3px 8px;font-size:13px}}</style></head><body>
 <p>{TOY_LEGEND if toy else MATH_LEGEND}</p>
 <table><tr><th>mode</th><th>episodes</th><th>task success</th><th>reasoning correct (first)</th>
 <th>{'places' if toy else 'card place'} right (first)</th><th>reasoning correct (all chunks)</th>
-<th>median s to success</th><th>override {'followed' if toy else 'card placed'}</th><th>stall ticks / episode</th>
+<th>place right (all chunks)</th><th>median s to success</th>
+<th>override {'followed' if toy else 'card placed'}</th><th>stall ticks / episode</th>
 </tr>{''.join(rows)}</table>
 {img}
 <h2>Episodes</h2><table><tr><th>mode</th><th>seed</th><th>{'task' if toy else 'board'}</th><th>first reasoning</th>

@@ -62,6 +62,7 @@ class EpisodeOutcome:
     reasoning_correct_fraction: float
     stalls: int
     reasoning_place_first: bool | None = None  # the card's place stated within 2 cm
+    reasoning_place_fraction: float | None = None  # ... in every chunk's text (scene when the reply came)
     override_card: int | None = None
     override_followed: bool | None = None  # the named card lies on the zone
     answer_card_placed: bool | None = None  # the true answer's card lies on the zone
@@ -86,6 +87,7 @@ class ToyEpisodeOutcome:
     reasoning_correct_fraction: float
     stalls: int
     reasoning_place_first: bool | None = None  # the subject's place and its destination stated within 2 cm
+    reasoning_place_fraction: float | None = None  # ... in every chunk's text (scene when the reply came)
     override_relation: str | None = None
     override_followed: bool | None = None  # the subject ends where the supplied text says
     instruction_followed: bool | None = None  # ... where the instruction says instead
@@ -107,6 +109,7 @@ class _Watcher:
     camera: str = "front"  # the filmstrip's camera
     loop: Any = None
     reasonings: list[str] = field(default_factory=list)
+    reasoning_poses: list[dict[str, Pose]] = field(default_factory=list)  # the scene as each text arrived
     first_success_tick: int | None = None
     frames: list[tuple[float, np.ndarray, str]] = field(default_factory=list)
 
@@ -124,6 +127,7 @@ class _Watcher:
         for r in record.replies:
             if r.reasoning:
                 self.reasonings.append(r.reasoning)
+                self.reasoning_poses.append(self.robot.object_poses())
         if self.first_success_tick is None and record.tick % 5 == 0 and self.robot.check_success().success:
             self.first_success_tick = record.tick
         if self.film and record.tick % max(1, round(FILM_EVERY_S / self.dt)) == 0:
@@ -131,6 +135,14 @@ class _Watcher:
             if img is not None:
                 self.frames.append((record.tick * self.dt, np.asarray(img).copy(),
                                     self.reasonings[-1] if self.reasonings else ""))
+
+
+def place_fraction(task: Task, texts: Sequence[str], poses: Sequence[dict[str, Pose]]) -> float | None:
+    """The share of an episode's texts that state the places right for the scene as it was when each
+    arrived: a text that flips between two cards' places from chunk to chunk sends the arm between
+    them, which the first text alone does not show."""
+    judged = [judge(task, t, p).place_ok for t, p in zip(texts, poses)]
+    return float(np.mean([bool(j) for j in judged])) if judged else None
 
 
 def card_on_zone(robot: Any, task: MathMatchingTask, number: int) -> bool:
@@ -202,6 +214,7 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
         reasoning_first=first, reasoning_correct_first=bool(judged and judged[0]),
         reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0, stalls=int(ex.get("stalls", 0)),
         reasoning_place_first=judge(task, first, poses0).place_ok if first else None,
+        reasoning_place_fraction=place_fraction(task, watcher.reasonings, watcher.reasoning_poses),
     )
     if isinstance(task, ToyPlacementTask):
         toy = ToyEpisodeOutcome(mode=mode, seed=task.seed, instruction=task.instruction, subject=task.subject,
@@ -254,6 +267,9 @@ def summarise(outcomes: Sequence[Outcome]) -> dict[str, Any]:
             s["reasoning_correct_first"] = rate([o.reasoning_correct_first for o in eps])
             s["reasoning_place_within_2cm_first"] = rate([bool(o.reasoning_place_first) for o in eps])
             s["reasoning_correct_all_chunks"] = round(float(np.mean([o.reasoning_correct_fraction for o in eps])), 4)
+            fractions = [o.reasoning_place_fraction for o in eps if o.reasoning_place_fraction is not None]
+            if fractions:
+                s["reasoning_place_within_2cm_all_chunks"] = round(float(np.mean(fractions)), 4)
         else:
             s["override_followed"] = rate([bool(o.override_followed) for o in eps])
             if isinstance(eps[0], ToyEpisodeOutcome):
