@@ -25,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, table, write_result
 
 from chatvla.client.sim.tasks.math_matching import card_name
-from chatvla.training.evaluate import EVAL_SEED_BASE, episode_task
+from chatvla.training.evaluate import EVAL_SEED_BASE, MODE_SEED_OFFSETS, episode_task
 
 BINS_DEG = ((0.0, 7.0), (7.0, 14.0), (14.0, 21.0))  # the task draws yaw uniformly in +-0.35 rad (20 degrees)
-OVERRIDE_OFFSET = 200_000  # episode_task's seed offset for override episodes
 
 
 def named_card_yaws(path: Path) -> list[tuple[float, bool]]:
@@ -38,7 +37,7 @@ def named_card_yaws(path: Path) -> list[tuple[float, bool]]:
     for ep in doc.get("episodes", []):
         if ep.get("mode") != "override" or ep.get("override_card") is None or ep.get("error"):
             continue
-        task = episode_task("override", ep["seed"] - EVAL_SEED_BASE - OVERRIDE_OFFSET)
+        task = episode_task("override", ep["seed"] - EVAL_SEED_BASE - MODE_SEED_OFFSETS["override"])
         spec = next(o for o in task.objects if o.name == card_name(ep["override_card"]))
         rows.append((abs(math.degrees(spec.yaw)), bool(ep["override_followed"])))
     return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from chatvla.client.sim.tasks import make_task
 from chatvla.training.evaluate import EpisodeOutcome, place_fraction, summarise
-from chatvla.training.labels import override_text, reasoning_for
+from chatvla.training.labels import judge, override_text, reasoning_for
 
 
 def test_place_fraction_judges_each_text_against_the_scene_when_it_arrived():
@@ -13,8 +13,8 @@ def test_place_fraction_judges_each_text_against_the_scene_when_it_arrived():
     other = next(n for n in task.card_numbers if n != task.answer)
     right = reasoning_for(task, poses)
     elsewhere = override_text(task, other, poses)  # the answer's sum, another card and its place
-    assert place_fraction(task, [right, right, elsewhere, right], [poses] * 4) == 0.75
-    assert place_fraction(task, [], []) is None
+    assert place_fraction([judge(task, t, poses) for t in (right, right, elsewhere, right)]) == 0.75
+    assert place_fraction([]) is None
 
 
 def test_summary_reports_the_mean_place_fraction_of_the_episodes_that_have_one():

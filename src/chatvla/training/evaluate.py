@@ -41,9 +41,18 @@ from chatvla.client.sim.tasks.math_matching import CARD_HALF, FACE_UP_COS, card_
 from chatvla.client.sim.tasks.toy_placement import ToyPlacementTask
 from chatvla.profiles import FRANKA_JOINT
 from chatvla.training.data import TASK_PROFILES
-from chatvla.training.labels import judge, judge_reasoning, override_relation, override_text, toy_text
+from chatvla.training.labels import (
+    ReasoningJudgement,
+    ToyJudgement,
+    judge,
+    judge_reasoning,
+    override_relation,
+    override_text,
+    toy_text,
+)
 
 MODES = ("train", "heldout", "override")
+MODE_SEED_OFFSETS = {"train": 0, "heldout": 100_000, "override": 200_000}  # added to EVAL_SEED_BASE + index
 EVAL_SEED_BASE = 500_000  # task seeds for evaluation: far from the recorded training episodes' seeds
 FILM_EVERY_S = 1.5
 
@@ -137,12 +146,11 @@ class _Watcher:
                                     self.reasonings[-1] if self.reasonings else ""))
 
 
-def place_fraction(task: Task, texts: Sequence[str], poses: Sequence[dict[str, Pose]]) -> float | None:
-    """The share of an episode's texts that state the places right for the scene as it was when each
-    arrived: a text that flips between two cards' places from chunk to chunk sends the arm between
-    them, which the first text alone does not show."""
-    judged = [judge(task, t, p).place_ok for t, p in zip(texts, poses)]
-    return float(np.mean([bool(j) for j in judged])) if judged else None
+def place_fraction(judged: Sequence[ReasoningJudgement | ToyJudgement]) -> float | None:
+    """The share of an episode's texts that state the places right, each judged against the scene as it
+    was when it arrived: a text that flips between two cards' places from chunk to chunk sends the arm
+    between them, which the first text alone does not show."""
+    return float(np.mean([bool(j.place_ok) for j in judged])) if judged else None
 
 
 def card_on_zone(robot: Any, task: MathMatchingTask, number: int) -> bool:
@@ -167,8 +175,7 @@ def episode_task(mode: str, index: int, kind: str = "math_matching") -> Task:
     override episode needs another relation whose spot is free and reachable; a seed without one is
     replaced by the next at `TOY_OVERRIDE_STRIDE` (deterministic)."""
     split = "heldout" if mode == "heldout" else "train"
-    offset = {"train": 0, "heldout": 100_000, "override": 200_000}[mode]
-    seed = EVAL_SEED_BASE + offset + index
+    seed = EVAL_SEED_BASE + MODE_SEED_OFFSETS[mode] + index
     task = make_task(kind, seed=seed, split=split)
     if kind == "math_matching":
         assert isinstance(task, MathMatchingTask)
@@ -204,7 +211,9 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
                       observers=[watcher], token=token, robot_id=f"eval-{mode}-{index}",
                       on_loop=watcher.attach if override is not None else None)
     result = robot.check_success()
-    judged = [judge(task, t).correct for t in watcher.reasonings]
+    # One judgement per text, against the scene when it arrived (the sum and card do not depend on it).
+    judgements = [judge(task, t, p) for t, p in zip(watcher.reasonings, watcher.reasoning_poses)]
+    judged = [j.correct for j in judgements]
     first = watcher.reasonings[0] if watcher.reasonings else ""
     ex = dict(res.summary.get("executor", {}))
     seconds_to_success = (watcher.first_success_tick * dt if result.success and watcher.first_success_tick
@@ -214,7 +223,7 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
         reasoning_first=first, reasoning_correct_first=bool(judged and judged[0]),
         reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0, stalls=int(ex.get("stalls", 0)),
         reasoning_place_first=judge(task, first, poses0).place_ok if first else None,
-        reasoning_place_fraction=place_fraction(task, watcher.reasonings, watcher.reasoning_poses),
+        reasoning_place_fraction=place_fraction(judgements),
     )
     if isinstance(task, ToyPlacementTask):
         toy = ToyEpisodeOutcome(mode=mode, seed=task.seed, instruction=task.instruction, subject=task.subject,
