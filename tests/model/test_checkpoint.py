@@ -181,3 +181,21 @@ def test_tiny_tokenizer_rebuilds_identically():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_tokenizer.py"), "--check"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_reasoning_refresh_the_model_was_trained_for_travels_with_it_to_the_engine(saved, tmp_path):
+    """A checkpoint without the keys (every one written before them) asks for text every observation;
+    one that names a refresh gets it through config.json into the engine's info, where the server
+    takes its default policy from; a nonsense one is refused at load."""
+    from chatvla.engines.torch_engine import TorchEngine
+
+    assert TorchEngine(load_model(saved)).info.reasoning_refresh == (1, 0.0)
+    ckpt = _copy(saved, tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["chatvla"]["reasoning"].update(refresh_every_n=1000, refresh_every_seconds=4.0)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert TorchEngine(load_model(ckpt)).info.reasoning_refresh == (1000, 4.0)
+    cfg["chatvla"]["reasoning"]["refresh_every_n"] = 0
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises((CheckpointError, ValueError), match="refresh_every_n"):
+        load_model(ckpt)

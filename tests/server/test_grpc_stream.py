@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -550,3 +551,27 @@ async def test_malformed_message_mid_stream_is_answered_in_band_and_the_stream_c
     assert sorted(a for a in answered if a[0] == "chunk") == [("chunk", 1), ("chunk", 2), ("chunk", 3)]
     assert answered.count(("error", 0)) == 3
     assert await call.code() == grpc.StatusCode.OK
+
+
+class _FollowsOlderText(NullEngine):
+    """A model whose checkpoint asks for new text every 5th observation or after 2 s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._info = replace(self._info, reasoning_refresh=(5, 2.0))
+
+
+async def test_sessions_default_to_the_refresh_the_model_was_trained_for_unless_a_flag_or_the_robot_sets_one(serve):
+    """The checkpoint knows which text its expert follows (`reasoning.refresh_every_n`); a server
+    flag overrides it for every session, a robot's SessionStart for its own."""
+    srv = await serve(engine=_FollowsOlderText(), warmup=False)
+    _, info = await srv.open_stream()
+    assert (info.reasoning.every_n, info.reasoning.every_seconds) == (5, 2.0)
+    _, own = await srv.open_stream(reasoning=pb.ReasoningPolicy(every_n=1), robot_id="other")
+    assert own.reasoning.every_n == 1
+    flagged = await serve(engine=_FollowsOlderText(), warmup=False, reasoning_every_n=2)
+    _, info = await flagged.open_stream()
+    assert (info.reasoning.every_n, info.reasoning.every_seconds) == (2, 0.0)
+    plain = await serve(warmup=False)
+    _, info = await plain.open_stream()
+    assert (info.reasoning.every_n, info.reasoning.every_seconds) == (1, 0.0)

@@ -145,7 +145,8 @@ def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "chatvla.cli.main", "train", "--data", str(episodes_dir), "--out",
                         str(out), "--stage1-steps", "40", "--stage2-steps", "40", "--batch-size", "4", "--scenes", "0",
-                        "--stage2-tick-stride", "6", "--quiet"], capture_output=True, text=True, timeout=300)
+                        "--stage2-tick-stride", "6", "--stage2-old-text", "0.5", "--serve-reasoning-every-n", "7",
+                        "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((out / "train_log.json").read_text())
     for name in ("stage1/lm", "stage1/diffusion", "stage2/diffusion"):
@@ -171,7 +172,9 @@ def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_
             chunk = stub.Infer(req, timeout=60).chunk
             actions = tensor_from_proto(chunk.actions, field="chunk.actions")
             assert actions.shape == (16, 8) and np.isfinite(actions).all()
-            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_id == "chatvla-tiny-sim"
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            assert info.model_id == "chatvla-tiny-sim"
+            assert info.default_reasoning.every_n == 7  # the checkpoint's own refresh is the server's default
     finally:
         assert server.stop() == 0
 
@@ -461,6 +464,10 @@ def test_train_refuses_bad_weights_and_an_unwritable_out_before_reading_any_data
     assert "--pointer-weight must be >= 0" in capsys.readouterr().err
     assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--prompt-shuffle", "1.5"]) == 2
     assert "--prompt-shuffle must be in [0, 1]" in capsys.readouterr().err
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--stage2-old-text", "-0.1"]) == 2
+    assert "--stage2-old-text must be in [0, 1]" in capsys.readouterr().err
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--serve-reasoning-every-n", "0"]) == 2
+    assert "--serve-reasoning-every-n must be >= 1" in capsys.readouterr().err
     out = tmp_path / "dangling"
     out.symlink_to(tmp_path / "gone")
     assert main(["train", "--data", str(missing), "--out", str(out)]) == 2
@@ -508,3 +515,40 @@ def test_stage2_features_are_cached_again_when_the_episodes_change(episodes_dir,
     n_one = fewer.features()["prompt"].shape[0]
     assert "caching again" in capsys.readouterr().err
     assert n_one == -(-len(fewer.data.episodes[0].actions) // 8) < n_all
+
+
+def test_old_text_pairs_a_share_of_ticks_with_an_earlier_ticks_text_half_of_them_the_first():
+    """--stage2-old-text: off, every tick keeps its own text (runs without it are unchanged); on, about
+    that share of the later ticks carry the text of an earlier tick of the same episode, about half of
+    those the episode's first, and never a later tick's; the same seed draws the same pairs."""
+    from chatvla.training.stages import text_ticks
+
+    lengths = [160] * 40
+    off = text_ticks(lengths, 4, 0.0, seed=3)
+    assert all(src == t for _, t, src in off) and len(off) == 40 * 40
+    on = text_ticks(lengths, 4, 0.6, seed=3)
+    assert [(e, t) for e, t, _ in on] == [(e, t) for e, t, _ in off]
+    assert all(0 <= src <= t for _, t, src in on)
+    later = [(t, src) for _, t, src in on if t > 0]
+    old = [(t, src) for t, src in later if src != t]
+    assert 0.5 < len(old) / len(later) < 0.7
+    assert 0.4 < sum(src == 0 for _, src in old) / len(old) < 0.65
+    assert on == text_ticks(lengths, 4, 0.6, seed=3) != text_ticks(lengths, 4, 0.6, seed=4)
+
+
+def test_stage2_features_with_old_text_are_keyed_apart_and_carry_the_earlier_ticks_text(episodes_dir, tmp_path, capsys):
+    """The cache key says which ticks carry old text, so a run with another share caches again; the
+    cached reasoning rows of a tick given the first tick's text are that text's rows."""
+    from chatvla.training.stages import features_key
+
+    plain = _trainer(episodes_dir, tmp_path, 0, 1)
+    feats = plain.features()
+    old = _trainer(episodes_dir, tmp_path, 0, 1, stage2_old_text=1.0)
+    assert features_key(old.data, 8, 1.0, 0) != features_key(old.data, 8)
+    old_feats = old.features()
+    assert "caching again" in capsys.readouterr().err
+    assert old_feats["prompt"].shape == feats["prompt"].shape
+    torch.testing.assert_close(old_feats["prompt"], feats["prompt"])  # the images are the tick's own
+    assert torch.equal(old_feats["states"], feats["states"]) and torch.equal(old_feats["chunks"], feats["chunks"])
+    assert any(len(set(ep.reasoning)) > 1 for ep in old.data.episodes)  # the card moves: its text changes
+    assert not torch.equal(old_feats["reasoning"], feats["reasoning"])

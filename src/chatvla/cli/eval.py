@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--target", help="evaluate a running server instead (HOST:PORT)")
     p.add_argument("--token", help="bearer token for --target")
     p.add_argument("--episodes", type=int, default=50, help="episodes per mode (default 50)")
+    p.add_argument("--first", type=int, default=0, metavar="INDEX",
+                   help="index of each mode's first episode (default 0). The reported figures use 0-49; choosing a "
+                   "setting on, say, --first 1000 keeps that choice off the episodes it is then reported on")
     p.add_argument("--modes", default="train,heldout,override",
                    help="comma-separated: train, heldout, override (default all three)")
     p.add_argument("--robots", type=int, default=2, help="simulated robots running at once (default 2)")
@@ -69,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes < 1 or args.robots < 1 or args.seconds <= 0:
         print("chatvla eval: --episodes, --robots and --seconds must be positive", file=sys.stderr)
         return 2
+    if args.first < 0:
+        print("chatvla eval: --first must be 0 or more", file=sys.stderr)
+        return 2
     from chatvla.cli.simcheck import sim_unavailable
 
     if sim_unavailable("eval"):
@@ -94,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
         addresses = [server.grpc_address]
     t0 = time.monotonic()
     try:
+        policy = _served_policy(addresses[0], args.token)
         outcomes, films = run_eval(addresses, modes, args.episodes, robots=args.robots, seconds=args.seconds,
-                                   film_episodes=args.film, token=args.token, kind=args.task)
+                                   film_episodes=args.film, token=args.token, kind=args.task,
+                                   first=args.first)
     finally:
         if server is not None:
             rc = server.stop()
@@ -108,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
             "robots": args.robots, "episode_seconds": args.seconds, "wall_seconds": round(time.monotonic() - t0, 1),
             "command": "chatvla " + " ".join(sys.argv[1:]),
             "description": DESCRIPTIONS[args.task]}
+    if policy is not None and policy != {"every_n": 1, "every_seconds": 0.0}:
+        meta["reasoning_policy"] = policy  # what the sessions got (absent: new text every observation)
+    if args.first:
+        meta["first_episode"] = args.first
     if args.task != "math_matching":  # math matching's eval.json keeps its fields (the model card quotes them)
         meta["task"] = args.task
     eps = outcomes_json(outcomes)
@@ -130,3 +142,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"report: {out / 'report.html'}")
     errors = sum(1 for o in outcomes if o.error)
     return 1 if errors == len(outcomes) else 0
+
+
+def _served_policy(address: str, token: str | None) -> dict[str, float] | None:
+    """The reasoning policy the server gives sessions that ask for none (the eval's robots ask for
+    none): from its flags or its checkpoint, so the JSON says which one the figures were measured
+    with. None if the server does not say."""
+    import grpc
+
+    from chatvla.v1 import policy_pb2 as pb
+    from chatvla.v1 import policy_pb2_grpc as pbg
+    from chatvla.wire.vocabulary import AUTHORIZATION_KEY, bearer_header
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            md = ((AUTHORIZATION_KEY, bearer_header(token)),) if token else None
+            info = pbg.PolicyStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=md)
+    except grpc.RpcError:
+        return None
+    if not info.HasField("default_reasoning"):
+        return None
+    r = info.default_reasoning
+    return {"every_n": int(r.every_n), "every_seconds": float(r.every_seconds)}
+

@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "from the preset's seed: a VLM trained on one robot's scenes taken to another robot or task "
                    "(its VLM configuration must be the preset's; not with --init)")
     p.add_argument("--model-id", help="model id the checkpoint reports to clients (default: the preset's)")
+    p.add_argument("--serve-reasoning-every-n", type=int, default=1, metavar="N",
+                   help="the reasoning refresh the checkpoint asks servers for by default: new text every N "
+                   "observations, the ones between pre-fill the last text (default 1: every observation, what an "
+                   "expert trained on each tick's own text needs; with --stage2-old-text the expert follows older "
+                   "text too). A server's --reasoning-every-n overrides it")
+    p.add_argument("--serve-reasoning-every-seconds", type=float, default=0.0, metavar="S",
+                   help="and new text after S seconds (default 0: off)")
     p.add_argument("--relative-actions", action="store_true",
                    help="predict joint targets as offsets from the current state (the tiny-sim preset does)")
     p.add_argument("--device", default=d.device, help="torch device: cpu, cuda, cuda:1 (default cpu)")
@@ -104,6 +111,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="stage 2: share of samples whose prompt features (the images' pooled hidden states) come "
                    "from another tick, so the expert must take the card's and the square's places from the "
                    f"reasoning (default {d.prompt_shuffle}; 0: off)")
+    p.add_argument("--stage2-old-text", type=float, default=d.stage2_old_text,
+                   help="stage 2: share of ticks that carry an earlier tick's reasoning text (half of them the "
+                   "episode's first), so the expert follows text decoded a few observations ago, as a dual-rate "
+                   f"reasoning policy serves it (default {d.stage2_old_text}; 0: off)")
     p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0 = all)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N stage-1 steps")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: all cores)")
@@ -174,9 +185,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"chatvla train: needs the server and sim extras ({e}); pip install 'chatvla-serve[server,sim,plot]'",
               file=sys.stderr)
         return 2
-    if not 0.0 <= args.prompt_shuffle <= 1.0:
-        print("chatvla train: --prompt-shuffle must be in [0, 1]", file=sys.stderr)
+    if args.serve_reasoning_every_n < 1 or not 0 <= args.serve_reasoning_every_seconds < float("inf"):
+        print("chatvla train: --serve-reasoning-every-n must be >= 1 and --serve-reasoning-every-seconds finite "
+              "and >= 0", file=sys.stderr)
         return 2
+    for flag in ("prompt_shuffle", "stage2_old_text"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            print(f"chatvla train: --{flag.replace('_', '-')} must be in [0, 1]", file=sys.stderr)
+            return 2
     if not 0.0 <= args.scene_reasoning < 1.0:
         print("chatvla train: --scene-reasoning must be in [0, 1)", file=sys.stderr)
         return 2
@@ -248,9 +264,13 @@ def run(args: argparse.Namespace) -> int:
                        card_token_weight=args.card_token_weight, card_place_weight=args.card_place_weight,
                        card_cell_weight=args.card_cell_weight, pointer_weight=args.pointer_weight,
                        card_steps=args.card_steps, prompt_shuffle=args.prompt_shuffle,
+                       stage2_old_text=args.stage2_old_text,
                        scene_reasoning_fraction=args.scene_reasoning)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)
+    cfg_model = cfg_model.with_updates(reasoning=replace(
+        cfg_model.reasoning, refresh_every_n=args.serve_reasoning_every_n,
+        refresh_every_seconds=args.serve_reasoning_every_seconds))
     if args.relative_actions and not cfg_model.expert.relative_to_state:
         grip = set(cfg_model.profile.gripper_indices)
         rel = tuple(i for i in range(cfg_model.expert.action_dim) if i not in grip)

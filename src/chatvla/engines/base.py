@@ -97,6 +97,9 @@ class EngineInfo:
     max_reasoning_tokens: int
     extra: Mapping[str, Any] = field(default_factory=dict)
     state_stats: StateStats | None = None  # None: the engine has no state normalisation (NullEngine)
+    # (every_n, every_seconds): the reasoning refresh the model was trained to follow; the server's
+    # default policy unless its flags set one (`ReasoningConfig.refresh_every_n`).
+    reasoning_refresh: tuple[int, float] = (1, 0.0)
 
 
 # Called by `submit_reasoning` once per item: (index in the submitted batch, result or the error).

@@ -44,6 +44,7 @@ class TorchEngine(Engine):
             max_reasoning_tokens=self.max_new_tokens,
             extra={"parameters": n_params, "moe": model.cfg.moe.kind, "device": str(model.device)},
             state_stats=StateStats(model.stats.state_mean, model.stats.state_std) if model.stats else None,
+            reasoning_refresh=(model.cfg.reasoning.refresh_every_n, model.cfg.reasoning.refresh_every_seconds),
         )
 
     @classmethod

@@ -199,6 +199,7 @@ class VllmEngine(Engine):
             },
             # The expert's own buffers: stats.json as loaded (std clamped at 1e-6, as it divides by it).
             state_stats=StateStats(tuple(self.expert.state_mean.tolist()), tuple(self.expert.state_std.tolist())),
+            reasoning_refresh=(self.cfg.reasoning.refresh_every_n, self.cfg.reasoning.refresh_every_seconds),
         )
 
     # --- construction ---------------------------------------------------------------------------------

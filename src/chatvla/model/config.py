@@ -126,6 +126,20 @@ class ReasoningConfig:
     # Qwen2-VL image processor pixel budget per image (Qwen2-VL-2B default max is 28*28*1280).
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
+    # The reasoning refresh the action expert was trained to follow, the server's default policy unless
+    # its --reasoning-every-* flags say otherwise. An expert trained on each tick's own text (the text
+    # decoded for that very observation) wants new text every observation (1, 0); one trained with
+    # older text as well (`chatvla train --stage2-old-text`) follows text written once per
+    # instruction, and every other chunk can then pre-fill that text instead of decoding its own.
+    refresh_every_n: int = 1
+    refresh_every_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.refresh_every_n < 1:
+            raise ValueError(f"reasoning.refresh_every_n must be >= 1, got {self.refresh_every_n}")
+        if not math.isfinite(self.refresh_every_seconds) or self.refresh_every_seconds < 0:
+            raise ValueError("reasoning.refresh_every_seconds must be finite and >= 0, "
+                             f"got {self.refresh_every_seconds}")
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from typing import TextIO
 
-from chatvla.engines.base import Engine
+from chatvla.engines.base import Engine, EngineInfo
 from chatvla.engines.loader import EngineLoadError, load_engine
 from chatvla.server.auth import TokenFileError, TokenStore
 from chatvla.server.card import model_card
@@ -51,8 +52,19 @@ def scheduler_config(s: ServerSettings) -> SchedulerConfig:
         max_sessions=s.max_sessions,
         max_in_flight=s.max_in_flight,
         deadline_s=s.deadline_ms / 1e3,
-        reasoning=ReasoningPolicy(every_n=s.reasoning_every_n, every_seconds=s.reasoning_every_seconds),
+        reasoning=default_reasoning(s, None),
     )
+
+
+def default_reasoning(s: ServerSettings, info: EngineInfo | None) -> ReasoningPolicy:
+    """The reasoning policy of sessions that do not ask for their own: the flags where either is set,
+    else the one the model was trained to follow (`info.reasoning_refresh`): a model whose expert
+    follows text written once per instruction need not decode on every observation, one trained on
+    each observation's own text needs it to."""
+    if s.reasoning_every_n is not None or s.reasoning_every_seconds is not None or info is None:
+        return ReasoningPolicy(every_n=s.reasoning_every_n or 1, every_seconds=s.reasoning_every_seconds or 0.0)
+    n, secs = info.reasoning_refresh
+    return ReasoningPolicy(every_n=n, every_seconds=secs)
 
 
 def _load(model: str, engine: str, options: dict, threads: int) -> Engine:
@@ -182,6 +194,8 @@ class ServerApp:
             log.info("model compute on one thread with %d cores", threads)
             if s.warmup:
                 await loop.run_in_executor(self._compute, engine.warmup)
+            self.config = replace(self.config, reasoning=default_reasoning(s, engine.info))
+            self.state.reasoning = self.config.reasoning
             scheduler = Scheduler(engine, self.config, self.metrics, executor=self._compute)
             await scheduler.start()
             self.state.pipeline = scheduler

@@ -89,11 +89,14 @@ class ServerSettings(BaseModel):
     deadline_ms: int = Field(
         5000, ge=1, le=600_000, description="Default per-observation deadline (a request may set its own)."
     )
-    reasoning_every_n: int = Field(
-        1, ge=1, description="Default reasoning policy: write new reasoning every N observations."
+    reasoning_every_n: int | None = Field(
+        None, ge=1, description="Default reasoning policy: write new reasoning every N observations. Unset "
+        "(with --reasoning-every-seconds unset too): the policy the model was trained to follow, from its "
+        "checkpoint (`reasoning.refresh_every_n`; 1 when it names none).",
     )
-    reasoning_every_seconds: float = Field(
-        0.0, ge=0, description="Default reasoning policy: also refresh after this many seconds (0 = off)."
+    reasoning_every_seconds: float | None = Field(
+        None, ge=0, description="Default reasoning policy: also refresh after this many seconds (0 = off). "
+        "Unset: as --reasoning-every-n says.",
     )
     warmup: bool = Field(True, description="Run the engine once before reporting ready.")
     drain_timeout_s: float = Field(

@@ -117,8 +117,9 @@ class _Watcher:
     override: Callable[[dict[str, Pose]], str] | None = None  # the supplied reasoning for the scene now
     camera: str = "front"  # the filmstrip's camera
     loop: Any = None
-    reasonings: list[str] = field(default_factory=list)
+    reasonings: list[str] = field(default_factory=list)  # each text the model wrote, in order
     reasoning_poses: list[dict[str, Pose]] = field(default_factory=list)  # the scene as each text arrived
+    last_text: str = ""  # the text of the latest chunk, written or re-used (the filmstrip's caption)
     first_success_tick: int | None = None
     frames: list[tuple[float, np.ndarray, str]] = field(default_factory=list)
 
@@ -134,21 +135,24 @@ class _Watcher:
     def on_tick(self, record: TickRecord) -> None:
         self._refresh_override()
         for r in record.replies:
-            if r.reasoning:
+            # A text is judged once, when written: a chunk that re-uses the cached text (a dual-rate
+            # policy, `reasoning_refreshed` false) adds nothing the model said about the scene then.
+            if r.reasoning and (r.reasoning_refreshed or r.reasoning != self.last_text):
                 self.reasonings.append(r.reasoning)
                 self.reasoning_poses.append(self.robot.object_poses())
+            self.last_text = r.reasoning or self.last_text
         if self.first_success_tick is None and record.tick % 5 == 0 and self.robot.check_success().success:
             self.first_success_tick = record.tick
         if self.film and record.tick % max(1, round(FILM_EVERY_S / self.dt)) == 0:
             img = record.observation.images.get(self.camera)
             if img is not None:
-                self.frames.append((record.tick * self.dt, np.asarray(img).copy(),
-                                    self.reasonings[-1] if self.reasonings else ""))
+                self.frames.append((record.tick * self.dt, np.asarray(img).copy(), self.last_text))
 
 
 def place_fraction(judged: Sequence[ReasoningJudgement | ToyJudgement]) -> float | None:
     """The share of an episode's texts that state the places right, each judged against the scene as it
-    was when it arrived: a text that flips between two cards' places from chunk to chunk sends the arm
+    was when it arrived (every chunk's when every observation gets new text; with a dual-rate policy,
+    each text when written): a text that flips between two cards' places from chunk to chunk sends the arm
     between them, which the first text alone does not show."""
     return float(np.mean([bool(j.place_ok) for j in judged])) if judged else None
 
@@ -311,14 +315,15 @@ def failed_outcome(mode: str, index: int, kind: str, error: str) -> Outcome:
 
 def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, robots: int = 2,
              seconds: float = 20.0, film_episodes: int = 2, token: str | None = None,
-             progress: bool = True, kind: str = "math_matching") -> tuple[list[Outcome], dict[str, list]]:
-    """Run `episodes` per mode of task `kind` with `robots` simulated robots (the kind's rig) in
-    parallel against the server(s)."""
+             progress: bool = True, kind: str = "math_matching",
+             first: int = 0) -> tuple[list[Outcome], dict[str, list]]:
+    """Run `episodes` per mode of task `kind` (episode indices `first` on) with `robots` simulated
+    robots (the kind's rig) in parallel against the server(s)."""
     from chatvla.client.sim.robot import make_sim_robot
 
     jobs: queue.Queue[tuple[str, int]] = queue.Queue()
     for mode in modes:
-        for i in range(episodes):
+        for i in range(first, first + episodes):
             jobs.put((mode, i))
     total = jobs.qsize()
     outcomes: list[Outcome] = []
@@ -336,7 +341,7 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
                     return
                 if robot is None:
                     robot = make_sim_robot(TASK_PROFILES[kind], episode_task(mode, i, kind))
-                film = i < film_episodes
+                film = i - first < film_episodes
                 try:
                     o, frames = run_one(robot, addresses, mode, i, seconds, film=film, token=token, kind=kind)
                 except Exception as e:  # one broken episode is reported, the evaluation goes on

@@ -75,6 +75,7 @@ class TrainConfig:
     balance_weight: float = 0.01
     stage2_tick_stride: int = 3  # cache every Nth tick for stage 2 (neighbouring ticks look alike)
     prompt_shuffle: float = 0.0  # stage 2: share of samples whose prompt features come from another tick (0: off)
+    stage2_old_text: float = 0.0  # stage 2: share of cached ticks whose reasoning text is an earlier tick's (0: off)
     save_every: int = 200
     grad_clip: float = 1.0
 
@@ -139,12 +140,34 @@ def diffusion_loss(model: ChatVLA2, prompt_pooled: torch.Tensor, reasoning_poole
     return F.mse_loss(ex.policy_head(xt, t, obs_c, rea_c), eps)
 
 
-def features_key(data: Dataset, stride: int) -> str:
+def features_key(data: Dataset, stride: int, old_text: float = 0.0, seed: int = 0) -> str:
     """What the stage-2 feature cache was computed from (each episode's task seed, file name and length,
-    and the stride): a run resumed or continued with more or other episodes must not train on the
-    features of the old ones."""
+    the stride, and which ticks carry an earlier tick's text): a run resumed or continued with more or
+    other episodes must not train on the features of the old ones."""
     ids = [(ep.task.seed, Path(ep.path).name, len(ep.actions)) for ep in data.episodes]
-    return hashlib.sha256(json.dumps([stride, ids]).encode()).hexdigest()[:16]
+    parts: list[object] = [stride, ids] if old_text <= 0 else [stride, ids, old_text, seed]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def text_ticks(lengths: list[int], stride: int, share: float, seed: int) -> list[tuple[int, int, int]]:
+    """(episode, tick, the tick whose reasoning text goes with it) for every strided tick of stage 2.
+
+    Why: each tick's label states where the card is *now*, so an expert trained only on fresh text
+    follows a text to the letter: served with text decoded a few observations ago (a dual-rate
+    reasoning policy, or a slow decode) it goes back to where the card was before the pick. On a
+    `share` of ticks the text is an earlier tick's instead, half of them the episode's first (the
+    text of the first observation held all episode), half a uniformly drawn earlier tick: the expert
+    then learns that the images and the joint state say how far the task has got, and the text says
+    which card and where things were when it was written. Deterministic from `seed`."""
+    rng = np.random.default_rng([seed, 2])
+    out = []
+    for e, n in enumerate(lengths):
+        for t in range(0, n, stride):
+            src = t
+            if share > 0 and t > 0 and rng.random() < share:
+                src = 0 if rng.random() < 0.5 else int(rng.integers(0, t + 1))
+            out.append((e, t, src))
+    return out
 
 
 def shuffled_prompts(prompt: torch.Tensor, idx: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
@@ -371,10 +394,12 @@ def lm_loss(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 # --- sampling batches -----------------------------------------------------------------------------------
-def robot_item(data: Dataset, e: int, t: int) -> Item:
+def robot_item(data: Dataset, e: int, t: int, text_tick: int | None = None) -> Item:
+    """Tick `t` of episode `e`, with the reasoning text of `text_tick` (default: its own)."""
     ep = data.episodes[e]
     h = data.profile.chunk_size
-    return Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, ep.reasoning[t],
+    text = ep.reasoning[t if text_tick is None else text_tick]
+    return Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, text,
                 ep.states[t], ep.chunk(t, h), None if ep.places is None else ep.places[t])
 
 
@@ -634,7 +659,7 @@ class Trainer:
         chunk; computed once with the frozen VLM and cached in `train/stage2_features.safetensors`."""
         path = self.state_dir / "stage2_features.safetensors"
         model, cfg = self.model, self.cfg
-        key = features_key(self.data, cfg.stage2_tick_stride)
+        key = features_key(self.data, cfg.stage2_tick_stride, cfg.stage2_old_text, cfg.seed)
         if path.is_file():
             with safe_open(str(path), "pt") as f:
                 cached = (f.metadata() or {}).get("key")
@@ -643,13 +668,13 @@ class Trainer:
             print(f"stage 2: {path} was cached from other episodes or another --stage2-tick-stride; caching again",
                   file=sys.stderr)
         model.eval()
-        index = [(e, t) for e, ep in enumerate(self.data.episodes)
-                 for t in range(0, len(ep.actions), cfg.stage2_tick_stride)]
+        index = text_ticks([len(ep.actions) for ep in self.data.episodes], cfg.stage2_tick_stride,
+                           cfg.stage2_old_text, cfg.seed)
         prompt, reas, states, chunks = [], [], [], []
         bar = self._bar(len(index), 0, "stage 2: caching VLM features")
         bs = 32
         for i in range(0, len(index), bs):
-            batch = collate(model, [robot_item(self.data, e, t) for e, t in index[i:i + bs]])
+            batch = collate(model, [robot_item(self.data, e, t, src) for e, t, src in index[i:i + bs]])
             hidden = vlm_forward(model, batch)
             prompt.append(pool_spans(hidden, batch.prompt_spans).cpu())
             reas.append(pool_spans(hidden, batch.reasoning_spans).cpu())

@@ -80,3 +80,58 @@ def test_pixels_of_lands_on_the_card_in_the_image(camera: str, rendering: str) -
             r.pixels_of("card_99", camera)
     finally:
         r.close()
+
+
+def test_robots_on_several_threads_take_turns_at_the_gl(rendering: str) -> None:
+    """Robots that render on their own threads (as `chatvla eval --robots N` runs them) never render
+    at the same moment (Mesa's software rasteriser has crashed a process whose robots did), and
+    taking turns changes no pixel."""
+    import threading
+
+    from chatvla.client.sim import render
+    from chatvla.client.sim.robot import make_sim_robot
+
+    inside, overlaps = [0], [0]
+    counter = threading.Lock()
+    real = render.mujoco.Renderer.render
+
+    def counting(self: object) -> object:
+        with counter:
+            inside[0] += 1
+            overlaps[0] = max(overlaps[0], inside[0])
+        try:
+            return real(self)
+        finally:
+            with counter:
+                inside[0] -= 1
+
+    start = threading.Barrier(2)
+    same: list[bool] = []
+    errors: list[BaseException] = []
+
+    def robot_thread(seed: int) -> None:
+        try:
+            r = make_sim_robot("franka_joint", make_task("math_matching", seed))  # a context is per thread
+            try:
+                alone = r.observe().images
+                start.wait(timeout=30)
+                for _ in range(20):
+                    imgs = r.observe().images
+                    same.append(all(np.array_equal(imgs[c], alone[c]) for c in imgs))
+            finally:
+                r.close()
+        except BaseException as e:  # reported on the test's thread
+            errors.append(e)
+
+    render.mujoco.Renderer.render = counting
+    try:
+        threads = [threading.Thread(target=robot_thread, args=(s,)) for s in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        render.mujoco.Renderer.render = real
+    assert not errors, errors
+    assert len(same) == 40 and all(same)
+    assert overlaps[0] == 1

@@ -3,16 +3,24 @@
 `mujoco.Renderer` owns one GL context; creating it is the step that fails on a machine without a
 working EGL/OSMesa stack, so `rendering_available()` tries exactly that once, on a tiny model, and
 caches the answer (tests use it to skip cleanly instead of erroring).
+
+Every GL call of the process goes through one lock (`GL_LOCK`): several simulated robots on threads of
+one process (`chatvla eval --robots 3`) each own a context, and Mesa's software rasteriser has twice
+killed such a process with a general-protection fault inside `swrast_dri.so` while they rendered at
+once. A render takes about 3 ms, so taking turns costs a few robots nothing they would notice.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 
 import mujoco
 import numpy as np
 
 from chatvla.profiles import CameraSpec
+
+GL_LOCK = threading.RLock()
 
 
 def scene_option() -> mujoco.MjvOption:
@@ -30,25 +38,28 @@ class CameraRig:
     def __init__(self, model: mujoco.MjModel, cameras: dict[CameraSpec, str]) -> None:
         self._cameras = cameras
         self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
-        for spec in cameras:
-            key = (spec.height, spec.width)
-            if key not in self._renderers:
-                self._renderers[key] = mujoco.Renderer(model, spec.height, spec.width)
+        with GL_LOCK:
+            for spec in cameras:
+                key = (spec.height, spec.width)
+                if key not in self._renderers:
+                    self._renderers[key] = mujoco.Renderer(model, spec.height, spec.width)
         self._option = scene_option()
 
     def render(self, data: mujoco.MjData) -> dict[str, np.ndarray]:
         """camera name -> HxWx3 uint8 (a fresh array per call: callers may keep it)."""
         images = {}
-        for spec, scene_cam in self._cameras.items():
-            renderer = self._renderers[(spec.height, spec.width)]
-            renderer.update_scene(data, camera=scene_cam, scene_option=self._option)
-            images[spec.name] = renderer.render()
+        with GL_LOCK:
+            for spec, scene_cam in self._cameras.items():
+                renderer = self._renderers[(spec.height, spec.width)]
+                renderer.update_scene(data, camera=scene_cam, scene_option=self._option)
+                images[spec.name] = renderer.render()
         return images
 
     def close(self) -> None:
-        for renderer in self._renderers.values():
-            renderer.close()
-        self._renderers.clear()
+        with GL_LOCK:
+            for renderer in self._renderers.values():
+                renderer.close()
+            self._renderers.clear()
 
 
 def project(model: mujoco.MjModel, data: mujoco.MjData, camera: str, points: np.ndarray, height: int,
@@ -79,10 +90,11 @@ def rendering_available() -> tuple[bool, str]:
 
     try:
         model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='.1'/></worldbody></mujoco>")
-        renderer = mujoco.Renderer(model, 8, 8)
-        renderer.update_scene(mujoco.MjData(model))
-        renderer.render()
-        renderer.close()
+        with GL_LOCK:
+            renderer = mujoco.Renderer(model, 8, 8)
+            renderer.update_scene(mujoco.MjData(model))
+            renderer.render()
+            renderer.close()
     except Exception as exc:  # any GL platform failure means "no rendering here"
         return False, f"{type(exc).__name__}: {exc}"
     return True, os.environ.get("MUJOCO_GL", "default")
