@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from chatvla.cli.server_process import start_server
 from chatvla.client.episodes import run_episode
 from chatvla.client.sim.robot import make_sim_panda
 from chatvla.client.sim.tasks.math_matching import MathMatchingTask, card_name
-from chatvla.training.evaluate import episode_task
+from chatvla.training.evaluate import ReasoningSteer, episode_task
 from chatvla.training.labels import override_text
 
 CLOSED_ON_SOMETHING = 0.07  # metres between the fingers: below the 8 cm opening, above the 6 cm card
@@ -43,23 +44,13 @@ MODES = ("own", "true")
 
 
 class GraspWatch:
-    """A tick observer: steers the true text (mode `true`) and records the first closing."""
+    """A tick observer that records where the fingers first close."""
 
-    def __init__(self, robot: Any, task: MathMatchingTask, supply_true_text: bool) -> None:
-        self.robot, self.task, self.supply = robot, task, supply_true_text
-        self.loop: Any = None
+    def __init__(self, robot: Any, task: MathMatchingTask) -> None:
+        self.robot, self.task = robot, task
         self.closing: dict[str, float] | None = None
 
-    def attach(self, loop: Any) -> None:
-        self.loop = loop
-        self._steer()
-
-    def _steer(self) -> None:
-        if self.loop is not None and self.supply:
-            self.loop.set_reasoning_override(override_text(self.task, self.task.answer, self.robot.object_poses()))
-
     def on_tick(self, record: Any) -> None:
-        self._steer()
         if self.closing is None and record.observation.state[-1] < CLOSED_ON_SOMETHING:
             self.closing = closing_geometry(self.robot, self.task)
             self.closing["tick"] = record.tick
@@ -88,10 +79,12 @@ def run(model: str, first: int, episodes: int, seconds: float) -> list[dict[str,
                 task = episode_task("train", i)
                 assert isinstance(task, MathMatchingTask)
                 robot.reset(task)
-                watch = GraspWatch(robot, task, mode == "true")
+                watch = GraspWatch(robot, task)
+                steer = ReasoningSteer(robot, partial(override_text, task, task.answer)) if mode == "true" else None
                 run_episode(robot, [server.grpc_address], task.instruction,
-                            max_ticks=round(seconds / robot.profile.dt), observers=[watch],
-                            robot_id=f"grasp-{mode}-{i}", on_loop=watch.attach)
+                            max_ticks=round(seconds / robot.profile.dt),
+                            observers=[watch] if steer is None else [steer, watch],
+                            robot_id=f"grasp-{mode}-{i}", on_loop=steer.attach if steer is not None else None)
                 row = {"mode": mode, "episode": i, "success": bool(robot.check_success().success),
                        **{k: round(v, 2) for k, v in (watch.closing or {}).items()}}
                 rows.append(row)

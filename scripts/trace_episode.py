@@ -15,6 +15,7 @@ JSON: the figures that are compared across models come from `chatvla eval`.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,27 +24,17 @@ from chatvla.cli.server_process import start_server
 from chatvla.client.episodes import run_episode
 from chatvla.client.sim.robot import make_sim_panda
 from chatvla.client.sim.tasks.math_matching import MathMatchingTask, card_name
-from chatvla.training.evaluate import episode_task
+from chatvla.training.evaluate import ReasoningSteer, episode_task
 from chatvla.training.labels import override_text, reasoning_for
 
 
 class Tracer:
-    """A tick observer that prints; steers the override in `correct` mode."""
+    """A tick observer that prints."""
 
-    def __init__(self, robot: Any, task: MathMatchingTask, correct: bool, every: int) -> None:
-        self.robot, self.task, self.correct, self.every = robot, task, correct, every
-        self.loop: Any = None
-
-    def attach(self, loop: Any) -> None:
-        self.loop = loop
-        self._steer()
-
-    def _steer(self) -> None:
-        if self.loop is not None and self.correct:
-            self.loop.set_reasoning_override(override_text(self.task, self.task.answer, self.robot.object_poses()))
+    def __init__(self, robot: Any, task: MathMatchingTask, every: int) -> None:
+        self.robot, self.task, self.every = robot, task, every
 
     def on_tick(self, record: Any) -> None:
-        self._steer()
         if not record.replies and record.tick % self.every:
             return
         poses = self.robot.object_poses()
@@ -72,11 +63,13 @@ def main() -> int:
             task = episode_task("train", i)
             assert isinstance(task, MathMatchingTask)
             robot.reset(task)
-            tracer = Tracer(robot, task, args.mode == "correct", every=round(1 / robot.profile.dt))
+            tracer = Tracer(robot, task, every=round(1 / robot.profile.dt))
+            steer = ReasoningSteer(robot, partial(override_text, task, task.answer)) if args.mode == "correct" else None
             print(f"=== episode {i}: {task.a}+{task.b}={task.answer}")
             ticks = round(args.seconds / robot.profile.dt)
             run_episode(robot, [server.grpc_address], task.instruction, max_ticks=ticks,
-                        observers=[tracer], robot_id=f"trace-{i}", on_loop=tracer.attach)
+                        observers=[tracer] if steer is None else [steer, tracer], robot_id=f"trace-{i}",
+                        on_loop=steer.attach if steer is not None else None)
             print("result:", robot.check_success())
     finally:
         robot.close()

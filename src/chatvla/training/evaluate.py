@@ -107,6 +107,26 @@ Outcome = EpisodeOutcome | ToyEpisodeOutcome
 
 
 @dataclass
+class ReasoningSteer:
+    """A tick observer that makes every observation carry `text(poses)` as its reasoning, written for
+    the scene as it is at that tick (a named card's place moves when the card does): the override
+    mode here, and the true text that diagnostics supply to watch the expert apart from the reading.
+    Pass `attach` as `run_episode`'s `on_loop`, so the first observation carries it too."""
+
+    robot: Any
+    text: Callable[[dict[str, Pose]], str]
+    loop: Any = None
+
+    def attach(self, loop: Any) -> None:
+        self.loop = loop
+        self.on_tick(None)
+
+    def on_tick(self, record: TickRecord | None) -> None:
+        if self.loop is not None:
+            self.loop.set_reasoning_override(self.text(self.robot.object_poses()))
+
+
+@dataclass
 class _Watcher:
     """Per-tick observer: reasoning texts, first success, filmstrip frames."""
 
@@ -114,26 +134,14 @@ class _Watcher:
     task: Task
     dt: float
     film: bool
-    override: Callable[[dict[str, Pose]], str] | None = None  # the supplied reasoning for the scene now
     camera: str = "front"  # the filmstrip's camera
-    loop: Any = None
     reasonings: list[str] = field(default_factory=list)  # each text the model wrote, in order
     reasoning_poses: list[dict[str, Pose]] = field(default_factory=list)  # the scene as each text arrived
     last_text: str = ""  # the text of the latest chunk, written or re-used (the filmstrip's caption)
     first_success_tick: int | None = None
     frames: list[tuple[float, np.ndarray, str]] = field(default_factory=list)
 
-    def attach(self, loop: Any) -> None:
-        """Steer the loop's reasoning override from the scene (override mode)."""
-        self.loop = loop
-        self._refresh_override()
-
-    def _refresh_override(self) -> None:
-        if self.loop is not None and self.override is not None:
-            self.loop.set_reasoning_override(self.override(self.robot.object_poses()))
-
     def on_tick(self, record: TickRecord) -> None:
-        self._refresh_override()
         for r in record.replies:
             # A text is judged once, when written: a chunk that re-uses the cached text (a dual-rate
             # policy, `reasoning_refreshed` false) adds nothing the model said about the scene then.
@@ -210,10 +218,11 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
     elif mode == "override" and isinstance(task, MathMatchingTask):
         named_card = wrong_card(task)
         override = partial(override_text, task, named_card)
-    watcher = _Watcher(robot, task, dt, film, override=override, camera=robot.profile.cameras[0].name)
+    watcher = _Watcher(robot, task, dt, film, camera=robot.profile.cameras[0].name)
+    steer = ReasoningSteer(robot, override) if override is not None else None
     res = run_episode(robot, addresses, task.instruction, max_ticks=max(1, round(seconds / dt)),
-                      observers=[watcher], token=token, robot_id=f"eval-{mode}-{index}",
-                      on_loop=watcher.attach if override is not None else None)
+                      observers=[watcher] if steer is None else [steer, watcher], token=token,
+                      robot_id=f"eval-{mode}-{index}", on_loop=steer.attach if steer is not None else None)
     result = robot.check_success()
     # One judgement per text, against the scene when it arrived (the sum and card do not depend on it).
     judgements = [judge(task, t, p) for t, p in zip(watcher.reasonings, watcher.reasoning_poses)]
