@@ -170,16 +170,9 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
 
 
 def _model_profile(address: str, token: str | None) -> str:
-    import grpc
+    from chatvla.cli.server_process import model_info
 
-    from chatvla.v1 import policy_pb2 as pb
-    from chatvla.v1 import policy_pb2_grpc as pbg
-    from chatvla.wire.vocabulary import AUTHORIZATION_KEY, bearer_header
-
-    with grpc.insecure_channel(address) as ch:
-        md = ((AUTHORIZATION_KEY, bearer_header(token)),) if token else None
-        info = pbg.PolicyStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=md)
-    return info.profile.name
+    return model_info(address, token).profile.name
 
 
 def quoted(text: str) -> str:

@@ -150,18 +150,13 @@ def _served_policy(address: str, token: str | None) -> dict[str, float] | None:
     with. None if the server does not say."""
     import grpc
 
-    from chatvla.v1 import policy_pb2 as pb
-    from chatvla.v1 import policy_pb2_grpc as pbg
-    from chatvla.wire.vocabulary import AUTHORIZATION_KEY, bearer_header
+    from chatvla.cli.server_process import model_info
 
     try:
-        with grpc.insecure_channel(address) as ch:
-            md = ((AUTHORIZATION_KEY, bearer_header(token)),) if token else None
-            info = pbg.PolicyStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=md)
+        info = model_info(address, token)
     except grpc.RpcError:
         return None
     if not info.HasField("default_reasoning"):
         return None
     r = info.default_reasoning
     return {"every_n": int(r.every_n), "every_seconds": float(r.every_seconds)}
-

@@ -1,4 +1,5 @@
-"""Run `chatvla serve` in a child process and wait for its ready line (for `demo` and tests).
+"""Run `chatvla serve` in a child process and wait for its ready line (for `demo` and tests), and ask a
+running one what it serves (`model_info`).
 
 The child is the real server, exactly as a user would start it; the parent only reads the one line
 it prints when ready (`chatvla-serve ready: grpc=HOST:PORT http=URL ...`) and sends SIGTERM to stop it.
@@ -17,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 READY_PREFIX = "chatvla-serve ready:"  # must match chatvla.server.app.READY_PREFIX (a test checks)
 
@@ -92,3 +94,18 @@ def start_server(args: Sequence[str], *, timeout_s: float = 180.0, env: dict[str
         time.sleep(0.05)
     fields = ready_fields(found[0])
     return ServerProcess(proc, fields["grpc"], fields["http"], log, fields.get("openpi"))
+
+
+def model_info(address: str, token: str | None = None, timeout_s: float = 30.0) -> Any:
+    """The server's `ModelInfo` (its robot profile, its default reasoning policy, ...), by one unary
+    call over plaintext gRPC; raises `grpc.RpcError` if it cannot be had."""
+    import grpc
+
+    from chatvla.v1 import policy_pb2 as pb
+    from chatvla.v1 import policy_pb2_grpc as pbg
+    from chatvla.wire.vocabulary import AUTHORIZATION_KEY, bearer_header
+
+    with grpc.insecure_channel(address) as ch:
+        md = ((AUTHORIZATION_KEY, bearer_header(token)),) if token else None
+        return pbg.PolicyStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s, metadata=md)
+
