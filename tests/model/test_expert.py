@@ -114,6 +114,20 @@ def test_per_sample_noise_depends_only_on_the_seed():
     assert torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
 
 
+def test_no_seed_starts_from_zero_noise_and_maps_each_condition_to_one_chunk():
+    """What `--noise zero` serves: seed None is zero noise, batched with seeded rows as it comes; the
+    chunk then depends on the condition alone (DDIM adds no noise on the way) and still on it."""
+    noise = ActionExpert.noise([None, 5], 4, 3)
+    assert torch.equal(noise[0], torch.zeros(4, 3)) and torch.equal(noise[1], ActionExpert.noise([5], 4, 3)[0])
+    e = _expert()
+    g = torch.Generator().manual_seed(3)
+    p, r, s = torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g), torch.randn(2, 5, generator=g)
+    first = e.sample_pooled(list(zip(p, r)), s.numpy(), [None, None])
+    np.testing.assert_array_equal(first, e.sample_pooled(list(zip(p, r)), s.numpy(), [None, None]))
+    assert not np.allclose(first[0], first[1])  # two conditions, two chunks
+    assert not np.allclose(first, e.sample_pooled(list(zip(p, r)), s.numpy(), [1, 2]))
+
+
 def test_outputs_are_unnormalised_into_the_stats_range():
     e = _expert()
     g = torch.Generator().manual_seed(4)

@@ -88,3 +88,22 @@ def test_static_moe_without_a_route_is_an_error():
         assert "route_by_task" in str(e)
     else:
         raise AssertionError("expected an error")
+
+
+def test_small_calls_run_every_expert_and_large_ones_gather_with_the_same_outputs():
+    """A decode step (one token per robot) takes the dense path, a prefill the gather path: both are the
+    definition, and route the same."""
+    from chatvla.model.moe import DENSE_ROUTING_MAX_TOKENS
+
+    b = _block(MOE_AUTHORS_SCRIPTS)
+    x = torch.randn(1, 3 * DENSE_ROUTING_MAX_TOKENS, 16)
+    few = x[:, :3]
+    torch.testing.assert_close(b(few), _reference(b, few), rtol=1e-5, atol=1e-5)
+    few_routes = b.last_routing
+    torch.testing.assert_close(b(x), _reference(b, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(b.last_routing[:3], few_routes)
+    dense = b._all_experts(x[0], torch.zeros(x.shape[1], 4).scatter(
+        1, b.last_routing, torch.softmax(torch.topk(b.gate(x[0]), 2).values, -1)))
+    torch.testing.assert_close(dense, b._chosen_experts(x[0], b.last_routing,
+                                                        torch.softmax(torch.topk(b.gate(x[0]), 2).values, -1)),
+                               rtol=1e-5, atol=1e-5)

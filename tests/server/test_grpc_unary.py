@@ -187,3 +187,20 @@ async def test_one_slow_observation_does_not_lock_admission_for_good(serve):
     engine.reason_s = engine.prefill_s = 0.0
     for _ in range(3):  # one at a time: each finds the server idle
         assert (await srv.stub.Infer(infer_request(), timeout=0.3)).chunk.actions.data
+
+
+async def test_a_request_without_seed_starts_from_zero_noise_by_default_and_random_noise_when_asked(serve):
+    """--noise zero (the default): the same observation gets the same chunk, request after request;
+    --noise random: each request draws its own seed. A request's own seed wins under both."""
+    srv = await serve()
+    chunks = [tensor_from_proto((await srv.stub.Infer(infer_request(seed=0))).chunk.actions, field="a",
+                                dtype=np.float32) for _ in range(3)]
+    for c in chunks:
+        np.testing.assert_array_equal(c, srv.engine.actions_for(state_vec(), 0))
+    rnd = await serve(noise="random")
+    chunks = [tensor_from_proto((await rnd.stub.Infer(infer_request(seed=0))).chunk.actions, field="a",
+                                dtype=np.float32) for _ in range(5)]
+    assert len({c.tobytes() for c in chunks}) > 1
+    own = await rnd.stub.Infer(infer_request(seed=11))
+    np.testing.assert_array_equal(tensor_from_proto(own.chunk.actions, field="a", dtype=np.float32),
+                                  rnd.engine.actions_for(state_vec(), 11))

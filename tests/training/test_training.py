@@ -466,6 +466,8 @@ def test_train_refuses_bad_weights_and_an_unwritable_out_before_reading_any_data
     assert "--prompt-shuffle must be in [0, 1]" in capsys.readouterr().err
     assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--stage2-old-text", "-0.1"]) == 2
     assert "--stage2-old-text must be in [0, 1]" in capsys.readouterr().err
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--stage2-ema", "1"]) == 2
+    assert "--stage2-ema must be in [0, 1)" in capsys.readouterr().err
     assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--serve-reasoning-every-n", "0"]) == 2
     assert "--serve-reasoning-every-n must be >= 1" in capsys.readouterr().err
     out = tmp_path / "dangling"
@@ -552,3 +554,39 @@ def test_stage2_features_with_old_text_are_keyed_apart_and_carry_the_earlier_tic
     assert torch.equal(old_feats["states"], feats["states"]) and torch.equal(old_feats["chunks"], feats["chunks"])
     assert any(len(set(ep.reasoning)) > 1 for ep in old.data.episodes)  # the card moves: its text changes
     assert not torch.equal(old_feats["reasoning"], feats["reasoning"])
+
+
+def test_stage2_ema_serves_the_weight_average_and_an_interrupted_run_resumes_it(episodes_dir, tmp_path, monkeypatch):
+    """--stage2-ema: the checkpoint holds the average of the expert's weights, not the last step's; a
+    run cut short in stage 2 goes on with the average it saved, and ends where an uninterrupted one does."""
+    from chatvla.training.averaging import WeightAverage
+
+    last = _trainer(episodes_dir, tmp_path / "last", 0, 12)
+    last.stage2()
+    straight = _trainer(episodes_dir, tmp_path / "a", 0, 12, stage2_ema=0.5)
+    straight.stage2()
+    differ = [n for (n, a), b in zip(last.model.expert.named_parameters(), straight.model.expert.parameters())
+              if not torch.equal(a, b)]
+    assert differ  # same batches, same last weights: only the average can tell them apart
+
+    import chatvla.training.stages as stages
+
+    real = WeightAverage.update
+    calls = {"n": 0}
+
+    def dies_at_step_11(self, module):
+        real(self, module)
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.WeightAverage, "update", dies_at_step_11)
+    broken = _trainer(episodes_dir, tmp_path / "b", 0, 12, stage2_ema=0.5)  # stage 2 saves every 10 steps
+    with pytest.raises(KeyboardInterrupt):
+        broken.stage2()
+    monkeypatch.setattr(stages.WeightAverage, "update", real)
+    resumed = _trainer(episodes_dir, tmp_path / "b", 0, 12, stage2_ema=0.5)
+    assert resumed.resume() and resumed.progress.step == 10
+    resumed.stage2()
+    for (name, a), b in zip(straight.model.expert.state_dict().items(), resumed.model.expert.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

@@ -115,6 +115,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="stage 2: share of ticks that carry an earlier tick's reasoning text (half of them the "
                    "episode's first), so the expert follows text decoded a few observations ago, as a dual-rate "
                    f"reasoning policy serves it (default {d.stage2_old_text}; 0: off)")
+    p.add_argument("--stage2-ema", type=float, default=d.stage2_ema,
+                   help="stage 2: decay of a moving average of the expert's weights, which is what the checkpoint "
+                   "then holds and serves (e.g. 0.999: about the last 1,000 steps; default "
+                   f"{d.stage2_ema}: off, the last step's weights)")
     p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0 = all)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N stage-1 steps")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: all cores)")
@@ -193,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
         if not 0.0 <= getattr(args, flag) <= 1.0:
             print(f"chatvla train: --{flag.replace('_', '-')} must be in [0, 1]", file=sys.stderr)
             return 2
+    if not 0.0 <= args.stage2_ema < 1.0:
+        print("chatvla train: --stage2-ema must be in [0, 1) (0: off)", file=sys.stderr)
+        return 2
     if not 0.0 <= args.scene_reasoning < 1.0:
         print("chatvla train: --scene-reasoning must be in [0, 1)", file=sys.stderr)
         return 2
@@ -264,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                        card_token_weight=args.card_token_weight, card_place_weight=args.card_place_weight,
                        card_cell_weight=args.card_cell_weight, pointer_weight=args.pointer_weight,
                        card_steps=args.card_steps, prompt_shuffle=args.prompt_shuffle,
-                       stage2_old_text=args.stage2_old_text,
+                       stage2_old_text=args.stage2_old_text, stage2_ema=args.stage2_ema,
                        scene_reasoning_fraction=args.scene_reasoning)
     if args.model_id:
         cfg_model = cfg_model.with_updates(model_id=args.model_id)

@@ -76,7 +76,7 @@ class ReasoningResult:
 class ActItem:
     reasoning: ReasoningResult
     state: np.ndarray  # float32 [state_dim], robot units
-    seed: int
+    seed: int | None  # diffusion noise seed; None: the sampler starts from zero noise (deterministic)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ class NullEngine(Engine):
     def act_batch(self, items: Sequence[ActItem]) -> list[np.ndarray]:
         self.batches["expert"].append(len(items))
         self._compute(self.act_s, len(items))
-        return [self.actions_for(it.state, it.seed) for it in items]
+        return [self.actions_for(it.state, 0 if it.seed is None else it.seed) for it in items]
 
     def actions_for(self, state: np.ndarray, seed: int) -> np.ndarray:
         """The chunk for (state, seed): a small seeded walk from the state, kept in bounds.

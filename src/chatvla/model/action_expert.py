@@ -209,14 +209,21 @@ class ActionExpert(nn.Module):
         return o.unsqueeze(1), r.unsqueeze(1)
 
     @staticmethod
-    def noise(seeds: Sequence[int], chunk: int, dim: int) -> torch.Tensor:
-        """Per-sample initial noise: sample i depends only on seeds[i], so batching changes nothing."""
-        return torch.stack([torch.randn(chunk, dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    def noise(seeds: Sequence[int | None], chunk: int, dim: int) -> torch.Tensor:
+        """Per-sample initial noise: sample i depends only on seeds[i], so batching changes nothing. A
+        seed of None starts from zero noise: DDIM (no noise added on the way) then maps each condition to
+        one chunk, the same every time."""
+        def one(s: int | None) -> torch.Tensor:
+            if s is None:
+                return torch.zeros(chunk, dim)
+            return torch.randn(chunk, dim, generator=torch.Generator().manual_seed(int(s)))
+
+        return torch.stack([one(s) for s in seeds])
 
     @torch.no_grad()
     def sample_pooled(
         self, pooled: Sequence[tuple[torch.Tensor, torch.Tensor]], states: np.ndarray | torch.Tensor,
-        seeds: Sequence[int],
+        seeds: Sequence[int | None],
     ) -> np.ndarray:
         """Chunks [B, H, A] (robot units) from per-sample (prompt mean, reasoning mean) pairs, states in
         robot units and one noise seed per sample: what every engine's expert stage computes."""

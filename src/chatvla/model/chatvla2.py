@@ -280,7 +280,7 @@ class ChatVLA2(nn.Module):
         self,
         pooled: Sequence[tuple[torch.Tensor, torch.Tensor]] | Sequence[ReasoningOutput],
         states: np.ndarray | torch.Tensor,
-        seeds: Sequence[int] | None = None,
+        seeds: Sequence[int | None] | None = None,
         noise: torch.Tensor | None = None,
     ) -> np.ndarray:
         """Action chunks [B, H, A] in robot units. Pass `seeds` (per-sample noise) or explicit `noise`."""

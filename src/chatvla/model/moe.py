@@ -59,6 +59,14 @@ class FusedExperts(nn.Module):
             self.down_proj.copy_(mlp.down_proj.weight.unsqueeze(0).expand_as(self.down_proj))
 
 
+# Up to this many tokens, every routed expert runs on every token (two batched products) and the router's
+# weights, zero outside each token's top-k, combine them. A decode step carries one token per robot; there
+# the per-expert bookkeeping of the gather path (unique, nonzero, index_add per chosen expert) costs about
+# what the products it skips would (benchmarks/model_cpu.py --moe-path both). Larger calls (prefill,
+# training) gather. Both give the same outputs (tested).
+DENSE_ROUTING_MAX_TOKENS = 16
+
+
 class MoEBlock(nn.Module):
     """Drop-in for a decoder layer's `mlp`: [B, S, H] -> [B, S, H].
 
@@ -92,14 +100,28 @@ class MoEBlock(nn.Module):
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)
         weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(flat.dtype)
         self.last_routing = top_idx.detach()
+        if flat.shape[0] <= DENSE_ROUTING_MAX_TOKENS:
+            out = self._all_experts(flat, torch.zeros_like(logits).scatter(1, top_idx, weights))
+        else:
+            out = self._chosen_experts(flat, top_idx, weights)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        return out.reshape(shape)
+
+    def _all_experts(self, flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """[T, H] tokens through all E experts, combined by [T, E] weights (zero off the top-k)."""
+        gate, up = torch.einsum("th,eih->eti", flat, self.experts.gate_up_proj).chunk(2, dim=-1)
+        y = torch.einsum("eti,ehi->eth", F.silu(gate) * up, self.experts.down_proj)
+        return torch.einsum("eth,te->th", y, weights)
+
+    def _chosen_experts(self, flat: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """[T, H] tokens gathered per chosen expert: each expert runs only on its tokens."""
         out = torch.zeros_like(flat)
         for e in torch.unique(top_idx).tolist():
             rows, slot = torch.nonzero(top_idx == e, as_tuple=True)
             y = self.experts.expert(e, flat[rows]) * weights[rows, slot].unsqueeze(-1)
             out.index_add_(0, rows, y)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
-        return out.reshape(shape)
+        return out
 
     def _forward_static(self, x: torch.Tensor) -> torch.Tensor:
         if self.route_by_task is None:

@@ -85,7 +85,7 @@ class Work:
     compute side and read on the event loop only after `on_done` (the hand-back)."""
 
     obs: EngineObservation
-    seed: int
+    seed: int | None  # None: zero noise (ActItem.seed)
     deadline: float  # time.monotonic() instant; checked when a batch is formed
     on_done: Callable[[Work], None]
     act: bool = True  # False: reasoning only (a background refresh)

@@ -89,6 +89,12 @@ class ServerSettings(BaseModel):
     deadline_ms: int = Field(
         5000, ge=1, le=600_000, description="Default per-observation deadline (a request may set its own)."
     )
+    noise: Literal["zero", "random"] = Field(
+        "zero", description="Where the action expert's sampling starts for a request that names no `seed`: "
+        "`zero` = from zero noise, so an observation always gets the same chunk and a robot's successive "
+        "chunks do not jump between the ways the expert could act; `random` = a fresh random seed per "
+        "request. A request's own seed always wins.",
+    )
     reasoning_every_n: int | None = Field(
         None, ge=1, description="Default reasoning policy: write new reasoning every N observations. Unset "
         "(with --reasoning-every-seconds unset too): the policy the model was trained to follow, from its "

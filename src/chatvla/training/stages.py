@@ -35,6 +35,7 @@ from chatvla.model.chatvla2 import ChatVLA2
 from chatvla.model.checkpoint import load_checkpoint, save_checkpoint
 from chatvla.model.moe import MoEBlock
 from chatvla.model.tokenizer import IMAGE_PAD
+from chatvla.training.averaging import WeightAverage
 from chatvla.training.batches import Batch, Item, Pointer, collate, pool_spans
 from chatvla.training.card_crops import card_views, crop_batch, vision_tokens
 from chatvla.training.data import Dataset, decode
@@ -46,6 +47,7 @@ PROBE = "place_probe.safetensors"
 CARD_PROBE = "card_probe.safetensors"
 CARD_PLACE_PROBE = "card_place_probe.safetensors"
 CARD_CELL_PROBE = "card_cell_probe.safetensors"
+EXPERT_AVERAGE = "expert_average.safetensors"  # stage 2's running weight average (TrainConfig.stage2_ema)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class TrainConfig:
     stage2_tick_stride: int = 3  # cache every Nth tick for stage 2 (neighbouring ticks look alike)
     prompt_shuffle: float = 0.0  # stage 2: share of samples whose prompt features come from another tick (0: off)
     stage2_old_text: float = 0.0  # stage 2: share of cached ticks whose reasoning text is an earlier tick's (0: off)
+    stage2_ema: float = 0.0  # stage 2: decay of the expert's weight average that is saved and served (0: off)
     save_every: int = 200
     grad_clip: float = 1.0
 
@@ -700,6 +703,7 @@ class Trainer:
         opt = self._begin(2, params, cfg.lr_stage2)
         n = feats["prompt"].shape[0]
         dev = model.device
+        average = self._expert_average()
         ema = None
         bar = self._bar(cfg.stage2_steps, self.progress.step, "stage 2 (expert, VLM frozen)")
         try:
@@ -712,6 +716,8 @@ class Trainer:
                 loss = diffusion_loss(model, prompt.to(dev), feats["reasoning"][idx].to(dev),
                                       feats["states"][idx], feats["chunks"][idx], gen)
                 self._step(opt, params, loss)
+                if average is not None:
+                    average.update(model.expert)
                 v = loss.item()
                 ema = v if ema is None else 0.98 * ema + 0.02 * v
                 if step % 10 == 0:
@@ -720,11 +726,25 @@ class Trainer:
                 bar.set_postfix({"diffusion": f"{ema:.4f}"}, refresh=False)
                 self.progress.step = step + 1
                 if (step + 1) % (cfg.save_every * 5) == 0 or step + 1 == cfg.stage2_steps:
+                    if average is not None:  # first: the progress that `_save` writes must not run ahead of it
+                        average.save(self.state_dir / EXPERT_AVERAGE)
                     self._save(opt)
         finally:
             bar.close()
+        if average is not None:
+            average.copy_to(model.expert)
         self.progress.stage, self.progress.step = 3, 0
         self._save(None)
+
+    def _expert_average(self) -> WeightAverage | None:
+        """Stage 2's weight average (None when `stage2_ema` is 0), with what an interrupted run kept."""
+        if not self.cfg.stage2_ema:
+            return None
+        average = WeightAverage(self.model.expert, self.cfg.stage2_ema)
+        path = self.state_dir / EXPERT_AVERAGE
+        if self.progress.step and path.is_file():
+            average.load(path)
+        return average
 
     def run(self) -> Path:
         """Both stages (after stage 0 when asked for), then the servable checkpoint in `out` (+
