@@ -53,7 +53,7 @@ def scheduler_config(s: ServerSettings) -> SchedulerConfig:
         max_in_flight=s.max_in_flight,
         deadline_s=s.deadline_ms / 1e3,
         reasoning=default_reasoning(s, None),
-        noise=s.noise,
+        zero_noise=s.noise == "zero",
     )
 
 

@@ -76,7 +76,7 @@ class SchedulerConfig:
     max_in_flight: int = 3
     deadline_s: float = 5.0
     reasoning: ReasoningPolicy = DEFAULT_REASONING
-    noise: str = "zero"  # for requests without a seed: "zero" or "random" (settings.ServerSettings.noise)
+    zero_noise: bool = True  # requests without a seed: zero noise, else a random seed (ServerSettings.noise)
 
 
 class Scheduler:
@@ -476,7 +476,7 @@ class Scheduler:
         deadline = received + budget
         if time.monotonic() >= deadline:
             raise ServeError(Code.DEADLINE_EXCEEDED, "deadline passed while decoding")
-        seed = req.seed or (None if self.config.noise == "zero" else random.getrandbits(63) or 1)
+        seed = req.seed or (None if self.config.zero_noise else random.getrandbits(63) or 1)
         return Job(req, received, deadline, seed, transport, session=session)
 
     def _track(self, session: Session) -> None:

@@ -54,7 +54,7 @@ class Job:
     request: ValidatedObservation
     received: float  # time.monotonic() at receipt
     deadline: float  # time.monotonic() instant
-    seed: int | None  # diffusion noise seed; None: zero noise (SchedulerConfig.noise)
+    seed: int | None  # diffusion noise seed; None: zero noise (SchedulerConfig.zero_noise)
     transport: str  # metrics label
     session: Session | None = None
     work: Work | None = None  # the compute work answering it; None while pending or waiting for text
