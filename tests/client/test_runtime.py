@@ -153,6 +153,16 @@ def test_instruction_changes_ride_on_the_next_request_only(counter, clock):
     assert carried == ["put the 7 card on the target"]
 
 
+def test_a_reasoning_refresh_rides_on_the_next_request_only(counter, clock):
+    loop, _robot, conn, _rec = build(counter, clock, 0.1)
+    loop.run(max_ticks=5)
+    before = len(conn.requests)
+    loop.refresh_reasoning()
+    loop.run(max_ticks=30)
+    assert before > 0 and not any(r.force_reasoning for r in conn.requests[:before])
+    assert [r.force_reasoning for r in conn.requests[before:]] == [True] + [False] * (len(conn.requests) - before - 1)
+
+
 def test_reasoning_override_rides_on_every_request_until_cleared(counter, clock):
     robot = FakeRobot(counter, clock=clock)
     conn = FakePolicyConnection(clock, tick_policy(counter), latency=0.1)

@@ -129,6 +129,7 @@ class ControlLoop:
         self.stats = LoopStats()
         self.error: BaseException | None = None
         self._pending_instruction = instruction
+        self._pending_refresh = False
         self._reasoning_override = _override(reasoning_override)
         self._lock = threading.Lock()
         self._t0: float | None = None
@@ -146,6 +147,16 @@ class ControlLoop:
         """Change the task; the next observation sent carries it. Thread-safe."""
         with self._lock:
             self._pending_instruction = text
+
+    def refresh_reasoning(self) -> None:
+        """Ask for new reasoning text with the next observation sent (`force_reasoning`), once.
+
+        Why: a server that decodes text once per instruction (the shipped model's policy) keeps
+        the text it wrote for the session's first observation. After the scene changes under the
+        same instruction (a reset, objects moved by hand, a failed grasp that pushed the card), that
+        text still says where things were, and the arm would go there. Thread-safe."""
+        with self._lock:
+            self._pending_refresh = True
 
     def set_reasoning_override(self, text: str | None) -> None:
         """Make the model follow `text` instead of its own reasoning; None (or "") goes back to the
@@ -175,9 +186,11 @@ class ControlLoop:
         if self.executor.should_request(tick, now):
             with self._lock:
                 instruction, self._pending_instruction = self._pending_instruction, None
+                refresh, self._pending_refresh = self._pending_refresh, False
                 reasoning = self._reasoning_override
             req = ObservationRequest(
-                tick=tick, images=obs.images, state=obs.state, instruction=instruction, reasoning=reasoning
+                tick=tick, images=obs.images, state=obs.state, instruction=instruction, reasoning=reasoning,
+                force_reasoning=refresh,
             )
             sent = self.connection.submit(req)
             self.executor.on_request_sent(sent, tick, now)
