@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 class WeightAverage:
@@ -54,7 +54,7 @@ class WeightAverage:
         """The average an interrupted run saved; refuses one of other parameters."""
         with safe_open(str(path), "pt") as f:
             updates = int((f.metadata() or {}).get("updates", "0"))
-        saved = load_file(str(path))
+            saved = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         if set(saved) != set(self.shadow) or any(saved[k].shape != v.shape for k, v in self.shadow.items()):
             raise ValueError(f"{path} holds the average of other parameters")
         self.shadow, self.updates = saved, updates
