@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from chatvla.model.action_expert import ActionExpert, DiTHead, TimestepEmbedder
@@ -55,13 +56,14 @@ def test_explicit_reasoning_layer_id():
     assert DiTHead(cfg, 16).split == 1
 
 
-def test_ddim_matches_diffusers_step_for_step():
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_ddim_matches_diffusers_step_for_step(kind):
     from diffusers import DDIMScheduler
 
     ref = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True,
-                        set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon")
+                        set_alpha_to_one=True, steps_offset=0, prediction_type=kind)
     ref.set_timesteps(10)
-    ours = DDIM(SamplerConfig())
+    ours = DDIM(SamplerConfig(prediction_type=kind))
     assert ours.timesteps == [int(t) for t in ref.timesteps]
     g = torch.Generator().manual_seed(1)
     x_ref = x_ours = torch.randn(3, 8, 5, generator=g)
@@ -71,6 +73,28 @@ def test_ddim_matches_diffusers_step_for_step():
         x_ours = ours.step(eps, t, x_ours)
         torch.testing.assert_close(x_ours, x_ref, rtol=0, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_a_head_that_outputs_its_training_target_denoises_exactly(kind):
+    """What `target` trains the head to output is what `step` reads: fed it, a step lands on the
+    noised sample one step nearer the clean chunk, whichever quantity the head predicts."""
+    ddim = DDIM(SamplerConfig(prediction_type=kind))
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.rand(4, 8, 5, generator=g) * 1.8 - 0.9  # inside the clip range
+    eps = torch.randn(4, 8, 5, generator=g)
+    for t in (90, 40, 10):
+        a = ddim.alphas_cumprod[t]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        out = ddim.target(x0, eps, torch.full((4,), t))
+        a_prev = ddim.alphas_cumprod[t - ddim.step_ratio]
+        torch.testing.assert_close(ddim.step(out, t, xt), a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps,
+                                   rtol=0, atol=1e-5)
+
+
+def test_an_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction_type"):
+        SamplerConfig(prediction_type="flow")  # type: ignore[arg-type]
 
 def test_timestep_embedding_cos_first_and_bf16_option_follows_authors_rounding():
     emb = TimestepEmbedder(16, freq_size=256)
@@ -137,3 +161,44 @@ def test_outputs_are_unnormalised_into_the_stats_range():
     # clip_sample keeps the predicted x0 in [-1, 1], so the final sample lies within the stats range.
     assert np.all(out >= lo - 1e-5) and np.all(out <= hi + 1e-5)
     assert out[..., 4].min() >= 5 - 1e-5
+
+
+def _rows(lo: tuple[float, ...], hi: tuple[float, ...], h: int) -> tuple[tuple, tuple]:
+    """Row ranges that widen with the row, as offsets from the state do over a chunk."""
+    grow = [(r + 1) / h for r in range(h)]
+    return tuple(tuple(v * g for v in lo) for g in grow), tuple(tuple(v * g for v in hi) for g in grow)
+
+
+def test_per_row_ranges_scale_each_row_by_its_own_range():
+    """With per-row stats, a normalised chunk row r spans row r's range: the near rows resolve finer."""
+    e = _expert()
+    h = CFG.chunk_size
+    lo_rows, hi_rows = _rows((-1, -2, -1, -3, -1), (1, 2, 1, 3, 1), h)
+    stats = NormStats(action_min=(-1, -2, -1, -3, -1), action_max=(1, 2, 1, 3, 1), state_mean=(0.0,) * 5,
+                      state_std=(1.0,) * 5, action_min_rows=lo_rows, action_max_rows=hi_rows)
+    e.set_stats(stats)
+    assert tuple(e.action_min.shape) == (h, 5)
+    x = torch.zeros(1, h, 5)
+    x[0, :, 0] = 1.0  # the top of every row's range
+    out = e.unnormalize_chunk(x, torch.zeros(1, 5))
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([r[0] for r in hi_rows]))
+    chunks = torch.rand(2, h, 5) * 0.2 - 0.1
+    torch.testing.assert_close(e.unnormalize_chunk(e.normalize_chunk(chunks, torch.zeros(2, 5)), torch.zeros(2, 5)),
+                               chunks, atol=1e-5, rtol=1e-5)
+
+
+def test_per_row_stats_are_checked_and_round_trip_through_json():
+    h = CFG.chunk_size
+    lo_rows, hi_rows = _rows((-1.0,) * 5, (1.0,) * 5, h)
+    stats = NormStats((-1.0,) * 5, (1.0,) * 5, (0.0,) * 5, (1.0,) * 5, lo_rows, hi_rows)
+    d = stats.to_dict()
+    assert len(d["action_min_rows"]) == h and NormStats.from_dict(d) == stats
+    assert "action_min_rows" not in NormStats((-1.0,) * 5, (1.0,) * 5, (0.0,) * 5, (1.0,) * 5).to_dict()
+    with pytest.raises(ValueError, match="chunk has 16"):
+        NormStats((-1.0,) * 5, (1.0,) * 5, (0.0,) * 5, (1.0,) * 5, lo_rows[:3], hi_rows[:3]).check(5, 5, 16)
+    with pytest.raises(ValueError, match="come together"):
+        NormStats((-1.0,) * 5, (1.0,) * 5, (0.0,) * 5, (1.0,) * 5, lo_rows, None).check(5, 5, h)
+    with pytest.raises(ValueError, match="must exceed"):
+        NormStats((-1.0,) * 5, (1.0,) * 5, (0.0,) * 5, (1.0,) * 5, hi_rows, lo_rows).check(5, 5, h)
+    with pytest.raises(ValueError, match="list of lists"):
+        NormStats.from_dict({**d, "action_max_rows": 3})

@@ -146,7 +146,8 @@ def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_
     r = subprocess.run([sys.executable, "-m", "chatvla.cli.main", "train", "--data", str(episodes_dir), "--out",
                         str(out), "--stage1-steps", "40", "--stage2-steps", "40", "--batch-size", "4", "--scenes", "0",
                         "--stage2-tick-stride", "6", "--stage2-old-text", "0.5", "--serve-reasoning-every-n", "7",
-                        "--quiet"], capture_output=True, text=True, timeout=300)
+                        "--prediction", "sample", "--action-ranges", "per-row", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     log = json.loads((out / "train_log.json").read_text())
     for name in ("stage1/lm", "stage1/diffusion", "stage2/diffusion"):
@@ -155,6 +156,8 @@ def test_smoke_training_losses_fall_and_a_server_serves_the_checkpoint(episodes_
     assert (out / "loss_curve.png").stat().st_size > 1000
     stats = json.loads((out / "stats.json").read_text())
     assert len(stats["action_min"]) == 8 and stats["action_min"][7] >= 0.0
+    assert np.asarray(stats["action_min_rows"]).shape == (16, 8)  # --action-ranges per-row
+    assert json.loads((out / "config.json").read_text())["chatvla"]["sampler"]["prediction_type"] == "sample"
 
     from chatvla.cli.server_process import start_server
     from chatvla.v1 import policy_pb2 as pb
@@ -210,6 +213,34 @@ def test_relative_stats_bound_the_offsets_not_the_angles(episodes_dir):
     for i in range(7):
         assert relative.action_min[i] < 0 < relative.action_max[i]
         assert max(-relative.action_min[i], relative.action_max[i]) <= 1.1 * reach[i] + 1e-3
+
+
+
+def test_per_row_stats_give_the_near_rows_their_own_narrow_range(episodes_dir, tmp_path):
+    """An offset one tick ahead spans a fraction of one sixteen ticks ahead: per-row stats keep that
+    (the near rows' ranges are narrower), the envelope is the per-dimension stats, and a checkpoint
+    written with them loads with the same row ranges."""
+    from chatvla.model.checkpoint import load_checkpoint, save_checkpoint
+    from chatvla.model.config import NormStats
+
+    eps = load_episodes([episodes_dir], FRANKA_JOINT, progress=False)
+    data = Dataset(FRANKA_JOINT, eps)
+    rel = tuple(range(7))
+    flat, rows = data.stats(rel), data.stats(rel, per_row=True)
+    assert flat.action_min_rows is None and (rows.action_min, rows.action_max) == (flat.action_min, flat.action_max)
+    lo, hi = np.asarray(rows.action_min_rows), np.asarray(rows.action_max_rows)
+    assert lo.shape == hi.shape == (FRANKA_JOINT.chunk_size, 8)
+    span = hi - lo
+    moving = [i for i in range(7) if span[-1, i] > 0.01]
+    assert moving and all(span[0, i] < span[-1, i] for i in moving)
+    assert np.all(lo >= np.asarray(flat.action_min) - 1e-9) and np.all(hi <= np.asarray(flat.action_max) + 1e-9)
+    np.testing.assert_allclose(span[:, 7], span[0, 7])  # the gripper is absolute: the same range every row
+
+    model = ChatVLA2(get_preset("tiny-sim"), load_tiny_tokenizer(), rows)
+    save_checkpoint(model, tmp_path / "ckpt")
+    again = load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(again.stats, NormStats) and again.stats.action_min_rows == rows.action_min_rows
+    torch.testing.assert_close(again.expert.action_max, torch.tensor(hi, dtype=torch.float32))
 
 
 def test_place_probe_loss_trains_the_pooled_rows_to_hold_the_stated_places(model):

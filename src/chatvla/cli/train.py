@@ -64,6 +64,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="and new text after S seconds (default 0: off)")
     p.add_argument("--relative-actions", action="store_true",
                    help="predict joint targets as offsets from the current state (the tiny-sim preset does)")
+    p.add_argument("--action-ranges", choices=("per-dim", "per-row"), default="per-dim",
+                   help="how actions are scaled to [-1, 1]: one range per dimension (default), or one per chunk "
+                   "row too (stats.json action_min_rows/max_rows; served as they are). With --relative-actions "
+                   "the near rows, which run first, then get the whole [-1, 1] instead of a sliver of the far "
+                   "rows' range")
+    p.add_argument("--prediction", choices=("epsilon", "sample", "v_prediction"), default=None,
+                   help="what the expert's head predicts: the noise (epsilon, the authors' and the presets' "
+                   "default), the clean chunk (sample) or v; written to config.json's sampler, which serving reads")
     p.add_argument("--device", default=d.device, help="torch device: cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed for weights and batches (default {d.seed})")
     p.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
@@ -278,12 +286,15 @@ def run(args: argparse.Namespace) -> int:
     cfg_model = cfg_model.with_updates(reasoning=replace(
         cfg_model.reasoning, refresh_every_n=args.serve_reasoning_every_n,
         refresh_every_seconds=args.serve_reasoning_every_seconds))
+    if args.prediction:
+        cfg_model = cfg_model.with_updates(sampler=replace(cfg_model.sampler, prediction_type=args.prediction))
     if args.relative_actions and not cfg_model.expert.relative_to_state:
         grip = set(cfg_model.profile.gripper_indices)
         rel = tuple(i for i in range(cfg_model.expert.action_dim) if i not in grip)
         cfg_model = cfg_model.with_updates(expert=replace(cfg_model.expert, relative_to_state=rel))
     model = ChatVLA2(cfg_model.with_updates(init_seed=cfg_model.init_seed + args.seed), load_tiny_tokenizer(),
-                     data.stats(cfg_model.expert.relative_to_state), device=args.device)
+                     data.stats(cfg_model.expert.relative_to_state, per_row=args.action_ranges == "per-row"),
+                     device=args.device)
     if init is not None:
         problem = start_from(model, init, vlm_only=bool(args.init_vlm))
         if problem:

@@ -195,10 +195,15 @@ class ActionExpert(nn.Module):
         self.register_buffer("state_std", torch.ones(cfg.state_dim), persistent=False)
 
     def set_stats(self, stats: NormStats) -> None:
-        stats.check(self.cfg.action_dim, self.cfg.state_dim)
+        """Per-dimension ranges ([A]) or, when the stats have them, one per chunk row ([H, A]): both
+        broadcast over a [B, H, A] chunk the same way."""
+        stats.check(self.cfg.action_dim, self.cfg.state_dim, self.cfg.chunk_size)
         dev = self.action_min.device
-        self.action_min = torch.tensor(stats.action_min, dtype=torch.float32, device=dev)
-        self.action_max = torch.tensor(stats.action_max, dtype=torch.float32, device=dev)
+        lo, hi = (stats.action_min, stats.action_max)
+        if stats.per_row:
+            lo, hi = stats.action_min_rows, stats.action_max_rows
+        self.action_min = torch.tensor(lo, dtype=torch.float32, device=dev)
+        self.action_max = torch.tensor(hi, dtype=torch.float32, device=dev)
         self.state_mean = torch.tensor(stats.state_mean, dtype=torch.float32, device=dev)
         self.state_std = torch.tensor(stats.state_std, dtype=torch.float32, device=dev).clamp_min(1e-6)
 
@@ -253,8 +258,8 @@ class ActionExpert(nn.Module):
         b = x.shape[0]
         for t in self.ddim.timesteps:
             tt = torch.full((b,), t, dtype=torch.long, device=dev)
-            eps = self.policy_head(x, tt, obs_c, rea_c)
-            x = self.ddim.step(eps.float(), t, x.float()).to(dtype)
+            out = self.policy_head(x, tt, obs_c, rea_c)
+            x = self.ddim.step(out.float(), t, x.float()).to(dtype)
         return self.unnormalize_chunk(x.float(), state)
 
     def unnormalize_chunk(self, x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,7 @@ def read_stats(directory: str | Path, cfg: ChatVLAConfig) -> NormStats:
         raise CheckpointError(f"missing file {path} (normalisation stats)")
     try:
         stats = NormStats.from_dict(json.loads(path.read_text()))
-        stats.check(cfg.expert.action_dim, cfg.expert.state_dim)
+        stats.check(cfg.expert.action_dim, cfg.expert.state_dim, cfg.expert.chunk_size)
     except (ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     return stats

@@ -102,18 +102,35 @@ class ActionExpertConfig:
         return self.depth // 2 if self.reasoning_layer_id is None else self.reasoning_layer_id
 
 
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
-    """DDIM as in the authors' code (diffusers DDIMScheduler settings), eta = 0."""
+    """DDIM as in the authors' code (diffusers DDIMScheduler settings), eta = 0.
+
+    `prediction_type` is what the head predicts: the noise (`epsilon`, the authors'), the clean chunk
+    (`sample`) or diffusers' `v_prediction`. Why not always epsilon: from a noise prediction the chunk is
+    recovered as (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), and near t = 0 the loss asks for the noise in a
+    sample that is almost clean, which a small head cannot resolve; a `sample` head regresses the chunk
+    itself at every noise level, which is where a grasp's millimetres are decided."""
 
     num_train_timesteps: int = 100
     beta_schedule: Literal["squaredcos_cap_v2", "linear"] = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon"] = "epsilon"
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     steps_offset: int = 0
     num_inference_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"sampler.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.beta_schedule not in ("squaredcos_cap_v2", "linear"):
+            raise ValueError(f"sampler.beta_schedule {self.beta_schedule!r} is not supported")
+        if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
+            raise ValueError("sampler.num_inference_steps must be in 1..num_train_timesteps")
 
 
 @dataclass(frozen=True)
@@ -144,14 +161,23 @@ class ReasoningConfig:
 
 @dataclass(frozen=True)
 class NormStats:
-    """Actions are min-max normalised to [-1, 1]; states are mean/std normalised."""
+    """Actions are min-max normalised to [-1, 1]; states are mean/std normalised.
+
+    `action_min_rows` / `action_max_rows` (optional, [chunk][action_dim]) give every row of a chunk its
+    own range. Why: an action predicted as an offset from the state spans about `row + 1` control steps,
+    so one range for all rows spends most of the [-1, 1] on the far rows and leaves the near ones,
+    which the robot executes first, a sliver of it; the expert's error in normalised units then costs
+    millimetres where the grasp has none to spare. `action_min` / `action_max` stay the envelope over
+    all rows for anything that reads one range per dimension."""
 
     action_min: tuple[float, ...]
     action_max: tuple[float, ...]
     state_mean: tuple[float, ...]
     state_std: tuple[float, ...]
+    action_min_rows: tuple[tuple[float, ...], ...] | None = None
+    action_max_rows: tuple[tuple[float, ...], ...] | None = None
 
-    def check(self, action_dim: int, state_dim: int) -> None:
+    def check(self, action_dim: int, state_dim: int, chunk_size: int | None = None) -> None:
         for name, vals, n in (
             ("action_min", self.action_min, action_dim),
             ("action_max", self.action_max, action_dim),
@@ -164,17 +190,48 @@ class NormStats:
                 raise ValueError(f"stats.{name} contains NaN or inf")
         if any(hi <= lo for lo, hi in zip(self.action_min, self.action_max)):
             raise ValueError("stats: every action_max must exceed action_min")
+        if (self.action_min_rows is None) != (self.action_max_rows is None):
+            raise ValueError("stats: action_min_rows and action_max_rows come together")
+        if self.action_min_rows is None or self.action_max_rows is None:
+            return
+        for name, rows in (("action_min_rows", self.action_min_rows), ("action_max_rows", self.action_max_rows)):
+            if chunk_size is not None and len(rows) != chunk_size:
+                raise ValueError(f"stats.{name} has {len(rows)} rows, the model's chunk has {chunk_size}")
+            if any(len(r) != action_dim for r in rows):
+                raise ValueError(f"stats.{name}: every row needs {action_dim} values")
+            if not all(math.isfinite(v) for r in rows for v in r):
+                raise ValueError(f"stats.{name} contains NaN or inf")
+        if any(hi <= lo for rlo, rhi in zip(self.action_min_rows, self.action_max_rows) for lo, hi in zip(rlo, rhi)):
+            raise ValueError("stats: every action_max_rows value must exceed its action_min_rows value")
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {k: list(v) for k, v in asdict(self).items()}
+    @property
+    def per_row(self) -> bool:
+        return self.action_min_rows is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: list(getattr(self, k)) for k in ("action_min", "action_max", "state_mean", "state_std")}
+        if self.action_min_rows is not None and self.action_max_rows is not None:
+            d["action_min_rows"] = [list(r) for r in self.action_min_rows]
+            d["action_max_rows"] = [list(r) for r in self.action_max_rows]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NormStats:
         try:
             keys = ("action_min", "action_max", "state_mean", "state_std")
-            return cls(**{k: tuple(float(x) for x in d[k]) for k in keys})
+            flat = {k: tuple(float(x) for x in d[k]) for k in keys}
         except KeyError as e:
             raise ValueError(f"stats.json lacks {e.args[0]!r}") from None
+        except TypeError:
+            raise ValueError("stats.json: action_min/max and state_mean/std must be lists of numbers") from None
+        rows: dict[str, tuple[tuple[float, ...], ...]] = {}
+        for k in ("action_min_rows", "action_max_rows"):
+            if k in d:
+                try:
+                    rows[k] = tuple(tuple(float(x) for x in r) for r in d[k])
+                except TypeError:
+                    raise ValueError(f"stats.json: {k} must be a list of lists of numbers") from None
+        return cls(**flat, **rows)
 
     @classmethod
     def from_profile(cls, profile: RobotProfile) -> NormStats:

@@ -41,13 +41,33 @@ class DDIM:
             i * self.step_ratio + cfg.steps_offset for i in reversed(range(cfg.num_inference_steps))
         ]
 
-    def step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """One deterministic (eta = 0) DDIM update x_t -> x_{t - step_ratio}."""
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the head is trained to output for x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps ([B] timesteps)."""
+        kind = self.cfg.prediction_type
+        if kind == "sample":
+            return x0
+        if kind == "v_prediction":
+            a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))
+            return a.sqrt() * eps - (1 - a).sqrt() * x0
+        return eps
+
+    def step(self, out: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """One deterministic (eta = 0) DDIM update x_t -> x_{t - step_ratio}, from the head's output
+        `out` (noise, clean sample or v, as `prediction_type` says)."""
         prev = t - self.step_ratio
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         b_t = 1 - a_t
-        x0 = (x - b_t.sqrt() * eps) / a_t.sqrt()
+        kind = self.cfg.prediction_type
+        if kind == "sample":
+            x0 = out
+            eps = (x - a_t.sqrt() * x0) / b_t.sqrt()
+        elif kind == "v_prediction":
+            x0 = a_t.sqrt() * x - b_t.sqrt() * out
+            eps = a_t.sqrt() * out + b_t.sqrt() * x
+        else:
+            eps = out
+            x0 = (x - b_t.sqrt() * eps) / a_t.sqrt()
         if self.cfg.clip_sample:
             r = self.cfg.clip_sample_range
             x0 = x0.clamp(-r, r)

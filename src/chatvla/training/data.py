@@ -88,9 +88,11 @@ class Dataset:
     def ticks(self) -> int:
         return sum(len(e.actions) for e in self.episodes)
 
-    def stats(self, relative_to_state: tuple[int, ...] = ()) -> NormStats:
+    def stats(self, relative_to_state: tuple[int, ...] = (), *, per_row: bool = False) -> NormStats:
         """Min-max for actions (widened where a dimension barely moves), mean/std for states. Dimensions
-        predicted relative to the state get the range of (chunk action - state) over every chunk."""
+        predicted relative to the state get the range of (chunk action - state) over every chunk.
+        `per_row` adds a range for every chunk row (`NormStats.action_min_rows`), each widened and
+        clipped the same way."""
         h = self.profile.chunk_size
         chunks = []
         for e in self.episodes:
@@ -99,20 +101,26 @@ class Dataset:
             rel = list(relative_to_state)
             if rel:
                 c[..., rel] -= e.states[:, None, rel]
-            chunks.append(c.reshape(-1, c.shape[-1]))
-        acts = np.concatenate(chunks)
+            chunks.append(c)
+        acts = np.concatenate(chunks)  # [ticks, H, A]
         states = np.concatenate([e.states for e in self.episodes]).astype(np.float64)
-        lo, hi = acts.min(0), acts.max(0)
-        pad = np.maximum(0.05 * (hi - lo), 1e-3)
-        lo, hi = lo - pad, hi + pad
         lower, upper = np.asarray(self.profile.action_lower), np.asarray(self.profile.action_upper)
-        absolute = np.ones(len(lo), bool)
+        absolute = np.ones(acts.shape[-1], bool)
         absolute[list(relative_to_state)] = False
-        lo = np.where(absolute, np.maximum(lo, lower), lo)
-        hi = np.where(absolute, np.minimum(hi, upper), hi)
+
+        def bounds(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            pad = np.maximum(0.05 * (hi - lo), 1e-3)
+            lo, hi = lo - pad, hi + pad
+            return np.where(absolute, np.maximum(lo, lower), lo), np.where(absolute, np.minimum(hi, upper), hi)
+
+        lo, hi = bounds(acts.min((0, 1)), acts.max((0, 1)))
+        rows_lo, rows_hi = bounds(acts.min(0), acts.max(0)) if per_row else (None, None)
         std = np.maximum(states.std(0), 1e-3)
-        return NormStats(tuple(map(float, lo)), tuple(map(float, hi)), tuple(map(float, states.mean(0))),
-                         tuple(map(float, std)))
+        return NormStats(
+            tuple(map(float, lo)), tuple(map(float, hi)), tuple(map(float, states.mean(0))), tuple(map(float, std)),
+            action_min_rows=None if rows_lo is None else tuple(tuple(map(float, r)) for r in rows_lo),
+            action_max_rows=None if rows_hi is None else tuple(tuple(map(float, r)) for r in rows_hi),
+        )
 
 
 def decode(image: EncodedImage | np.ndarray) -> np.ndarray:

@@ -128,7 +128,8 @@ class BalanceTap:
 
 def diffusion_loss(model: ChatVLA2, prompt_pooled: torch.Tensor, reasoning_pooled: torch.Tensor,
                    states: torch.Tensor, chunks: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Epsilon-prediction loss of the expert on chunks in robot units, normalised as serving does."""
+    """The expert's diffusion loss on chunks in robot units, normalised as serving does; the head's
+    target is what the sampler's `prediction_type` says (the noise, the chunk, or v)."""
     ex = model.expert
     dev = prompt_pooled.device
     x0 = ex.normalize_chunk(chunks, states).to(dev)
@@ -140,7 +141,7 @@ def diffusion_loss(model: ChatVLA2, prompt_pooled: torch.Tensor, reasoning_poole
     eps = torch.randn(x0.shape, generator=gen).to(dev)
     a = ex.ddim.alphas_cumprod.to(dev)[t].view(b, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    return F.mse_loss(ex.policy_head(xt, t, obs_c, rea_c), eps)
+    return F.mse_loss(ex.policy_head(xt, t, obs_c, rea_c), ex.ddim.target(x0, eps, t))
 
 
 def features_key(data: Dataset, stride: int, old_text: float = 0.0, seed: int = 0) -> str:
