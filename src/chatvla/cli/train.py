@@ -66,9 +66,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="predict joint targets as offsets from the current state (the tiny-sim preset does)")
     p.add_argument("--action-ranges", choices=("per-dim", "per-row"), default="per-dim",
                    help="how actions are scaled to [-1, 1]: one range per dimension (default), or one per chunk "
-                   "row too (stats.json action_min_rows/max_rows; served as they are). With --relative-actions "
-                   "the near rows, which run first, then get the whole [-1, 1] instead of a sliver of the far "
-                   "rows' range")
+                   "row too (stats.json action_min_rows/max_rows; served as they are), so that with "
+                   "--relative-actions the near rows are not a sliver of the far rows' range")
     p.add_argument("--prediction", choices=("epsilon", "sample", "v_prediction"), default=None,
                    help="what the expert's head predicts: the noise (epsilon, the authors' and the presets' "
                    "default), the clean chunk (sample) or v; written to config.json's sampler, which serving reads")

@@ -110,10 +110,10 @@ class SamplerConfig:
     """DDIM as in the authors' code (diffusers DDIMScheduler settings), eta = 0.
 
     `prediction_type` is what the head predicts: the noise (`epsilon`, the authors'), the clean chunk
-    (`sample`) or diffusers' `v_prediction`. Why not always epsilon: from a noise prediction the chunk is
-    recovered as (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), and near t = 0 the loss asks for the noise in a
-    sample that is almost clean, which a small head cannot resolve; a `sample` head regresses the chunk
-    itself at every noise level, which is where a grasp's millimetres are decided."""
+    (`sample`) or diffusers' `v_prediction`. Why not always epsilon: near t = 0 an epsilon loss asks for
+    the noise in a sample that is almost clean; a `sample` head regresses the chunk itself at every
+    noise level, and on the shipped task's recorded ticks it halved the expert's error where the arm
+    holds still before a grasp (docs/model.md, run 21)."""
 
     num_train_timesteps: int = 100
     beta_schedule: Literal["squaredcos_cap_v2", "linear"] = "squaredcos_cap_v2"
@@ -164,11 +164,11 @@ class NormStats:
     """Actions are min-max normalised to [-1, 1]; states are mean/std normalised.
 
     `action_min_rows` / `action_max_rows` (optional, [chunk][action_dim]) give every row of a chunk its
-    own range. Why: an action predicted as an offset from the state spans about `row + 1` control steps,
-    so one range for all rows spends most of the [-1, 1] on the far rows and leaves the near ones,
-    which the robot executes first, a sliver of it; the expert's error in normalised units then costs
-    millimetres where the grasp has none to spare. `action_min` / `action_max` stay the envelope over
-    all rows for anything that reads one range per dimension."""
+    own range. Why one might: an action predicted as an offset from the state spans about `row + 1`
+    control steps, so one range for all rows leaves the near rows, which the robot executes first, a
+    sliver of [-1, 1]. On the shipped task it did not make the expert more precise (docs/model.md, run
+    20); it stays an option of `chatvla train`. `action_min` / `action_max` stay the envelope over all
+    rows for anything that reads one range per dimension."""
 
     action_min: tuple[float, ...]
     action_max: tuple[float, ...]
