@@ -20,9 +20,9 @@ Two sets of ticks:
 Per model, set and row: the RMS error over the arm's joints (robot units, rad). Rows 0-8 are the ones
 a robot executes (the rest is overwritten by the next chunk). Two baselines on the pause ticks put the
 figures in scale: `stay` (every target is the current joint state) and `ridge` (a ridge regression from
-the joint state and both pooled feature vectors to the chunk's offsets, fitted on four fifths of the
-cache's pause ticks and scored on the other fifth). Prints a table and writes
-benchmarks/results/expert_precision.json (or NAME.json).
+the joint state and both pooled feature vectors to the chunk's offsets, feature_probe.py's: fitted on
+the first five sixths of the cache's pause ticks and scored on the rest, which the cache's episode order
+makes other episodes). Prints a table and writes benchmarks/results/expert_precision.json (or NAME.json).
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_result
+from feature_probe import LAMBDAS, ridge_rmse
 
 from chatvla.model import load_model
 
@@ -62,18 +64,18 @@ def row_errors(model: Any, feats: dict[str, torch.Tensor], idx: torch.Tensor, ar
 
 
 def baselines(feats: dict[str, torch.Tensor], pause: torch.Tensor, arm: list[int]) -> dict[str, list[float]]:
-    """Per-row RMS of the `stay` and `ridge` predictors on the pause ticks (see the module docstring)."""
+    """Per-row RMS of the `stay` and `ridge` predictors on the pause ticks (see the module docstring);
+    the ridge is feature_probe.py's (standardised features, the cache's first 5/6 of these ticks to fit,
+    the rest to score, the best of its regularisations)."""
     states, chunks = feats["states"][pause].double(), feats["chunks"][pause].double()
-    off = chunks[..., arm] - states[:, None, arm]
-    x = torch.cat([states, feats["prompt"][pause].double(), feats["reasoning"][pause].double(),
-                   torch.ones(len(pause), 1, dtype=torch.double)], 1)
+    off = (chunks[..., arm] - states[:, None, arm]).numpy()
+    x = np.concatenate([states.numpy(), feats["prompt"][pause].double().numpy(),
+                        feats["reasoning"][pause].double().numpy()], 1)
     y = off.reshape(len(pause), -1)
-    test = torch.arange(len(pause)) % 5 == 0
-    xt, yt = x[~test], y[~test]
-    w = torch.linalg.solve(xt.T @ xt + 1e-3 * torch.eye(x.shape[1], dtype=torch.double), xt.T @ yt)
-    ridge = (x[test] @ w - y[test]).reshape(-1, *off.shape[1:])
-    return {"stay": [float(v) for v in off.pow(2).mean((0, 2)).sqrt()],
-            "ridge": [float(v) for v in ridge.pow(2).mean((0, 2)).sqrt()]}
+    fits = [ridge_rmse(x, y, lam) for lam in LAMBDAS]
+    ridge = min(fits, key=lambda f: float((f ** 2).mean())).reshape(off.shape[1:])
+    return {"stay": [float(v) for v in np.sqrt((off ** 2).mean((0, 2)))],
+            "ridge": [float(v) for v in np.sqrt((ridge ** 2).mean(1))]}
 
 
 def row_summary(errs: list[float]) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def main() -> int:
                          **row_summary(errs)})
     for base, errs in baselines(feats, pause, arm).items():
         rows.append({"model": f"baseline: {base}", "action_ranges": "", "prediction": "", "ticks": "pause",
-                     "n": len(pause) if base == "stay" else int((torch.arange(len(pause)) % 5 == 0).sum()),
+                     "n": len(pause) if base == "stay" else len(pause) - len(pause) * 5 // 6,
                      **row_summary(errs)})
     print(table(rows, ["model", "action_ranges", "prediction", "ticks", "n", *(f"row{r}" for r in SHOWN_ROWS),
                        "rows_0_8_mean"]))

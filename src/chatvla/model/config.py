@@ -178,31 +178,26 @@ class NormStats:
     action_max_rows: tuple[tuple[float, ...], ...] | None = None
 
     def check(self, action_dim: int, state_dim: int, chunk_size: int | None = None) -> None:
-        for name, vals, n in (
-            ("action_min", self.action_min, action_dim),
-            ("action_max", self.action_max, action_dim),
-            ("state_mean", self.state_mean, state_dim),
-            ("state_std", self.state_std, state_dim),
-        ):
+        if (self.action_min_rows is None) != (self.action_max_rows is None):
+            raise ValueError("stats: action_min_rows and action_max_rows come together")
+        vectors = [("action_min", self.action_min, action_dim), ("action_max", self.action_max, action_dim),
+                   ("state_mean", self.state_mean, state_dim), ("state_std", self.state_std, state_dim)]
+        ranges = [(self.action_min, self.action_max, "every action_max must exceed action_min")]
+        if self.action_min_rows is not None and self.action_max_rows is not None:
+            for name, rows in (("action_min_rows", self.action_min_rows), ("action_max_rows", self.action_max_rows)):
+                if chunk_size is not None and len(rows) != chunk_size:
+                    raise ValueError(f"stats.{name} has {len(rows)} rows, the model's chunk has {chunk_size}")
+                vectors += [(f"{name}[{r}]", row, action_dim) for r, row in enumerate(rows)]
+            ranges += [(lo, hi, "every action_max_rows value must exceed its action_min_rows value")
+                       for lo, hi in zip(self.action_min_rows, self.action_max_rows)]
+        for name, vals, n in vectors:
             if len(vals) != n:
                 raise ValueError(f"stats.{name} has {len(vals)} values, the model needs {n}")
             if not all(math.isfinite(v) for v in vals):
                 raise ValueError(f"stats.{name} contains NaN or inf")
-        if any(hi <= lo for lo, hi in zip(self.action_min, self.action_max)):
-            raise ValueError("stats: every action_max must exceed action_min")
-        if (self.action_min_rows is None) != (self.action_max_rows is None):
-            raise ValueError("stats: action_min_rows and action_max_rows come together")
-        if self.action_min_rows is None or self.action_max_rows is None:
-            return
-        for name, rows in (("action_min_rows", self.action_min_rows), ("action_max_rows", self.action_max_rows)):
-            if chunk_size is not None and len(rows) != chunk_size:
-                raise ValueError(f"stats.{name} has {len(rows)} rows, the model's chunk has {chunk_size}")
-            if any(len(r) != action_dim for r in rows):
-                raise ValueError(f"stats.{name}: every row needs {action_dim} values")
-            if not all(math.isfinite(v) for r in rows for v in r):
-                raise ValueError(f"stats.{name} contains NaN or inf")
-        if any(hi <= lo for rlo, rhi in zip(self.action_min_rows, self.action_max_rows) for lo, hi in zip(rlo, rhi)):
-            raise ValueError("stats: every action_max_rows value must exceed its action_min_rows value")
+        for lo, hi, rule in ranges:
+            if any(b <= a for a, b in zip(lo, hi)):
+                raise ValueError(f"stats: {rule}")
 
     @property
     def per_row(self) -> bool:
