@@ -95,6 +95,8 @@ def test_a_head_that_outputs_its_training_target_denoises_exactly(kind):
 def test_an_unknown_prediction_type_is_refused():
     with pytest.raises(ValueError, match="prediction_type"):
         SamplerConfig(prediction_type="flow")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        SamplerConfig(num_inference_steps=101)  # more than the 100 train timesteps
 
 def test_timestep_embedding_cos_first_and_bf16_option_follows_authors_rounding():
     emb = TimestepEmbedder(16, freq_size=256)
