@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -136,3 +138,18 @@ def test_card_token_labels_name_the_token_that_holds_each_card_and_ignore_the_ri
     assert (outside == NO_CARD).all()
     finer = card_token_labels({36: (100.0, 60.0)}, (224, 224), (12, 12))  # the same image read at 336x336
     assert finer[3, 5] == 36  # row 60 * 12 // 224 = 3, column 100 * 12 // 224 = 5
+
+
+def test_text_only_sums_add_right_and_never_name_a_held_out_number():
+    from chatvla.training.labels import ARITHMETIC_MAX, arithmetic_pair
+
+    rng = np.random.default_rng(0)
+    pairs = [arithmetic_pair(rng) for _ in range(2000)]
+    sums = set()
+    for q, a in pairs:
+        x, y, s = (int(v) for v in re.findall(r"\d+", a))
+        assert q == f"What is {x}+{y}?" and x + y == s and max(x, y) <= ARITHMETIC_MAX, (q, a)
+        assert not {x, y, s} & set(HELDOUT_NUMBERS), (q, a)
+        sums.add(s)
+    # every units digit comes with many tens digits: not a table of the boards' sums
+    assert all(len({s // 10 for s in sums if s % 10 == d}) >= 10 for d in range(10))

@@ -621,3 +621,36 @@ def test_stage2_ema_serves_the_weight_average_and_an_interrupted_run_resumes_it(
     resumed.stage2()
     for (name, a), b in zip(straight.model.expert.state_dict().items(), resumed.model.expert.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_text_only_sums_train_the_language_model_in_stage_1(episodes_dir, tmp_path):
+    """--arithmetic adds rows without images to every stage-1 step: their loss is logged, reaches the
+    language model (not the vision tower) and falls on a fixed set of sums; rows as the chat template
+    builds them, the answer alone labelled."""
+    from chatvla.training.batches import collate_text
+    from chatvla.training.stages import lm_loss, text_forward
+
+    net = ChatVLA2(get_preset("tiny-sim"), load_tiny_tokenizer())
+    pairs = [("What is 68+73?", "68+73=141."), ("What is 2+8?", "2+8=10.")]
+    batch = collate_text(net, pairs)
+    row = batch.input_ids[1][batch.attention_mask[1].bool()].tolist()
+    assert net.prompts.tokenizer.decode(row, skip_special_tokens=False).endswith(
+        "user\nWhat is 2+8?<|im_end|>\n<|im_start|>assistant\n2+8=10.<|im_end|>")
+    labelled = batch.labels[1][batch.labels[1] != -100].tolist()
+    assert labelled == [*net.prompts.encode_text("2+8=10."), net.prompts.eos_id]
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(net.vlm.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = lm_loss(net, text_forward(net, batch), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.vlm.model.visual.parameters())
+
+    trainer = _trainer(episodes_dir, tmp_path, 3, 0, arithmetic=4, pointer_weight=1.0)
+    trainer.stage1()
+    assert len(trainer.progress.history["stage1/arithmetic"]) == 1  # logged every 10 steps: step 0
+    assert len(trainer.progress.history["stage1/balance"]) == 1

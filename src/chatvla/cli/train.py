@@ -108,6 +108,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="weight of the stage-1 loss that asks one attention head, on the rows that write \"card N "
                    "at (x, y)\", to look at the image rows that show card N, on rendered math-matching scenes "
                    f"(default {d.pointer_weight}; 0: off)")
+    p.add_argument("--arithmetic", type=int, default=d.arithmetic, metavar="N",
+                   help="text-only sums (\"What is 68+73?\", operands up to 99, never a held-out number) added to "
+                   "each stage-1 step: arithmetic the paper's VLM brings from pretraining, so that held-out "
+                   f"answers are added, not looked up (default {d.arithmetic}: off)")
     p.add_argument("--card-steps", type=int, default=d.card_steps,
                    help="stage 0 before stage 1: steps that train the vision tower alone to read the cards' labels "
                    f"on crops of the rendered scenes ({d.card_batch_size} crops a step; math_matching, needs "
@@ -221,9 +225,10 @@ def run(args: argparse.Namespace) -> int:
         print("chatvla train: --card-steps reads the cards of rendered math-matching scenes: it needs --task "
               "math_matching and --scenes > 0", file=sys.stderr)
         return 2
-    if (min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes, args.card_steps) < 0
+    if (min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes, args.card_steps,
+            args.arithmetic) < 0
             or args.batch_size < 1):
-        print("chatvla train: step counts, --scenes and --max-episodes must be >= 0, --batch-size >= 1",
+        print("chatvla train: step counts, --scenes, --max-episodes and --arithmetic must be >= 0, --batch-size >= 1",
               file=sys.stderr)
         return 2
     if args.init and args.init_vlm:
@@ -277,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
                        save_every=args.save_every, place_weight=args.place_weight,
                        card_token_weight=args.card_token_weight, card_place_weight=args.card_place_weight,
                        card_cell_weight=args.card_cell_weight, pointer_weight=args.pointer_weight,
+                       arithmetic=args.arithmetic,
                        card_steps=args.card_steps, prompt_shuffle=args.prompt_shuffle,
                        stage2_old_text=args.stage2_old_text, stage2_ema=args.stage2_ema,
                        scene_reasoning_fraction=args.scene_reasoning)

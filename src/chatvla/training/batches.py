@@ -147,6 +147,32 @@ def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
                  tokens, token_places, pointers)
 
 
+@dataclass
+class TextBatch:
+    """Rows without images: stage 1's text-only sums (`labels.arithmetic_pair`)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # -100 outside the answers
+
+
+def collate_text(model: ChatVLA2, pairs: Sequence[tuple[str, str]]) -> TextBatch:
+    """(question, answer) rows as the chat prompt with no camera, the answer ending with <|im_end|>,
+    left-padded like `collate`'s rows."""
+    b = model.prompts
+    rows = [(b.encode_text(b.prompt_text(0, q)), [*b.encode_text(a), b.eos_id]) for q, a in pairs]
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), width), model._pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, t) in enumerate(rows):
+        start = width - len(p) - len(t)
+        ids[i, start:] = torch.tensor(p + t)
+        mask[i, start:] = 1
+        labels[i, start + len(p):] = torch.tensor(t)
+    return TextBatch(ids, mask, labels)
+
+
 def place_token_span(model: ChatVLA2, text: str, ids: Sequence[int]) -> tuple[int, int, int] | None:
     """(card N, first, end) for a target text that names card N and then states its place "(x, y)":
     the indices into `ids` (the text's token ids) of the tokens that overlap the place; None when the

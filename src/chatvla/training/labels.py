@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from chatvla.client.sim.catalog import HELDOUT_NUMBERS
 from chatvla.client.sim.tasks.base import Pose, Task
 from chatvla.client.sim.tasks.math_matching import MathMatchingTask, card_name
 from chatvla.client.sim.tasks.toy_placement import PHRASES, RELATIONS, Relation, ToyPlacementTask
@@ -319,6 +320,26 @@ def scene_pairs(task: Task, poses: dict[str, Pose], rng: np.random.Generator, k:
     if isinstance(task, ToyPlacementTask):
         return toy_pairs(task, poses, rng, k)
     raise ValueError(f"no image-text pairs for task kind {type(task).__name__}")
+
+
+# --- sums in words only (stage 1's arithmetic co-training) -----------------------------------------------
+ARITHMETIC_MAX = 99  # operands of the text-only sums: up to the boards' two digits, so sums reach 198
+
+
+def arithmetic_pair(rng: np.random.Generator) -> tuple[str, str]:
+    """A text-only sum ("What is 68+73?", "68+73=141."), with neither operand nor sum a held-out number.
+
+    The robot data and the scenes show only sums of training numbers up to 49, so a model trained on
+    them alone learns those sums as a table and, for a held-out answer, writes its nearest neighbour
+    ("18+23=40."): the digit after "=4" is never 1 or 7 in training. The paper's VLM brings arithmetic
+    from pretraining; this is the tiny model's stand-in. Over every operand up to 99 the sums are too
+    many to learn as a table and the same units digits come with every tens digit ("18+33=51",
+    "68+73=141"), so what there is to learn is how to add, digit by digit."""
+    held = set(HELDOUT_NUMBERS)
+    while True:
+        a, b = (int(x) for x in rng.integers(1, ARITHMETIC_MAX + 1, size=2))
+        if not {a, b, a + b} & held:
+            return f"What is {a}+{b}?", f"{a}+{b}={a + b}."
 
 
 # --- which vision token shows which card (stage 1's card-token loss) ----------------------------------

@@ -36,10 +36,10 @@ from chatvla.model.checkpoint import load_checkpoint, save_checkpoint
 from chatvla.model.moe import MoEBlock
 from chatvla.model.tokenizer import IMAGE_PAD
 from chatvla.training.averaging import WeightAverage
-from chatvla.training.batches import Batch, Item, Pointer, collate, pool_spans
+from chatvla.training.batches import Batch, Item, Pointer, TextBatch, collate, collate_text, pool_spans
 from chatvla.training.card_crops import card_views, crop_batch, vision_tokens
 from chatvla.training.data import Dataset, decode
-from chatvla.training.labels import NO_CARD
+from chatvla.training.labels import NO_CARD, arithmetic_pair
 
 STATE_DIR = "train"  # inside the output directory: resumable state
 PROGRESS = "progress.json"
@@ -71,6 +71,7 @@ class TrainConfig:
     card_place_layer: int = 2  # after this many decoder layers (the later ones then copy from them)
     pointer_weight: float = 0.0  # pointer loss on one attention head of decoder layer card_place_layer (0: off)
     pointer_head: int = 0  # which head of that layer the pointer loss trains
+    arithmetic: int = 0  # text-only sums (labels.arithmetic_pair) added to each stage-1 step (0: off)
     card_steps: int = 0  # stage 0: vision tower + CardTokenProbe on crops around cards (0: off)
     card_batch_size: int = 128  # crops per stage-0 step
     lr_card: float = 3e-3
@@ -391,6 +392,15 @@ def vlm_forward_layer(model: ChatVLA2, batch: Batch, layer: int) -> tuple[torch.
     return out.last_hidden_state, out.hidden_states[layer][image]
 
 
+def text_forward(model: ChatVLA2, batch: TextBatch) -> torch.Tensor:
+    """Last-layer hidden states [B, L, D] of rows without images."""
+    dev = model.device
+    ids = batch.input_ids.to(dev)
+    return model.vlm.model(input_ids=ids, attention_mask=batch.attention_mask.to(dev),
+                           mm_token_type_ids=torch.zeros_like(ids, dtype=torch.int32), use_cache=False
+                           ).last_hidden_state
+
+
 def lm_loss(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = model.vlm.lm_head(hidden[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(hidden.device),
@@ -426,6 +436,12 @@ def stage1_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
         items.append(Item(s.images, s.instruction or "", s.reasoning or "", reasoning=True, card_pixels=s.card_pixels,
                           card_places=s.card_places))
     return items
+
+
+def arithmetic_items(cfg: TrainConfig, step: int) -> list[tuple[str, str]]:
+    """Stage 1's text-only sums for `step`, drawn from (seed, step) like its other rows (resumable)."""
+    rng = np.random.default_rng([cfg.seed, 3, step])
+    return [arithmetic_pair(rng) for _ in range(cfg.arithmetic)]
 
 
 # --- optimiser state without pickle ---------------------------------------------------------------------
@@ -612,7 +628,12 @@ class Trainer:
                     pointer = pointer_loss(weights, batch.pointers, cfg.pointer_head)
                     if pointer is not None:
                         losses["pointer"] = pointer
-                bal = tap.loss()
+                if cfg.arithmetic:
+                    text = collate_text(model, arithmetic_items(cfg, step))
+                    losses["arithmetic"] = lm_loss(model, text_forward(model, text), text.labels)
+                    if attention is not None:
+                        attention.take()  # its weights are the sums', not the scenes'
+                bal = tap.loss()  # the routers balance over every token they routed this step
                 if bal is not None:
                     losses["balance"] = bal
                 tokens = vision.take()
@@ -629,7 +650,8 @@ class Trainer:
                     if cfg.place_weight and batch.places is not None:
                         losses["place"] = self.probe.loss(pp, rp, batch.places.to(pp.device),
                                                           batch.stated_places.to(pp.device))
-                total = (losses["lm"] + cfg.diffusion_weight * losses.get("diffusion", 0.0)
+                total = (losses["lm"] + losses.get("arithmetic", 0.0)
+                         + cfg.diffusion_weight * losses.get("diffusion", 0.0)
                          + cfg.balance_weight * losses.get("balance", 0.0)
                          + cfg.place_weight * losses.get("place", 0.0)
                          + cfg.card_token_weight * losses.get("card", 0.0)
