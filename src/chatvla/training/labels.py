@@ -339,7 +339,12 @@ def arithmetic_pair(rng: np.random.Generator) -> tuple[str, str]:
     while True:
         a, b = (int(x) for x in rng.integers(1, ARITHMETIC_MAX + 1, size=2))
         if not {a, b, a + b} & held:
-            return f"What is {a}+{b}?", f"{a}+{b}={a + b}."
+            return arithmetic_question(a, b), f"{a}+{b}={a + b}."
+
+
+def arithmetic_question(a: int, b: int) -> str:
+    """The text-only question `arithmetic_pair` asks (and `benchmarks/arithmetic.py` asks of held-out sums)."""
+    return f"What is {a}+{b}?"
 
 
 # --- which vision token shows which card (stage 1's card-token loss) ----------------------------------
