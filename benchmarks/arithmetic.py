@@ -18,23 +18,17 @@ benchmarks/results/arithmetic.json (or NAME.json).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_result
+from common import rendering_missing, table, write_result
+
+from chatvla.training.labels import stated_sum
 
 SETS = {"heldout": 700_000, "train": 710_000}  # split -> first task seed
-_SUM = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)")
-
-
-def parse(text: str) -> tuple[int, int, int] | None:
-    """The first "a+b=s" a text states."""
-    m = _SUM.search(text)
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
 
 
 def judge_boards(model: Any, split: str, first: int, n: int) -> tuple[dict[str, Any], list[tuple[int, int]]]:
@@ -53,7 +47,7 @@ def judge_boards(model: Any, split: str, first: int, n: int) -> tuple[dict[str, 
             robot = robot or make_sim_robot("franka_joint", task)
             obs = robot.reset(task)
             text = model.reason([model.prepare(obs.images, task.instruction)])[0].text
-            stated = parse(text)
+            stated = stated_sum(text)
             problems.append((task.a, task.b))
             if stated is None:
                 continue
@@ -75,15 +69,15 @@ def answer_in_words(model: Any, question: str, max_new_tokens: int = 16) -> str:
     and uncached)."""
     import torch
 
+    from chatvla.training.stages import text_forward
+
     b = model.prompts
     ids = b.encode_text(b.prompt_text(0, question))
     out: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            x = torch.tensor([ids + out], device=model.device)
-            hidden = model.vlm.model(input_ids=x, attention_mask=torch.ones_like(x),
-                                     mm_token_type_ids=torch.zeros_like(x, dtype=torch.int32),
-                                     use_cache=False).last_hidden_state
+            x = torch.tensor([ids + out])
+            hidden = text_forward(model, x, torch.ones_like(x))
             token = int(model.vlm.lm_head(hidden[:, -1]).argmax(-1))
             if token == b.eos_id:
                 break
@@ -98,7 +92,7 @@ def judge_words(model: Any, problems: list[tuple[int, int]]) -> dict[str, Any]:
     right, samples = 0, []
     for a, b in problems:
         text = answer_in_words(model, arithmetic_question(a, b))
-        right += parse(text) == (a, b, a + b)
+        right += stated_sum(text) == (a, b, a + b)
         if len(samples) < 6:
             samples.append(f"{a}+{b}: {text.strip()[:16]}")
     return {"problems": len(problems), "sum_right": right, "samples": samples}
@@ -113,12 +107,9 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from chatvla.client.sim.render import rendering_available
     from chatvla.model import load_model
 
-    ok, detail = rendering_available()
-    if not ok:
-        print(f"arithmetic: needs offscreen rendering ({detail})", file=sys.stderr)
+    if rendering_missing("arithmetic"):
         return 2
     torch.manual_seed(0)
     rows, results = [], {}

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_result
+from common import rendering_missing, table, write_result
 
 READ = "Read the cards on the table from left to right."
 DECODE_SEED, PROBE_SEED = 920_000, 940_000
@@ -183,12 +183,9 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from chatvla.client.sim.render import rendering_available
     from chatvla.model import load_model
 
-    ok, detail = rendering_available()
-    if not ok:
-        print(f"card_reading: needs offscreen rendering ({detail})", file=sys.stderr)
+    if rendering_missing("card_reading"):
         return 2
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -57,3 +57,14 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=2) + "\n")
     return path
+
+
+def rendering_missing(tool: str) -> bool:
+    """True (and says why on stderr) when MuJoCo cannot render offscreen here: the scene benchmarks
+    then exit with status 2 instead of failing halfway."""
+    from chatvla.client.sim.render import rendering_available
+
+    ok, detail = rendering_available()
+    if not ok:
+        print(f"{tool}: needs offscreen rendering ({detail})", file=sys.stderr)
+    return not ok

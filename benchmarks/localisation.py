@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_result
+from common import rendering_missing, table, write_result
 
 from chatvla.training.labels import (
     PLACE_TOL_CM,
@@ -97,12 +97,9 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from chatvla.client.sim.render import rendering_available
     from chatvla.model import load_model
 
-    ok, detail = rendering_available()
-    if not ok:
-        print(f"localisation: needs offscreen rendering ({detail})", file=sys.stderr)
+    if rendering_missing("localisation"):
         return 2
     torch.manual_seed(0)
     rows, results = [], {}

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_result
+from common import rendering_missing, table, write_result
 
 FIRST_SEED = 3_000_000  # new layouts: far from recorded episodes (0..) and rendered training scenes (1,000,000..)
 
@@ -86,14 +86,11 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from chatvla.client.sim.render import rendering_available
     from chatvla.model import load_model
     from chatvla.profiles import FRANKA_JOINT
     from chatvla.training.data import render_scenes
 
-    ok, detail = rendering_available()
-    if not ok:
-        print(f"pointer: needs offscreen rendering ({detail})", file=sys.stderr)
+    if rendering_missing("pointer"):
         return 2
     torch.manual_seed(0)
     scenes = render_scenes(FRANKA_JOINT, args.scenes, seed=0, first_task_seed=FIRST_SEED, progress=False)

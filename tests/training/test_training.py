@@ -642,7 +642,7 @@ def test_text_only_sums_train_the_language_model_in_stage_1(episodes_dir, tmp_pa
     opt = torch.optim.Adam(net.vlm.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        loss = lm_loss(net, text_forward(net, batch), batch.labels)
+        loss = lm_loss(net, text_forward(net, batch.input_ids, batch.attention_mask), batch.labels)
         opt.zero_grad()
         loss.backward()
         losses.append(loss.item())

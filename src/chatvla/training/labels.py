@@ -187,18 +187,24 @@ def stated_place_error_cm(text: str, poses: dict[str, Pose]) -> float | None:
     return place_error_cm((int(c.group(2)), int(c.group(3))), poses[card_name(int(c.group(1)))])
 
 
+def stated_sum(text: str) -> tuple[int, int, int] | None:
+    """The first "a+b=s" a text states, as (a, b, s), spaces allowed; None when it states none."""
+    m = _SUM.search(text)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
 def judge_reasoning(task: MathMatchingTask, text: str, poses: dict[str, Pose] | None = None) -> ReasoningJudgement:
     """Parse "a+b=s. Pick card n at (x, y)..." leniently (spaces, case) and compare with the task."""
-    m = _SUM.search(text)
+    stated = stated_sum(text)
     c = _CARD.search(text)
-    stated_sum = int(m.group(3)) if m else None
-    sum_ok = bool(m) and (int(m.group(1)), int(m.group(2)), stated_sum) == (task.a, task.b, task.answer)
+    sum_ok = stated == (task.a, task.b, task.answer)
     stated_card = int(c.group(1)) if c else None
     place_ok = None
     if poses is not None:
         err = stated_place_error_cm(text, poses) if stated_card == task.answer else None
         place_ok = err is not None and err <= PLACE_TOL_CM
-    return ReasoningJudgement(sum_ok, stated_card == task.answer, stated_sum, stated_card, place_ok)
+    return ReasoningJudgement(sum_ok, stated_card == task.answer, stated[2] if stated else None, stated_card,
+                              place_ok)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from chatvla.model.checkpoint import load_checkpoint, save_checkpoint
 from chatvla.model.moe import MoEBlock
 from chatvla.model.tokenizer import IMAGE_PAD
 from chatvla.training.averaging import WeightAverage
-from chatvla.training.batches import Batch, Item, Pointer, TextBatch, collate, collate_text, pool_spans
+from chatvla.training.batches import Batch, Item, Pointer, collate, collate_text, pool_spans
 from chatvla.training.card_crops import card_views, crop_batch, vision_tokens
 from chatvla.training.data import Dataset, decode
 from chatvla.training.labels import NO_CARD, arithmetic_pair
@@ -392,11 +392,11 @@ def vlm_forward_layer(model: ChatVLA2, batch: Batch, layer: int) -> tuple[torch.
     return out.last_hidden_state, out.hidden_states[layer][image]
 
 
-def text_forward(model: ChatVLA2, batch: TextBatch) -> torch.Tensor:
-    """Last-layer hidden states [B, L, D] of rows without images."""
+def text_forward(model: ChatVLA2, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states [B, L, D] of rows without images (stage 1's sums in words)."""
     dev = model.device
-    ids = batch.input_ids.to(dev)
-    return model.vlm.model(input_ids=ids, attention_mask=batch.attention_mask.to(dev),
+    ids = input_ids.to(dev)
+    return model.vlm.model(input_ids=ids, attention_mask=attention_mask.to(dev),
                            mm_token_type_ids=torch.zeros_like(ids, dtype=torch.int32), use_cache=False
                            ).last_hidden_state
 
@@ -630,7 +630,8 @@ class Trainer:
                         losses["pointer"] = pointer
                 if cfg.arithmetic:
                     text = collate_text(model, arithmetic_items(cfg, step))
-                    losses["arithmetic"] = lm_loss(model, text_forward(model, text), text.labels)
+                    losses["arithmetic"] = lm_loss(model, text_forward(model, text.input_ids, text.attention_mask),
+                                                   text.labels)
                     if attention is not None:
                         attention.take()  # its weights are the sums', not the scenes'
                 bal = tap.loss()  # the routers balance over every token they routed this step
