@@ -27,6 +27,15 @@ def test_summary_reports_the_mean_place_fraction_of_the_episodes_that_have_one()
     assert "reasoning_place_within_2cm_all_chunks" not in summarise([outcome(0, None)])["train"]
 
 
+def test_summary_counts_the_episodes_whose_requests_failed():
+    """A refused observation holds the arm (a stall that latency did not cause): the summary says in how
+    many episodes that happened, so stall ticks are not read as a slow server."""
+    def outcome(i: int, failed: int) -> EpisodeOutcome:
+        return EpisodeOutcome("train", i, "1+2", 3, False, None, 240, "", True, 1.0, 0, failed_requests=failed)
+
+    assert summarise([outcome(0, 0), outcome(1, 3), outcome(2, 1)])["train"]["episodes_with_failed_requests"] == 2
+
+
 def test_the_watcher_judges_each_text_when_written_not_every_chunk_that_reuses_it():
     """With a dual-rate policy most chunks pre-fill the cached text (`reasoning_refreshed` false): the
     text was written once, for the scene of its own observation, and is judged once. Every chunk

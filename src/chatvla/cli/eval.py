@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from chatvla.client.lockstep import DEFAULT_LATENCY_TICKS
+
 DESCRIPTIONS = {
     "math_matching": "math matching on sim-panda (franka_joint) through chatvla serve + the gRPC client; "
                      "success = the task's own check at the end of the episode",
@@ -52,6 +54,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-report", help="directory for eval.json, filmstrip.png, report.html")
     p.add_argument("--json", metavar="FILE", help="also write the summary (with per-episode results) here")
     p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")
+    p.add_argument("--latency-ticks", type=int, default=DEFAULT_LATENCY_TICKS, metavar="N",
+                   help="run on simulated time, each chunk landing N control ticks after its observation "
+                   f"(default {DEFAULT_LATENCY_TICKS}, 133 ms at 15 Hz): the figures then depend on the model, "
+                   "not on how busy this machine is; the simulation waits for a slower server")
+    p.add_argument("--real-time", action="store_true",
+                   help="run on wall time instead, with the latency the server gives (what a real arm sees; "
+                   "on a loaded machine the figures move with its load)")
     return p
 
 
@@ -72,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes < 1 or args.robots < 1 or args.seconds <= 0:
         print("chatvla eval: --episodes, --robots and --seconds must be positive", file=sys.stderr)
         return 2
-    if args.first < 0:
-        print("chatvla eval: --first must be 0 or more", file=sys.stderr)
+    if args.first < 0 or args.latency_ticks < 0:
+        print("chatvla eval: --first and --latency-ticks must be 0 or more", file=sys.stderr)
         return 2
     from chatvla.cli.simcheck import sim_unavailable
 
@@ -103,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         policy = _served_policy(addresses[0], args.token)
         outcomes, films = run_eval(addresses, modes, args.episodes, robots=args.robots, seconds=args.seconds,
                                    film_episodes=args.film, token=args.token, kind=args.task,
-                                   first=args.first)
+                                   first=args.first, latency_ticks=None if args.real_time else args.latency_ticks)
     finally:
         if server is not None:
             rc = server.stop()
@@ -120,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         meta["reasoning_policy"] = policy  # what the sessions got (absent: new text every observation)
     if args.first:
         meta["first_episode"] = args.first
+    meta["clock"] = ("wall" if args.real_time
+                     else f"simulated, chunks land {args.latency_ticks} ticks after their observation")
     if args.task != "math_matching":  # math matching's eval.json keeps its fields (the model card quotes them)
         meta["task"] = args.task
     eps = outcomes_json(outcomes)
@@ -138,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         if "override_followed" in s:
             what = "override card placed" if args.task == "math_matching" else "override followed"
             line += f"; {what} {s['override_followed']['k']}/{s['override_followed']['n']}"
+        if s.get("episodes_with_failed_requests"):  # the server answered errors: the arm held meanwhile
+            line += f"; {s['episodes_with_failed_requests']} episodes had failed requests (see eval.json)"
         print(line)
     print(f"report: {out / 'report.html'}")
     errors = sum(1 for o in outcomes if o.error)

@@ -15,13 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from chatvla.client.config import ClientConfig, SessionConfig
+from chatvla.client.connection import Clock, PolicyConnection
 from chatvla.client.executor import ChunkExecutor, ExecutorConfig
+from chatvla.client.lockstep import LockstepConnection, SimClock
 from chatvla.client.policy_client import GrpcPolicyClient
 from chatvla.client.recording import ChunkRecord, EpisodeWriter
 from chatvla.client.robots.base import Robot
 from chatvla.client.runtime import ControlLoop, TickObserver, TickRecord
 from chatvla.client.safety import SafetyConfig, SafetyFilter
 from chatvla.wire.vocabulary import TIMING_MS_FIELDS
+
+LOCKSTEP_DEADLINE_MS = 60_000  # per observation on simulated time: the sim waits for slow answers
 
 
 @dataclass
@@ -112,6 +116,8 @@ def run_episode(
     robot_id: str = "",
     reasoning_override: str | None = None,
     on_loop: Callable[[ControlLoop], None] | None = None,
+    latency_ticks: int | None = None,
+    jitter_ticks: int = 0,
 ) -> EpisodeResult:
     """Drive `robot` for `max_ticks` control ticks with chunks from the server at `addresses` (several
     replicas, or a `dns:///` name: the episode's session opens on the one `robot_id` ranks first that is
@@ -121,20 +127,35 @@ def run_episode(
     action expert follows it instead of the model's own: the evaluation of "given this reasoning,
     does the robot do it?" (see `ControlLoop.set_reasoning_override`). `on_loop` receives the episode's
     control loop before it starts, for callers that steer it while it runs (e.g. an override that
-    follows the scene)."""
+    follows the scene).
+
+    `latency_ticks` (simulated robots only) runs the episode on simulated time with every chunk landing
+    that many ticks after its observation, whatever the server's speed (chatvla.client.lockstep), plus
+    up to `jitter_ticks` more drawn per answer (seeded by `robot_id`); None runs on wall time, as a
+    real arm does."""
     import time
+    import zlib
 
     profile = robot.profile
+    # On simulated time a slow answer is waited for, not refused as late.
+    deadline = {"deadline_ms": LOCKSTEP_DEADLINE_MS} if latency_ticks is not None else {}
     client = GrpcPolicyClient(
-        ClientConfig(addresses=tuple(addresses), token=token, image_encoding=image_encoding, robot_id=robot_id),
+        ClientConfig(addresses=tuple(addresses), token=token, image_encoding=image_encoding, robot_id=robot_id,
+                     **deadline),
         SessionConfig(profile=profile, instruction=instruction,
                       max_in_flight=(executor_config or ExecutorConfig()).max_in_flight),
     )
+    connection: PolicyConnection = client
+    clock: Clock | None = None
+    if latency_ticks is not None:
+        clock = SimClock()
+        connection = LockstepConnection(client, clock, profile.dt, latency_ticks, jitter_ticks=jitter_ticks,
+                                        seed=zlib.crc32(robot_id.encode()))
     client.start()
     try:
         client.wait_connected(connect_timeout_s)
-        loop = ControlLoop(robot, client, ChunkExecutor(profile, executor_config),
-                           SafetyFilter(profile, safety_config), observers=list(observers),
+        loop = ControlLoop(robot, connection, ChunkExecutor(profile, executor_config),
+                           SafetyFilter(profile, safety_config), clock=clock, observers=list(observers),
                            instruction=instruction, reasoning_override=reasoning_override)
         if on_loop is not None:
             on_loop(loop)

@@ -6,7 +6,6 @@ repeatable: the only thing that moves time is the control loop sleeping until it
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,27 +20,14 @@ from chatvla.client.connection import (
     RequestFailed,
     Unavailable,
 )
+from chatvla.client.lockstep import SimClock
 from chatvla.client.robots.base import Robot, RobotError, RobotObservation
 from chatvla.profiles import RobotProfile
 
 
-class FakeClock:
-    """Time that only moves when told to. `sleep_until` jumps, so a loop of N ticks runs instantly."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self._t = float(start)
-        self._lock = threading.Lock()
-
-    def now(self) -> float:
-        return self._t
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._t += seconds
-
-    def sleep_until(self, deadline: float) -> None:
-        with self._lock:
-            self._t = max(self._t, deadline)
+class FakeClock(SimClock):
+    """Time that only moves when told to. `sleep_until` jumps, so a loop of N ticks runs instantly (the
+    simulated time `chatvla eval` runs sim robots on)."""
 
 
 class FakeRobot(Robot):

@@ -76,7 +76,8 @@ def html_report(summary: Mapping[str, Any], meta: Mapping[str, Any], outcomes: S
             f"<td>{s.get('reasoning_correct_all_chunks', '-')}</td>"
             f"<td>{s.get('reasoning_place_within_2cm_all_chunks', '-')}</td>"
             f"<td>{s['seconds_to_success_median'] if s['seconds_to_success_median'] is not None else '-'}</td>"
-            f"<td>{_pct(s.get('override_followed', {}))}</td><td>{s['stall_ticks_mean']}</td></tr>")
+            f"<td>{_pct(s.get('override_followed', {}))}</td><td>{s['stall_ticks_mean']}</td>"
+            f"<td>{s.get('episodes_with_failed_requests', '-')}</td></tr>")
     img = ""
     if film is not None and film.is_file():
         b64 = base64.b64encode(film.read_bytes()).decode()
@@ -98,7 +99,7 @@ padding:3px 8px;font-size:13px}}</style></head><body>
 <th>{'places' if toy else 'card place'} right (first)</th><th>reasoning correct (all chunks)</th>
 <th>place right (all chunks)</th><th>median s to success</th>
 <th>override {'followed' if toy else 'card placed'}</th><th>stall ticks / episode</th>
-</tr>{''.join(rows)}</table>
+<th>episodes with failed requests</th></tr>{''.join(rows)}</table>
 {img}
 <h2>Episodes</h2><table><tr><th>mode</th><th>seed</th><th>{'task' if toy else 'board'}</th><th>first reasoning</th>
 <th>success</th><th>override {'relation' if toy else 'card'}</th><th>override {'followed' if toy else 'placed'}</th>

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from chatvla.client.lockstep import DEFAULT_LATENCY_TICKS
 from chatvla.client.runtime import TickRecord
 from chatvla.client.sim.tasks import MathMatchingTask, Pose, Task, make_task
 from chatvla.client.sim.tasks.base import resting
@@ -70,6 +71,7 @@ class EpisodeOutcome:
     reasoning_correct_first: bool
     reasoning_correct_fraction: float
     stalls: int
+    failed_requests: int = 0  # answered with an error (e.g. a state refused as outside the profile's range)
     reasoning_place_first: bool | None = None  # the card's place stated within 2 cm
     reasoning_place_fraction: float | None = None  # ... in every chunk's text (scene when the reply came)
     override_card: int | None = None
@@ -95,6 +97,7 @@ class ToyEpisodeOutcome:
     reasoning_correct_first: bool
     reasoning_correct_fraction: float
     stalls: int
+    failed_requests: int = 0  # answered with an error instead of a chunk
     reasoning_place_first: bool | None = None  # the subject's place and its destination stated within 2 cm
     reasoning_place_fraction: float | None = None  # ... in every chunk's text (scene when the reply came)
     override_relation: str | None = None
@@ -201,8 +204,8 @@ def episode_task(mode: str, index: int, kind: str = "math_matching") -> Task:
 
 
 def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds: float, *, film: bool = False,
-            token: str | None = None, kind: str = "math_matching"
-            ) -> tuple[Outcome, list[tuple[float, np.ndarray, str]]]:
+            token: str | None = None, kind: str = "math_matching", latency_ticks: int | None = None,
+            jitter_ticks: int = 0) -> tuple[Outcome, list[tuple[float, np.ndarray, str]]]:
     from chatvla.client.episodes import run_episode
 
     task = episode_task(mode, index, kind)
@@ -222,7 +225,8 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
     steer = ReasoningSteer(robot, override) if override is not None else None
     res = run_episode(robot, addresses, task.instruction, max_ticks=max(1, round(seconds / dt)),
                       observers=[watcher] if steer is None else [steer, watcher], token=token,
-                      robot_id=f"eval-{mode}-{index}", on_loop=steer.attach if steer is not None else None)
+                      robot_id=f"eval-{mode}-{index}", on_loop=steer.attach if steer is not None else None,
+                      latency_ticks=latency_ticks, jitter_ticks=jitter_ticks)
     result = robot.check_success()
     # One judgement per text, against the scene when it arrived (the sum and card do not depend on it).
     judgements = [judge(task, t, p) for t, p in zip(watcher.reasonings, watcher.reasoning_poses)]
@@ -235,6 +239,7 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
         success=bool(result.success), seconds_to_success=seconds_to_success, ticks=res.ticks,
         reasoning_first=first, reasoning_correct_first=bool(judged and judged[0]),
         reasoning_correct_fraction=float(np.mean(judged)) if judged else 0.0, stalls=int(ex.get("stalls", 0)),
+        failed_requests=int(sum(dict(res.summary.get("failures", {})).values())),
         reasoning_place_first=judge(task, first, poses0).place_ok if first else None,
         reasoning_place_fraction=place_fraction(judgements),
     )
@@ -284,6 +289,7 @@ def summarise(outcomes: Sequence[Outcome]) -> dict[str, Any]:
             "success": rate([o.success for o in eps]),
             "seconds_to_success_median": round(float(np.median(times)), 2) if times else None,
             "stall_ticks_mean": round(float(np.mean([o.stalls for o in eps])), 2),
+            "episodes_with_failed_requests": sum(1 for o in eps if o.failed_requests),
         }
         if mode != "override":  # in override mode the text is ours, not the model's
             s["reasoning_correct_first"] = rate([o.reasoning_correct_first for o in eps])
@@ -325,9 +331,13 @@ def failed_outcome(mode: str, index: int, kind: str, error: str) -> Outcome:
 def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, robots: int = 2,
              seconds: float = 20.0, film_episodes: int = 2, token: str | None = None,
              progress: bool = True, kind: str = "math_matching",
-             first: int = 0) -> tuple[list[Outcome], dict[str, list]]:
+             first: int = 0, latency_ticks: int | None = DEFAULT_LATENCY_TICKS,
+             jitter_ticks: int = 0) -> tuple[list[Outcome], dict[str, list]]:
     """Run `episodes` per mode of task `kind` (episode indices `first` on) with `robots` simulated
-    robots (the kind's rig) in parallel against the server(s)."""
+    robots (the kind's rig) in parallel against the server(s). Each chunk lands `latency_ticks` after
+    its observation on simulated time (chatvla.client.lockstep), so the figures do not move with the
+    host's speed or load, plus up to `jitter_ticks` drawn per answer; None runs on wall time, with
+    whatever latency the server gives."""
     from chatvla.client.sim.robot import make_sim_robot
 
     jobs: queue.Queue[tuple[str, int]] = queue.Queue()
@@ -352,7 +362,8 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
                     robot = make_sim_robot(TASK_PROFILES[kind], episode_task(mode, i, kind))
                 film = i - first < film_episodes
                 try:
-                    o, frames = run_one(robot, addresses, mode, i, seconds, film=film, token=token, kind=kind)
+                    o, frames = run_one(robot, addresses, mode, i, seconds, film=film, token=token, kind=kind,
+                                        latency_ticks=latency_ticks, jitter_ticks=jitter_ticks)
                 except Exception as e:  # one broken episode is reported, the evaluation goes on
                     o, frames = failed_outcome(mode, i, kind, f"{type(e).__name__}: {e}"), []
                 with lock:

@@ -121,3 +121,24 @@ def test_reset_with_a_new_task_rebuilds_the_scene(robot) -> None:
     robot.reset(make_task("toy_placement", 0))
     assert set(robot.object_poses()) == {o.name for o in robot.task.objects}
     assert np.allclose(robot.state(), robot.rig.reset_q, atol=2e-3)
+
+
+def test_state_reads_within_the_joint_ranges_like_encoders(robot) -> None:
+    """MuJoCo's joint limits are soft: a finger pressed against the table sits past its stop. The state
+    reports what an encoder at the hard stop would, so a server never refuses it as out of the profile's
+    range (which froze the arm mid-grasp in closed-loop evaluation)."""
+    import mujoco
+
+    m, d = robot.model, robot.data
+    grippers = list(robot.profile.gripper_indices)
+    adr = robot._state_qpos[grippers]
+    joints = [int(np.flatnonzero(m.jnt_qposadr == a)[0]) for a in adr]
+    d.qpos[adr] = m.jnt_range[joints, 0] - 0.01  # 1 cm past the closed stop
+    mujoco.mj_forward(m, d)
+    state = robot.state()
+    assert np.all(state[grippers] >= 0.0)
+    profile = robot.profile
+    assert np.all(state >= np.asarray(profile.action_lower, np.float32) - 1e-6)
+    d.qpos[adr] = m.jnt_range[joints, 1] + 0.1  # far past the open stop
+    state = robot.state()
+    assert np.all(state <= np.asarray(profile.action_upper, np.float32) + 1e-6)

@@ -107,8 +107,13 @@ class SimRobot(Robot):
         return float(self.data.time)
 
     def state(self) -> np.ndarray:
-        """Joint positions and gripper widths in action order (float32, robot units)."""
-        return (self.data.qpos[self._state_qpos] / self._ctrl_scale).astype(np.float32)
+        """Joint positions and gripper widths in action order (float32, robot units), as encoders read
+        them: within each joint's range. MuJoCo's joint limits are soft, so a finger pressed against
+        the table or a card's edge can sit past its stop (a gripper "width" of -2 cm, or 26 cm): no real
+        gripper reports that, and a server rightly refuses it as out of the profile's range, which froze
+        the arm mid-grasp for the rest of the episode."""
+        q = np.clip(self.data.qpos[self._state_qpos], self._state_lo, self._state_hi)
+        return (q / self._ctrl_scale).astype(np.float32)
 
     def set_joint_positions(self, q: np.ndarray) -> None:
         """Teleport the arms (and their targets) to `q`, an action-shaped vector; no physics step."""
@@ -197,6 +202,10 @@ class SimRobot(Robot):
             tcp.append(m.site(mount.prefix + rig.tcp_site).id)
         self._ctrl_ids = np.array(ctrl)
         self._state_qpos = np.array(qpos)
+        joints = [int(np.flatnonzero(m.jnt_qposadr == a)[0]) for a in qpos]
+        limited = np.array([bool(m.jnt_limited[j]) for j in joints])
+        self._state_lo = np.where(limited, m.jnt_range[joints, 0], -np.inf)
+        self._state_hi = np.where(limited, m.jnt_range[joints, 1], np.inf)
         self._ctrl_scale = np.array(scale)
         self._arm_ctrl_ids = np.array(arm_ctrl)
         self._arm_qpos = np.array(arm_qpos)

@@ -1,0 +1,14 @@
+"""`chatvla eval` refuses bad numbers with one line before starting a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatvla.cli.main import main
+
+
+@pytest.mark.parametrize("flag", [["--latency-ticks", "-1"], ["--first", "-3"]])
+def test_negative_latency_or_first_episode_is_one_line(flag, capsys) -> None:
+    assert main(["eval", *flag]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == "chatvla eval: --first and --latency-ticks must be 0 or more"
