@@ -12,3 +12,9 @@ def test_negative_latency_or_first_episode_is_one_line(flag, capsys) -> None:
     assert main(["eval", *flag]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip() == "chatvla eval: --first and --latency-ticks must be 0 or more"
+
+
+def test_latency_and_real_time_exclude_each_other(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--latency-ticks", "3", "--real-time"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -54,11 +54,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-report", help="directory for eval.json, filmstrip.png, report.html")
     p.add_argument("--json", metavar="FILE", help="also write the summary (with per-episode results) here")
     p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")
-    p.add_argument("--latency-ticks", type=int, default=DEFAULT_LATENCY_TICKS, metavar="N",
+    clock = p.add_mutually_exclusive_group()
+    clock.add_argument("--latency-ticks", type=int, default=DEFAULT_LATENCY_TICKS, metavar="N",
                    help="run on simulated time, each chunk landing N control ticks after its observation "
                    f"(default {DEFAULT_LATENCY_TICKS}, 133 ms at 15 Hz): the figures then depend on the model, "
                    "not on how busy this machine is; the simulation waits for a slower server")
-    p.add_argument("--real-time", action="store_true",
+    clock.add_argument("--real-time", action="store_true",
                    help="run on wall time instead, with the latency the server gives (what a real arm sees; "
                    "on a loaded machine the figures move with its load)")
     return p

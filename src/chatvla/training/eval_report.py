@@ -94,6 +94,7 @@ def html_report(summary: Mapping[str, Any], meta: Mapping[str, Any], outcomes: S
 padding:3px 8px;font-size:13px}}</style></head><body>
 <h1>Closed-loop evaluation: {html.escape(str(meta.get('model', '')))}</h1>
 <p>{html.escape(str(meta.get('description', '')))}</p>
+<p>clock: {html.escape(str(meta.get('clock', 'wall')))}</p>
 <p>{TOY_LEGEND if toy else MATH_LEGEND}</p>
 <table><tr><th>mode</th><th>episodes</th><th>task success</th><th>reasoning correct (first)</th>
 <th>{'places' if toy else 'card place'} right (first)</th><th>reasoning correct (all chunks)</th>

@@ -110,8 +110,8 @@ class SimRobot(Robot):
         """Joint positions and gripper widths in action order (float32, robot units), as encoders read
         them: within each joint's range. MuJoCo's joint limits are soft, so a finger pressed against
         the table or a card's edge can sit past its stop (a gripper "width" of -2 cm, or 26 cm): no real
-        gripper reports that, and a server rightly refuses it as out of the profile's range, which froze
-        the arm mid-grasp for the rest of the episode."""
+        gripper reports that, and a server rightly refuses it as out of the profile's range, which held
+        the arm without new chunks mid-grasp."""
         q = np.clip(self.data.qpos[self._state_qpos], self._state_lo, self._state_hi)
         return (q / self._ctrl_scale).astype(np.float32)
 
