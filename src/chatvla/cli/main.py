@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
+from types import FrameType
 
 # command name -> (module, one-line help). Order is the order of `chatvla --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -134,7 +137,17 @@ def build_parser(argv: list[str], *, every_command: bool = False) -> argparse.Ar
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Python's default SIGTERM ends the process without running `finally` blocks, so a `chatvla eval` or
+    `chatvla demo` stopped by `kill` would skip stopping its server and closing its sims. As SystemExit
+    it unwinds like Ctrl-C does. (`chatvla serve` installs its own handler: a graceful drain.)"""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None and threading.current_thread() is threading.main_thread()  # not called in-process
+    if as_program and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "chatvla"
     if argv and argv[0] in COMMANDS:

@@ -3,11 +3,19 @@ running one what it serves (`model_info`).
 
 The child is the real server, exactly as a user would start it; the parent only reads the one line
 it prints when ready (`chatvla-serve ready: grpc=HOST:PORT http=URL ...`) and sends SIGTERM to stop it.
+
+A parent that dies without stopping it (SIGKILL, a crash, an operator's `kill` of `chatvla eval`) must not
+leave a server behind holding its ports, its memory and, with a backlog, the CPU that the next run
+needs. On Linux the child asks the kernel for SIGTERM when its parent goes (`PR_SET_PDEATHSIG`), so it
+drains and exits like any stopped server; `chatvla.cli.main` turns a SIGTERM of the parent into a normal
+exit, so its `finally` blocks stop the server the usual way first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -65,13 +73,36 @@ def parse_ready_line(line: str) -> tuple[str, str]:
     return fields["grpc"], fields["http"]
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _exit_with_parent() -> Any:
+    """A `preexec_fn` that has the kernel send the child SIGTERM when the thread that started it ends, or
+    None where that cannot be had (not Linux; not the main thread, whose end is not the process's). It
+    only calls a C function resolved here, before the fork, as a preexec_fn must in a threaded parent."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return arm
+
+
 def start_server(args: Sequence[str], *, timeout_s: float = 180.0, env: dict[str, str] | None = None) -> ServerProcess:
     """Start `chatvla serve ARGS...` (ports default to 0: the OS picks free ones) and wait until ready."""
     argv = [sys.executable, "-m", "chatvla.cli.main", "serve", "--grpc-port", "0", "--http-port", "0", *args]
     log = Path(tempfile.mkstemp(prefix="chatvla-serve-", suffix=".log")[1])
     stderr = log.open("w")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=_exit_with_parent())
     stderr.close()
     found: list[str] = []
 
