@@ -76,8 +76,8 @@ def register(sub):
 
 def run(args):
     server = start_server(["--engine", "null"], timeout_s=120)
-    print(server.proc.pid, flush=True)
-    try:
+    try:  # the pid is printed inside: once the test has it (and signals), this finally runs
+        print(server.proc.pid, flush=True)
         time.sleep(600)
     finally:
         print("stopped", server.stop(), flush=True)
