@@ -39,8 +39,9 @@ def _alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _start_parent(argv: list[str]) -> tuple[subprocess.Popen, int]:
-    parent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+def _start_parent(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """The parent process and the server pid it printed."""
+    parent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
     assert parent.stdout is not None
     line = parent.stdout.readline()
     assert line.strip().isdigit(), f"parent printed {line!r}"
@@ -96,11 +97,8 @@ def test_a_terminated_chatvla_command_stops_its_server(tmp_path: Path) -> None:
     """`kill` (SIGTERM) of a `chatvla` program unwinds it, so its own `finally` stops the server."""
     (tmp_path / "hold_server.py").write_text(COMMAND)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    parent = subprocess.Popen([sys.executable, "-c", MAIN], stdout=subprocess.PIPE, text=True, env=env)
+    parent, server = _start_parent([sys.executable, "-c", MAIN], env)
     assert parent.stdout is not None
-    line = parent.stdout.readline()
-    assert line.strip().isdigit(), f"parent printed {line!r}"
-    server = int(line)
     try:
         parent.send_signal(signal.SIGTERM)
         rest = parent.stdout.read()

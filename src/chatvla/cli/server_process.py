@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ def parse_ready_line(line: str) -> tuple[str, str]:
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _exit_with_parent() -> Any:
+def _exit_with_parent() -> Callable[[], None] | None:
     """A `preexec_fn` that has the kernel send the child SIGTERM when the thread that started it ends, or
     None where that cannot be had (not Linux; not the main thread, whose end is not the process's). It
     only calls a C function resolved here, before the fork, as a preexec_fn must in a threaded parent."""
