@@ -1,4 +1,5 @@
-"""`chatvla eval` refuses bad numbers with one line before starting a server."""
+"""`chatvla eval` (and `demo`, for the executor settings they share) refuses bad numbers with one line
+before starting a server."""
 
 from __future__ import annotations
 
@@ -18,3 +19,11 @@ def test_latency_and_real_time_exclude_each_other(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["eval", "--latency-ticks", "3", "--real-time"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "demo"])
+def test_a_bad_executor_setting_is_one_line(command, capsys) -> None:
+    assert main([command, "--executor", "frozen_ticks=two"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == (
+        f"chatvla {command}: executor setting 'frozen_ticks=two': 'two' is not a valid int")

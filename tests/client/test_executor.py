@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chatvla.client.executor import ChunkExecutor, ExecutorConfig
+from chatvla.client.executor import ChunkExecutor, ExecutorConfig, executor_config_from, executor_settings
 
 
 def ramp(tick: int, n: int = 8, dim: int = 3, offset: float = 0.0) -> np.ndarray:
@@ -297,3 +297,26 @@ def test_config_validation():
         ExecutorConfig(frozen_ticks=-1)
     with pytest.raises(ValueError):
         ExecutorConfig(max_in_flight=0)
+
+
+def test_settings_from_a_command_line_take_each_fields_type():
+    config = executor_config_from(["blend=replace", "frozen-ticks=1", "old_weight=0.25", "request_timeout_s=0.5"])
+    assert (config.blend, config.frozen_ticks, config.old_weight, config.request_timeout_s) == ("replace", 1, 0.25, 0.5)
+    assert executor_settings(config) == {"blend": "replace", "frozen_ticks": 1, "old_weight": 0.25,
+                                         "request_timeout_s": 0.5}
+    assert executor_settings(executor_config_from([])) == {}  # nothing given: the defaults, nothing to report
+    cleared = executor_config_from(["initial_latency_s=none"], base=ExecutorConfig(initial_latency_s=0.3))
+    assert cleared.initial_latency_s is None
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ("frozen=1", "NAME one of blend,"),  # not a field: the message lists the fields
+    ("blend_ticks", "NAME=VALUE"),
+    ("frozen_ticks=two", "'two' is not a valid int"),
+    ("frozen_ticks=none", "'none' is not a valid int"),  # only optional fields clear
+    ("blend=average", "blend must be one of"),  # the config's own range checks still apply
+    ("margin_ticks=-1", "tick counts must be >= 0"),
+])
+def test_a_bad_setting_is_named(setting, says):
+    with pytest.raises(ValueError, match=says):
+        executor_config_from([setting])

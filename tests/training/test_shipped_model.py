@@ -52,10 +52,12 @@ def test_swapped_cameras_break_the_reading(rendering):
 @pytest.mark.slow
 def test_one_closed_loop_eval_episode_through_a_server_process(rendering, tmp_path):
     r = subprocess.run([sys.executable, "-m", "chatvla.cli.main", "eval", "--episodes", "1", "--modes", "train",
-                        "--robots", "1", "--seconds", "14", "--film", "1", "--out", str(tmp_path)],
+                        "--robots", "1", "--seconds", "14", "--film", "1", "--out", str(tmp_path),
+                        "--executor", "latency_window=40"],  # a setting that changes nothing but the report
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "eval.json").read_text())
+    assert doc["meta"]["executor"] == {"latency_window": 40}
     (ep,) = doc["episodes"]
     assert not ep["error"] and ep["ticks"] >= 200
     assert "Pick card" in ep["reasoning_first"] and "+" in ep["reasoning_first"], ep["reasoning_first"]

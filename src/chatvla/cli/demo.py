@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="write no viewer (HTML, MP4) and, without --record, no episode files")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")
+    p.add_argument("--executor", action="append", default=[], metavar="NAME=VALUE",
+                   help="robot-side chunk executor setting, e.g. blend=replace or frozen_ticks=1 (repeatable; "
+                   "the fields of chatvla.client.executor.ExecutorConfig)")
     p.add_argument("--verbose", action="store_true", help="log every safety intervention streak")
     return p
 
@@ -140,7 +143,7 @@ def _robot_worker(idx: int, args: argparse.Namespace, addresses: list[str], prof
                                        overwrite=True)
                 observers.append(EpisodeRecorder(writer))
             res = run_episode(robot, addresses, task.instruction, max_ticks=ticks, observers=observers,
-                              token=args.token, robot_id=out.name,
+                              token=args.token, robot_id=out.name, executor_config=args.executor_config,
                               success=lambda r=robot: r.check_success().success)
             if writer is not None:
                 writer.close({"success": bool(res.success)})
@@ -259,6 +262,13 @@ def print_report(reports: list[RobotReport], model: str, viewer_note: str = "") 
 def run(args: argparse.Namespace) -> int:
     if args.robots < 1 or args.episodes < 1 or args.episode_seconds <= 0:
         print("chatvla demo: --robots, --episodes and --episode-seconds must be positive", file=sys.stderr)
+        return 2
+    from chatvla.client.executor import executor_config_from
+
+    try:
+        args.executor_config = executor_config_from(args.executor)
+    except ValueError as e:
+        print(f"chatvla demo: {e}", file=sys.stderr)
         return 2
     from chatvla.cli.simcheck import sim_unavailable
 

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-report", help="directory for eval.json, filmstrip.png, report.html")
     p.add_argument("--json", metavar="FILE", help="also write the summary (with per-episode results) here")
     p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")
+    p.add_argument("--executor", action="append", default=[], metavar="NAME=VALUE",
+                   help="robot-side chunk executor setting, e.g. blend=replace or frozen_ticks=1 (repeatable; "
+                   "the fields of chatvla.client.executor.ExecutorConfig)")
     clock = p.add_mutually_exclusive_group()
     clock.add_argument("--latency-ticks", type=int, default=DEFAULT_LATENCY_TICKS, metavar="N",
                    help="run on simulated time, each chunk landing N control ticks after its observation "
@@ -85,6 +88,13 @@ def run(args: argparse.Namespace) -> int:
     if args.first < 0 or args.latency_ticks < 0:
         print("chatvla eval: --first and --latency-ticks must be 0 or more", file=sys.stderr)
         return 2
+    from chatvla.client.executor import executor_config_from, executor_settings
+
+    try:
+        executor = executor_config_from(args.executor)
+    except ValueError as e:
+        print(f"chatvla eval: {e}", file=sys.stderr)
+        return 2
     from chatvla.cli.simcheck import sim_unavailable
 
     if sim_unavailable("eval"):
@@ -113,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         policy = _served_policy(addresses[0], args.token)
         outcomes, films = run_eval(addresses, modes, args.episodes, robots=args.robots, seconds=args.seconds,
                                    film_episodes=args.film, token=args.token, kind=args.task,
-                                   first=args.first, latency_ticks=None if args.real_time else args.latency_ticks)
+                                   first=args.first, latency_ticks=None if args.real_time else args.latency_ticks,
+                                   executor_config=executor)
     finally:
         if server is not None:
             rc = server.stop()
@@ -130,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         meta["reasoning_policy"] = policy  # what the sessions got (absent: new text every observation)
     if args.first:
         meta["first_episode"] = args.first
+    if executor_settings(executor):
+        meta["executor"] = executor_settings(executor)  # what differs from the robots' defaults
     meta["clock"] = ("wall" if args.real_time
                      else f"simulated, chunks land {args.latency_ticks} ticks after their observation")
     if args.task != "math_matching":  # math matching's eval.json keeps its fields (the model card quotes them)

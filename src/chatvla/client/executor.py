@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import numpy as np
@@ -90,6 +91,40 @@ class ExecutorConfig:
             raise ValueError("tick counts must be >= 0")
         if self.latency_window < 1 or self.max_in_flight < 1:
             raise ValueError("latency_window and max_in_flight must be >= 1")
+
+
+def executor_config_from(settings: Sequence[str], base: ExecutorConfig | None = None) -> ExecutorConfig:
+    """`base` (default: the defaults) with "name=value" settings applied, as a command line gives them
+    (`chatvla eval --executor blend=replace`), so the blending and request timing can be tried on
+    the sim without code. Values take the type of the field's default ("none" clears an optional
+    one); a name that is not a field or a value that does not parse raises ValueError naming it."""
+    kinds = {f.name: str(f.type) for f in fields(ExecutorConfig)}
+    changes: dict[str, object] = {}
+    for item in settings:
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip().replace("-", "_"), raw.strip()
+        if not sep or name not in kinds:
+            raise ValueError(f"executor setting {item!r}: expected NAME=VALUE with NAME one of {', '.join(kinds)}")
+        kind = kinds[name]
+        try:
+            if "None" in kind and raw.lower() == "none":
+                changes[name] = None
+            elif kind.startswith("int"):
+                changes[name] = int(raw)
+            elif kind.startswith("float"):
+                changes[name] = float(raw)
+            else:
+                changes[name] = raw
+        except ValueError:
+            raise ValueError(f"executor setting {item!r}: {raw!r} is not a valid {kind}") from None
+    return replace(base or ExecutorConfig(), **changes)  # __post_init__ checks the ranges
+
+
+def executor_settings(config: ExecutorConfig) -> dict[str, object]:
+    """The fields of `config` that differ from the defaults (what a report should say was changed)."""
+    default = ExecutorConfig()
+    return {f.name: getattr(config, f.name) for f in fields(ExecutorConfig)
+            if getattr(config, f.name) != getattr(default, f.name)}
 
 
 @dataclass

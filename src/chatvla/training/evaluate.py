@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from chatvla.client.executor import ExecutorConfig
 from chatvla.client.lockstep import DEFAULT_LATENCY_TICKS
 from chatvla.client.runtime import TickRecord
 from chatvla.client.sim.tasks import MathMatchingTask, Pose, Task, make_task
@@ -205,7 +206,8 @@ def episode_task(mode: str, index: int, kind: str = "math_matching") -> Task:
 
 def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds: float, *, film: bool = False,
             token: str | None = None, kind: str = "math_matching", latency_ticks: int | None = None,
-            jitter_ticks: int = 0) -> tuple[Outcome, list[tuple[float, np.ndarray, str]]]:
+            jitter_ticks: int = 0, executor_config: ExecutorConfig | None = None,
+            ) -> tuple[Outcome, list[tuple[float, np.ndarray, str]]]:
     from chatvla.client.episodes import run_episode
 
     task = episode_task(mode, index, kind)
@@ -226,7 +228,7 @@ def run_one(robot: Any, addresses: Sequence[str], mode: str, index: int, seconds
     res = run_episode(robot, addresses, task.instruction, max_ticks=max(1, round(seconds / dt)),
                       observers=[watcher] if steer is None else [steer, watcher], token=token,
                       robot_id=f"eval-{mode}-{index}", on_loop=steer.attach if steer is not None else None,
-                      latency_ticks=latency_ticks, jitter_ticks=jitter_ticks)
+                      latency_ticks=latency_ticks, jitter_ticks=jitter_ticks, executor_config=executor_config)
     result = robot.check_success()
     # One judgement per text, against the scene when it arrived (the sum and card do not depend on it).
     judgements = [judge(task, t, p) for t, p in zip(watcher.reasonings, watcher.reasoning_poses)]
@@ -332,12 +334,13 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
              seconds: float = 20.0, film_episodes: int = 2, token: str | None = None,
              progress: bool = True, kind: str = "math_matching",
              first: int = 0, latency_ticks: int | None = DEFAULT_LATENCY_TICKS,
-             jitter_ticks: int = 0) -> tuple[list[Outcome], dict[str, list]]:
+             jitter_ticks: int = 0, executor_config: ExecutorConfig | None = None,
+             ) -> tuple[list[Outcome], dict[str, list]]:
     """Run `episodes` per mode of task `kind` (episode indices `first` on) with `robots` simulated
     robots (the kind's rig) in parallel against the server(s). Each chunk lands `latency_ticks` after
     its observation on simulated time (chatvla.client.lockstep), so the figures do not move with the
     host's speed or load, plus up to `jitter_ticks` drawn per answer; None runs on wall time, with
-    whatever latency the server gives."""
+    whatever latency the server gives. `executor_config` replaces the robots' chunk-executor defaults."""
     from chatvla.client.sim.robot import make_sim_robot
 
     jobs: queue.Queue[tuple[str, int]] = queue.Queue()
@@ -363,7 +366,8 @@ def run_eval(addresses: Sequence[str], modes: Sequence[str], episodes: int, *, r
                 film = i - first < film_episodes
                 try:
                     o, frames = run_one(robot, addresses, mode, i, seconds, film=film, token=token, kind=kind,
-                                        latency_ticks=latency_ticks, jitter_ticks=jitter_ticks)
+                                        latency_ticks=latency_ticks, jitter_ticks=jitter_ticks,
+                                        executor_config=executor_config)
                 except Exception as e:  # one broken episode is reported, the evaluation goes on
                     o, frames = failed_outcome(mode, i, kind, f"{type(e).__name__}: {e}"), []
                 with lock:
