@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatvla.cli.executor_flag import add_executor_flag, executor_from_flags
 from chatvla.client.tick_counts import TickCounts
 from chatvla.profiles import ARX_R5_BIMANUAL, FRANKA_JOINT
 
@@ -59,9 +60,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="write no viewer (HTML, MP4) and, without --record, no episode files")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")
-    p.add_argument("--executor", action="append", default=[], metavar="NAME=VALUE",
-                   help="robot-side chunk executor setting, e.g. blend=replace or frozen_ticks=1 (repeatable; "
-                   "the fields of chatvla.client.executor.ExecutorConfig)")
+    add_executor_flag(p)
     p.add_argument("--verbose", action="store_true", help="log every safety intervention streak")
     return p
 
@@ -263,12 +262,8 @@ def run(args: argparse.Namespace) -> int:
     if args.robots < 1 or args.episodes < 1 or args.episode_seconds <= 0:
         print("chatvla demo: --robots, --episodes and --episode-seconds must be positive", file=sys.stderr)
         return 2
-    from chatvla.client.executor import executor_config_from
-
-    try:
-        args.executor_config = executor_config_from(args.executor)
-    except ValueError as e:
-        print(f"chatvla demo: {e}", file=sys.stderr)
+    args.executor_config = executor_from_flags(args, "demo")
+    if args.executor_config is None:
         return 2
     from chatvla.cli.simcheck import sim_unavailable
 

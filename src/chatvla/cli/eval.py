@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from chatvla.cli.executor_flag import add_executor_flag, executor_from_flags
 from chatvla.client.lockstep import DEFAULT_LATENCY_TICKS
 
 DESCRIPTIONS = {
@@ -54,9 +55,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-report", help="directory for eval.json, filmstrip.png, report.html")
     p.add_argument("--json", metavar="FILE", help="also write the summary (with per-episode results) here")
     p.add_argument("--server-arg", action="append", default=[], help="extra `chatvla serve` flag (repeatable)")
-    p.add_argument("--executor", action="append", default=[], metavar="NAME=VALUE",
-                   help="robot-side chunk executor setting, e.g. blend=replace or frozen_ticks=1 (repeatable; "
-                   "the fields of chatvla.client.executor.ExecutorConfig)")
+    add_executor_flag(p)
     clock = p.add_mutually_exclusive_group()
     clock.add_argument("--latency-ticks", type=int, default=DEFAULT_LATENCY_TICKS, metavar="N",
                    help="run on simulated time, each chunk landing N control ticks after its observation "
@@ -88,12 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if args.first < 0 or args.latency_ticks < 0:
         print("chatvla eval: --first and --latency-ticks must be 0 or more", file=sys.stderr)
         return 2
-    from chatvla.client.executor import executor_config_from, executor_settings
+    from chatvla.client.executor import executor_settings
 
-    try:
-        executor = executor_config_from(args.executor)
-    except ValueError as e:
-        print(f"chatvla eval: {e}", file=sys.stderr)
+    executor = executor_from_flags(args, "eval")
+    if executor is None:
         return 2
     from chatvla.cli.simcheck import sim_unavailable
 

@@ -117,7 +117,10 @@ def executor_config_from(settings: Sequence[str], base: ExecutorConfig | None = 
                 changes[name] = raw
         except ValueError:
             raise ValueError(f"executor setting {item!r}: {raw!r} is not a valid {kind}") from None
-    return replace(base or ExecutorConfig(), **changes)  # __post_init__ checks the ranges
+    try:
+        return replace(base or ExecutorConfig(), **changes)  # __post_init__ checks the ranges
+    except ValueError as e:
+        raise ValueError(f"executor settings {' '.join(settings)}: {e}") from None
 
 
 def executor_settings(config: ExecutorConfig) -> dict[str, object]:
