@@ -138,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
         meta["reasoning_policy"] = policy  # what the sessions got (absent: new text every observation)
     if args.first:
         meta["first_episode"] = args.first
-    if executor_settings(executor):
-        meta["executor"] = executor_settings(executor)  # what differs from the robots' defaults
+    changed = executor_settings(executor)
+    if changed:
+        meta["executor"] = changed  # what differs from the robots' defaults
     meta["clock"] = ("wall" if args.real_time
                      else f"simulated, chunks land {args.latency_ticks} ticks after their observation")
     if args.task != "math_matching":  # math matching's eval.json keeps its fields (the model card quotes them)
