@@ -153,3 +153,25 @@ def test_text_only_sums_add_right_and_never_name_a_held_out_number():
         sums.add(s)
     # every units digit comes with many tens digits: not a table of the boards' sums
     assert all(len({s // 10 for s in sums if s % 10 == d}) >= 10 for d in range(10))
+
+
+def test_wider_text_only_sums_keep_half_to_the_boards_range_and_still_name_no_held_out_number():
+    """--arithmetic-max 999: half the sums as before (operands up to 99), half with operands up to 999,
+    which write every digit after every prefix ("=29" now starts 290-299); held-out numbers still
+    appear nowhere, and the default draws the same sums as before the option existed."""
+    from chatvla.training.labels import ARITHMETIC_MAX, arithmetic_pair
+
+    rng, old = np.random.default_rng(3), np.random.default_rng(3)  # the default draws no extra number
+    for _ in range(20):
+        while not {*(pair := [int(v) for v in old.integers(1, ARITHMETIC_MAX + 1, size=2)]), sum(pair)}.isdisjoint(
+                HELDOUT_NUMBERS):
+            pass
+        assert arithmetic_pair(rng)[1] == f"{pair[0]}+{pair[1]}={sum(pair)}."
+    rng = np.random.default_rng(0)
+    wide = 0
+    for q, a in (arithmetic_pair(rng, 999) for _ in range(2000)):
+        x, y, s = (int(v) for v in re.findall(r"\d+", a))
+        assert q == f"What is {x}+{y}?" and x + y == s and max(x, y) <= 999, (q, a)
+        assert not {x, y, s} & set(HELDOUT_NUMBERS), (q, a)
+        wide += max(x, y) > ARITHMETIC_MAX
+    assert 900 <= wide <= 1100, wide  # half the draws take operands up to 999; few of those stay <= 99

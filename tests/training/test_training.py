@@ -4,6 +4,7 @@ smoke run whose checkpoint a real server serves."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -501,6 +502,8 @@ def test_train_refuses_bad_weights_and_an_unwritable_out_before_reading_any_data
     assert "--stage2-ema must be in [0, 1)" in capsys.readouterr().err
     assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--serve-reasoning-every-n", "0"]) == 2
     assert "--serve-reasoning-every-n must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--arithmetic-max", "5"]) == 2
+    assert "--arithmetic-max must be >= 9" in capsys.readouterr().err
     out = tmp_path / "dangling"
     out.symlink_to(tmp_path / "gone")
     assert main(["train", "--data", str(missing), "--out", str(out)]) == 2
@@ -654,3 +657,23 @@ def test_text_only_sums_train_the_language_model_in_stage_1(episodes_dir, tmp_pa
     trainer.stage1()
     assert len(trainer.progress.history["stage1/arithmetic"]) == 1  # logged every 10 steps: step 0
     assert len(trainer.progress.history["stage1/balance"]) == 1
+
+
+def test_sums_beside_a_scene_join_the_stage_1_batch_with_the_scenes_cameras(episodes_dir):
+    """--arithmetic-scenes N: N more sums a step, each asked with a rendered scene's images in the
+    prompt and answered as the text-only sums are; none by default, the same rows for the same step."""
+    from chatvla.training.stages import stage1_items
+
+    eps = load_episodes([episodes_dir], FRANKA_JOINT, progress=False)
+    data = Dataset(FRANKA_JOINT, eps, episode_scenes(eps, 0))
+    plain = stage1_items(data, TrainConfig(batch_size=4), step=5)
+    cfg = TrainConfig(batch_size=4, arithmetic_scenes=3, arithmetic_max=999)
+    items = stage1_items(data, cfg, step=5)
+    assert len(items) == len(plain) + 3
+    assert [i.target for i in items[:len(plain)]] == [i.target for i in plain]  # the other rows are untouched
+    scene_images = [s.images for s in data.scenes]
+    for item in items[len(plain):]:
+        a, b = (int(v) for v in re.fullmatch(r"What is (\d+)\+(\d+)\?", item.prompt).groups())
+        assert item.target == f"{a}+{b}={a + b}." and not item.reasoning and item.chunk is None
+        assert any(item.images is imgs for imgs in scene_images)
+    assert [i.target for i in stage1_items(data, cfg, step=5)] == [i.target for i in items]

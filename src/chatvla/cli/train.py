@@ -112,6 +112,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="text-only sums (\"What is 68+73?\", operands up to 99, never a held-out number) added to "
                    "each stage-1 step: arithmetic the paper's VLM brings from pretraining, so that held-out "
                    f"answers are added, not looked up (default {d.arithmetic}: off)")
+    p.add_argument("--arithmetic-max", type=int, default=d.arithmetic_max, metavar="N",
+                   help="largest operand of those sums; above 99, half of them keep to operands up to 99 (the "
+                   "boards' range) and half go up to N, too many sums to learn as a table "
+                   f"(default {d.arithmetic_max})")
+    p.add_argument("--arithmetic-scenes", type=int, default=d.arithmetic_scenes, metavar="N",
+                   help="N more of those sums in each stage-1 step, asked with a rendered scene's cameras in the "
+                   "prompt, so that adding is learnt where the board's sums are written too "
+                   f"(default {d.arithmetic_scenes}: off)")
     p.add_argument("--card-steps", type=int, default=d.card_steps,
                    help="stage 0 before stage 1: steps that train the vision tower alone to read the cards' labels "
                    f"on crops of the rendered scenes ({d.card_batch_size} crops a step; math_matching, needs "
@@ -226,10 +234,13 @@ def run(args: argparse.Namespace) -> int:
               "math_matching and --scenes > 0", file=sys.stderr)
         return 2
     if (min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes, args.card_steps,
-            args.arithmetic) < 0
+            args.arithmetic, args.arithmetic_scenes) < 0
             or args.batch_size < 1):
-        print("chatvla train: step counts, --scenes, --max-episodes and --arithmetic must be >= 0, --batch-size >= 1",
-              file=sys.stderr)
+        print("chatvla train: step counts, --scenes, --max-episodes, --arithmetic and --arithmetic-scenes must be "
+              ">= 0, --batch-size >= 1", file=sys.stderr)
+        return 2
+    if args.arithmetic_max < 9:
+        print("chatvla train: --arithmetic-max must be >= 9 (sums of single digits at least)", file=sys.stderr)
         return 2
     if args.init and args.init_vlm:
         print("chatvla train: --init and --init-vlm exclude each other (--init already starts the VLM)",
@@ -282,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
                        save_every=args.save_every, place_weight=args.place_weight,
                        card_token_weight=args.card_token_weight, card_place_weight=args.card_place_weight,
                        card_cell_weight=args.card_cell_weight, pointer_weight=args.pointer_weight,
-                       arithmetic=args.arithmetic,
+                       arithmetic=args.arithmetic, arithmetic_max=args.arithmetic_max,
+                       arithmetic_scenes=args.arithmetic_scenes,
                        card_steps=args.card_steps, prompt_shuffle=args.prompt_shuffle,
                        stage2_old_text=args.stage2_old_text, stage2_ema=args.stage2_ema,
                        scene_reasoning_fraction=args.scene_reasoning)

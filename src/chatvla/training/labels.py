@@ -332,7 +332,7 @@ def scene_pairs(task: Task, poses: dict[str, Pose], rng: np.random.Generator, k:
 ARITHMETIC_MAX = 99  # operands of the text-only sums: up to the boards' two digits, so sums reach 198
 
 
-def arithmetic_pair(rng: np.random.Generator) -> tuple[str, str]:
+def arithmetic_pair(rng: np.random.Generator, max_operand: int = ARITHMETIC_MAX) -> tuple[str, str]:
     """A text-only sum ("What is 68+73?", "68+73=141."), with neither operand nor sum a held-out number.
 
     The robot data and the scenes show only sums of training numbers up to 49, so a model trained on
@@ -340,10 +340,17 @@ def arithmetic_pair(rng: np.random.Generator) -> tuple[str, str]:
     ("18+23=40."): the digit after "=4" is never 1 or 7 in training. The paper's VLM brings arithmetic
     from pretraining; this is the tiny model's stand-in. Over every operand up to 99 the sums are too
     many to learn as a table and the same units digits come with every tens digit ("18+33=51",
-    "68+73=141"), so what there is to learn is how to add, digit by digit."""
+    "68+73=141"), so what there is to learn is how to add, digit by digit.
+
+    With `max_operand` above 99, half the sums keep to operands up to 99 (the boards' two digits) and
+    half take operands up to `max_operand`. Under 100 the held-out sums are the only two-digit answers
+    never written ("=29." never follows "=2"), so 10,000 sums still leave a table a small model can
+    learn, gaps and all; three-digit sums are too many to learn as a table and write every digit after
+    every digit, so what they teach is the carry and the units digit as such."""
     held = set(HELDOUT_NUMBERS)
     while True:
-        a, b = (int(x) for x in rng.integers(1, ARITHMETIC_MAX + 1, size=2))
+        hi = max_operand if max_operand > ARITHMETIC_MAX and rng.random() < 0.5 else ARITHMETIC_MAX
+        a, b = (int(x) for x in rng.integers(1, hi + 1, size=2))
         if not {a, b, a + b} & held:
             return arithmetic_question(a, b), f"{a}+{b}={a + b}."
 

@@ -39,7 +39,7 @@ from chatvla.training.averaging import WeightAverage
 from chatvla.training.batches import Batch, Item, Pointer, collate, collate_text, pool_spans
 from chatvla.training.card_crops import card_views, crop_batch, vision_tokens
 from chatvla.training.data import Dataset, decode
-from chatvla.training.labels import NO_CARD, arithmetic_pair
+from chatvla.training.labels import ARITHMETIC_MAX, NO_CARD, arithmetic_pair
 
 STATE_DIR = "train"  # inside the output directory: resumable state
 PROGRESS = "progress.json"
@@ -72,6 +72,8 @@ class TrainConfig:
     pointer_weight: float = 0.0  # pointer loss on one attention head of decoder layer card_place_layer (0: off)
     pointer_head: int = 0  # which head of that layer the pointer loss trains
     arithmetic: int = 0  # text-only sums (labels.arithmetic_pair) added to each stage-1 step (0: off)
+    arithmetic_max: int = ARITHMETIC_MAX  # their largest operand (above 99: half the sums go up to it)
+    arithmetic_scenes: int = 0  # more such sums a step, asked beside a rendered scene's cameras (0: off)
     card_steps: int = 0  # stage 0: vision tower + CardTokenProbe on crops around cards (0: off)
     card_batch_size: int = 128  # crops per stage-0 step
     lr_card: float = 3e-3
@@ -435,13 +437,28 @@ def stage1_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
         s = told[int(rng.integers(len(told)))]
         items.append(Item(s.images, s.instruction or "", s.reasoning or "", reasoning=True, card_pixels=s.card_pixels,
                           card_places=s.card_places))
+    return items + arithmetic_scene_items(data, cfg, step)
+
+
+def arithmetic_scene_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
+    """Sums in words asked with a rendered scene's cameras in the prompt (whose board shows other
+    numbers). Text-only sums teach adding, but a model that adds in words still writes the nearest
+    training sum on a board: with cameras in its prompt it has only ever written sums of training
+    numbers. These rows ask for a sum of the written operands while images are there."""
+    if not cfg.arithmetic_scenes or not data.scenes:
+        return []
+    rng = np.random.default_rng([cfg.seed, 4, step])
+    items = []
+    for _ in range(cfg.arithmetic_scenes):
+        s = data.scenes[int(rng.integers(len(data.scenes)))]
+        items.append(Item(s.images, *arithmetic_pair(rng, cfg.arithmetic_max)))
     return items
 
 
 def arithmetic_items(cfg: TrainConfig, step: int) -> list[tuple[str, str]]:
     """Stage 1's text-only sums for `step`, drawn from (seed, step) like its other rows (resumable)."""
     rng = np.random.default_rng([cfg.seed, 3, step])
-    return [arithmetic_pair(rng) for _ in range(cfg.arithmetic)]
+    return [arithmetic_pair(rng, cfg.arithmetic_max) for _ in range(cfg.arithmetic)]
 
 
 # --- optimiser state without pickle ---------------------------------------------------------------------
