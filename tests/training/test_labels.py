@@ -175,3 +175,5 @@ def test_wider_text_only_sums_keep_half_to_the_boards_range_and_still_name_no_he
         assert not {x, y, s} & set(HELDOUT_NUMBERS), (q, a)
         wide += max(x, y) > ARITHMETIC_MAX
     assert 900 <= wide <= 1100, wide  # half the draws take operands up to 999; few of those stay <= 99
+    narrow = [re.findall(r"\d+", arithmetic_pair(rng, 20)[1]) for _ in range(200)]
+    assert max(max(int(x), int(y)) for x, y, _ in narrow) <= 20  # below 99 the bound holds as well

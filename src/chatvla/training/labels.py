@@ -349,7 +349,9 @@ def arithmetic_pair(rng: np.random.Generator, max_operand: int = ARITHMETIC_MAX)
     every digit, so what they teach is the carry and the units digit as such."""
     held = set(HELDOUT_NUMBERS)
     while True:
-        hi = max_operand if max_operand > ARITHMETIC_MAX and rng.random() < 0.5 else ARITHMETIC_MAX
+        hi = max_operand  # up to 99 (the default) no extra draw, so the default's sums stay as they were
+        if max_operand > ARITHMETIC_MAX and rng.random() >= 0.5:
+            hi = ARITHMETIC_MAX
         a, b = (int(x) for x in rng.integers(1, hi + 1, size=2))
         if not {a, b, a + b} & held:
             return arithmetic_question(a, b), f"{a}+{b}={a + b}."
