@@ -108,3 +108,23 @@ def test_record_refuses_bad_combinations(tmp_path):
     assert r.returncode == 2 and "simulated robot" in r.stderr
     r = _cli("record", "--robot", "sim-panda", "--out", str(tmp_path))
     assert r.returncode == 2 and "--target" in r.stderr
+    r = _cli("record", "--robot", "sim-panda", "--target", "127.0.0.1:1", "--oracle-miss", "0.03", "--out",
+             str(tmp_path))
+    assert r.returncode == 2 and "--oracle-miss" in r.stderr and "--policy oracle" in r.stderr
+    r = _cli("record", "--robot", "sim-panda", "--policy", "oracle", "--oracle-miss", "0.5", "--out", str(tmp_path))
+    assert r.returncode == 2 and "(0, 0.2]" in r.stderr
+
+
+def test_record_oracle_miss_writes_recovery_demonstrations_that_say_where_the_retry_starts(tmp_path):
+    if not _render_ok():
+        pytest.skip("no headless GL")
+    r = _cli("record", "--robot", "sim-panda", "--policy", "oracle", "--task", "math_matching", "--oracle-miss",
+             "0.05", "--out", str(tmp_path), "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    ep = read_episode(next(tmp_path.glob("*.chatvla")))
+    assert ep.footer.outcome["success"] is True
+    retry = ep.header.task["retry_from"]
+    assert isinstance(retry, int) and 0 < retry < len(ep.records)
+    grip = list(ep.header.profile.gripper_indices)
+    assert all(v == 0.0 for v in ep.records[retry - 1].action[grip])  # the miss closed the gripper ...
+    assert all(v > 0.0 for v in ep.records[retry + 5].action[grip])  # ... and the retry opens it again

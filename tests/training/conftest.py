@@ -41,3 +41,13 @@ def toy_episodes_dir(rendering, tmp_path_factory) -> Path:
                     "oracle", "--task", "toy_placement", "--split", "train", "--episodes", "2", "--seed", "7",
                     "--out", str(out)], check=True, capture_output=True, timeout=600)
     return out
+
+
+@pytest.fixture(scope="session")
+def recovery_episodes_dir(rendering, tmp_path_factory) -> Path:
+    """One recovery demonstration (`chatvla record --oracle-miss`): a missed grasp, then the retry."""
+    out = tmp_path_factory.mktemp("recovery_episodes")
+    subprocess.run([sys.executable, "-m", "chatvla.cli.main", "record", "--robot", "sim-panda", "--policy", "oracle",
+                    "--task", "math_matching", "--split", "train", "--oracle-miss", "0.05", "--seed", "0",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    return out

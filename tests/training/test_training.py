@@ -20,7 +20,7 @@ from chatvla.model.presets import get_preset
 from chatvla.model.tokenizer import load_tiny_tokenizer
 from chatvla.profiles import FRANKA_JOINT
 from chatvla.training.batches import Item, collate, prepare_fast
-from chatvla.training.data import DataError, Dataset, episode_scenes, load_episodes
+from chatvla.training.data import DataError, Dataset, episode_scenes, load_episodes, retry_from
 from chatvla.training.stages import TrainConfig, Trainer, load_optimizer, save_optimizer
 
 
@@ -77,6 +77,29 @@ def test_held_out_episodes_are_refused(tmp_path):
     _fake_episode(tmp_path / "a.chatvla", "heldout", 1)
     with pytest.raises(DataError, match="train split only"):
         load_episodes([tmp_path], FRANKA_JOINT, progress=False)
+
+
+def test_a_recovery_demonstration_is_learned_from_its_retry_only(recovery_episodes_dir):
+    from chatvla.client.recording import read_episode
+
+    path = next(recovery_episodes_dir.glob("*.chatvla"))
+    rec = read_episode(path)
+    retry = rec.header.task["retry_from"]
+    (ep,) = load_episodes([recovery_episodes_dir], FRANKA_JOINT, progress=False)
+    assert len(ep.actions) == len(rec.records) - retry
+    np.testing.assert_array_equal(ep.states[0], rec.records[retry].state)
+    np.testing.assert_array_equal(ep.actions, np.stack([r.action for r in rec.records[retry:]]))
+    name, _ = ep.task.oracle_goal()
+    assert abs(ep.poses0[name].pos[2] - ep.task.object(name).rest_z) < 0.01  # the missed card lies on the table
+    assert ep.reasoning[0].startswith(f"{ep.task.a}+{ep.task.b}={ep.task.answer}.")
+    assert ep.retry and episode_scenes([ep], 0) == []  # its first frame is no scene at rest
+
+
+@pytest.mark.parametrize("value", [-1, 3, 1.5, "2", True])
+def test_a_retry_tick_outside_the_episode_is_refused(value):
+    with pytest.raises(DataError, match="retry_from"):
+        retry_from({"retry_from": value}, 3, "ep.chatvla")
+    assert retry_from({}, 3, "ep.chatvla") == 0
 
 
 def test_optimizer_state_round_trips_without_pickle(tmp_path):
@@ -551,6 +574,45 @@ def test_stage2_features_are_cached_again_when_the_episodes_change(episodes_dir,
     n_one = fewer.features()["prompt"].shape[0]
     assert "caching again" in capsys.readouterr().err
     assert n_one == -(-len(fewer.data.episodes[0].actions) // 8) < n_all
+
+
+def test_stage2_features_of_fewer_episodes_are_extended_with_the_added_ones_not_recomputed(
+        episodes_dir, tmp_path, capsys, monkeypatch):
+    """Recording more episodes and training on: the cache of the first ones is kept and only the new
+    episodes' rows are computed, the same rows a run over all of them computes."""
+    full = _trainer(episodes_dir, tmp_path / "full", 0, 1, stage2_old_text=0.5).features()
+    part = _trainer(episodes_dir, tmp_path / "run", 0, 1, stage2_old_text=0.5)
+    part.data.episodes = part.data.episodes[:2]
+    n_two = part.features()["prompt"].shape[0]
+    grown = _trainer(episodes_dir, tmp_path / "run", 0, 1, stage2_old_text=0.5)
+    import chatvla.training.stages as stages
+
+    seen = []
+    real = stages.robot_item
+    monkeypatch.setattr(stages, "robot_item", lambda data, e, t, src: seen.append(e) or real(data, e, t, src))
+    feats = grown.features()
+    assert "holds the features of the first 2 episodes; caching the 1 added" in capsys.readouterr().err
+    assert set(seen) == {2}  # only the added episode went through the VLM
+    assert feats["prompt"].shape[0] == full["prompt"].shape[0] > n_two
+    for k in full:
+        torch.testing.assert_close(feats[k], full[k], atol=1e-5, rtol=1e-5)
+    again = _trainer(episodes_dir, tmp_path / "run", 0, 1, stage2_old_text=0.5)
+    again.data.episodes = again.data.episodes[:2] + again.data.episodes[:1]  # not a prefix: all anew
+    again.features()
+    assert "caching again" in capsys.readouterr().err
+
+
+def test_a_run_that_keeps_the_init_vlm_starts_from_the_init_runs_feature_cache(episodes_dir, tmp_path):
+    from chatvla.training.stages import STAGE2_FEATURES, STATE_DIR
+
+    _trainer(episodes_dir, tmp_path / "init", 0, 1).features()
+    cache = tmp_path / "init" / STATE_DIR / STAGE2_FEATURES
+    assert not _trainer(episodes_dir, tmp_path / "s1", 1, 1).seed_features(tmp_path / "init")  # its VLM moves
+    assert not (tmp_path / "s1" / STATE_DIR / STAGE2_FEATURES).exists()
+    follow = _trainer(episodes_dir, tmp_path / "s2", 0, 1)
+    assert follow.seed_features(tmp_path / "init")
+    assert (tmp_path / "s2" / STATE_DIR / STAGE2_FEATURES).read_bytes() == cache.read_bytes()
+    assert not follow.seed_features(tmp_path / "init")  # never over a cache of its own
 
 
 def test_old_text_pairs_a_share_of_ticks_with_an_earlier_ticks_text_half_of_them_the_first():

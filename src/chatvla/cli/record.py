@@ -4,7 +4,10 @@ Two policies:
 - `server` (default): the robot runs the full client stack against a policy server (`--target`),
   exactly as in production; every tick is written as it happens.
 - `oracle` (simulated robots only): the sim's scripted pick-and-place solves the task; useful as
-  demonstrations and as realistic observation streams for `chatvla loadtest`.
+  demonstrations and as realistic observation streams for `chatvla loadtest`. With `--oracle-miss M`
+  its first grasp lands M metres beside the object (direction drawn from the task seed), lifts the empty
+  gripper and then tries again from there: demonstrations of recovering from a miss. The episode's task
+  header records the tick the retry starts at (`retry_from`); `chatvla train` learns from the retry only.
 
 Robots: `sim-panda`, `sim-bimanual`, or a real adapter (`panda`, `franky`, `arx_r5`) with its
 options given as `--robot-option KEY=VALUE` (e.g. `host=172.16.0.2`). Real adapters need one camera
@@ -47,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=("server", "oracle"), default="server",
                    help="who drives the robot: server (a policy server at --target) or oracle (the sim's "
                    "scripted expert, simulated robots only)")
+    p.add_argument("--oracle-miss", type=float, default=0.0, metavar="METRES",
+                   help="with --policy oracle: miss the first grasp by this distance, then retry (recovery "
+                   "demonstrations; default 0: no miss)")
     p.add_argument("--target", help="policy server HOST:PORT, several separated by commas, or dns:///NAME:PORT")
     p.add_argument("--token", help="bearer token for the server")
     p.add_argument("--robot-id", help="name for logs and replica choice (default: the robot name)")
@@ -123,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     if args.policy == "oracle" and not is_sim:
         print("chatvla record: --policy oracle needs a simulated robot (sim-panda, sim-bimanual)", file=sys.stderr)
         return 2
+    if args.oracle_miss and (args.policy != "oracle" or not 0.0 < args.oracle_miss <= 0.2):
+        print("chatvla record: --oracle-miss takes a distance in metres in (0, 0.2] and needs --policy oracle",
+              file=sys.stderr)
+        return 2
     if args.policy == "server" and not args.target:
         print("chatvla record: --policy server needs --target HOST:PORT (start one with `chatvla serve`)",
               file=sys.stderr)
@@ -168,10 +178,13 @@ def run(args: argparse.Namespace) -> int:
                 task_meta = {"kind": kind, "seed": task.seed, "split": task.split, "policy": args.policy}
             plan = None
             if args.policy == "oracle":
-                from chatvla.client.sim import PlanningError, solve_task
+                from chatvla.client.sim import PlanningError, solve_task, solve_task_with_retry
 
                 try:
-                    plan = solve_task(robot)
+                    if args.oracle_miss:
+                        plan, task_meta["retry_from"] = solve_task_with_retry(robot, args.oracle_miss)
+                    else:
+                        plan = solve_task(robot)
                 except PlanningError as e:  # a layout the scripted arm cannot reach: no demonstration
                     skipped += 1
                     print(f"skipped episode {ep} (task seed {args.seed + ep}): the oracle found no plan ({e})",

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="MODEL",
                    help="start from this checkpoint's weights (a directory or a shipped model name) instead of the "
                    "preset's seeded ones: fine-tuning, or more training for a finished run. The configuration "
-                   "still comes from --preset; the weights must fit it")
+                   "still comes from --preset; the weights must fit it. With no stage-0/1 steps (its VLM kept), "
+                   "stage 2 starts from the directory's cached VLM features and computes only added episodes'")
     p.add_argument("--init-vlm", metavar="MODEL",
                    help="start only the VLM (vision tower + language model) from this checkpoint, the action expert "
                    "from the preset's seed: a VLM trained on one robot's scenes taken to another robot or task "
@@ -323,6 +324,9 @@ def run(args: argparse.Namespace) -> int:
     if trainer.resume():
         p = trainer.progress
         print(f"[train] resuming at stage {p.stage}, step {p.step}", file=sys.stderr, flush=True)
+    elif args.init and trainer.seed_features(args.init):
+        print(f"[train] stage 2 starts from {args.init}'s VLM feature cache (this run keeps that VLM)",
+              file=sys.stderr, flush=True)
     print(f"[train] {len(episodes)} episodes ({data.ticks} ticks), {len(data.scenes)} scenes, "
           f"device {args.device}, data ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     path = trainer.run()

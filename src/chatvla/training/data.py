@@ -51,6 +51,7 @@ class RobotEpisode:
     poses0: dict[str, Pose] | None = None  # object poses at the first tick (task frame)
     places: np.ndarray | None = None  # [T, 5] per tick: labels.place_targets (math matching only: toy rows
     # carry none, and a stage-1 batch then skips the place read-out, see batches.collate)
+    retry: bool = False  # a recovery demonstration's retry: its first frame shows the arm above the table
 
     def chunk(self, t: int, horizon: int) -> np.ndarray:
         """Actions for ticks t .. t+horizon-1; past the end the last action is held (the arm rests)."""
@@ -167,12 +168,16 @@ def load_episodes(paths: Iterable[str | Path], profile: RobotProfile, *, kinds: 
         states = np.stack([r.state for r in recs]).astype(np.float32)
         actions = np.stack([r.action for r in recs]).astype(np.float32)
         poses = replay_poses(profile, task, states, actions, str(f))
+        first = retry_from(meta, len(recs), str(f))
+        if first:  # a recovery demonstration: its deliberate miss is replayed above, never learned
+            recs, states, actions, poses = recs[first:], states[first:], actions[first:], poses[first:]
         out.append(RobotEpisode(
             path=str(f), task=task, instruction=h.instruction,
             reasoning=[reasoning_for(task, p) for p in poses], images=[dict(r.images) for r in recs],
             states=states, actions=actions, poses0=poses[0],
             places=(np.stack([place_targets(task, p) for p in poses]) if isinstance(task, MathMatchingTask)
                     else None),
+            retry=first > 0,
         ))
         if progress and (i + 1) % 50 == 0:
             print(f"[data] read {i + 1}/{len(files)} episode files", file=sys.stderr, flush=True)
@@ -182,6 +187,15 @@ def load_episodes(paths: Iterable[str | Path], profile: RobotProfile, *, kinds: 
         print(f"[data] {len(out)} episodes, {sum(len(e.actions) for e in out)} ticks ({skipped} skipped: "
               "other task or not successful)", file=sys.stderr, flush=True)
     return out
+
+
+def retry_from(meta: dict[str, object], ticks: int, where: str) -> int:
+    """The tick a recovery demonstration's retry starts at (`chatvla record --oracle-miss`), 0 for a
+    plain one: the ticks before it show the oracle missing on purpose, which a policy must not learn."""
+    value = meta.get("retry_from", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < ticks:
+        raise DataError(f"{where}: retry_from {value!r} is not a tick of this {ticks}-tick episode")
+    return value
 
 
 _REPLAY: dict[str, object] = {}
@@ -212,11 +226,12 @@ def replay_poses(profile: RobotProfile, task: Task, states: np.ndarray, actions:
 
 
 def episode_scenes(episodes: Sequence[RobotEpisode], seed: int) -> list[Scene]:
-    """Questions about each episode's first frame (the scene at rest, before the arm moves)."""
+    """Questions about each episode's first frame (the scene at rest, before the arm moves; a retry
+    starts with the arm over the cards, so it asks none)."""
     rng = np.random.default_rng([seed, 7])
     out = []
     for e in episodes:
-        if isinstance(e.task, (MathMatchingTask, ToyPlacementTask)):
+        if not e.retry and isinstance(e.task, (MathMatchingTask, ToyPlacementTask)):
             poses = e.poses0 or e.task.initial_poses()
             out.append(Scene({k: decode(v) for k, v in e.images[0].items()}, scene_pairs(e.task, poses, rng, k=3)))
     return out

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ CARD_PROBE = "card_probe.safetensors"
 CARD_PLACE_PROBE = "card_place_probe.safetensors"
 CARD_CELL_PROBE = "card_cell_probe.safetensors"
 EXPERT_AVERAGE = "expert_average.safetensors"  # stage 2's running weight average (TrainConfig.stage2_ema)
+STAGE2_FEATURES = "stage2_features.safetensors"  # stage 2's cached VLM features (Trainer.features)
 
 
 @dataclass
@@ -700,24 +702,35 @@ class Trainer:
     @torch.no_grad()
     def features(self) -> dict[str, torch.Tensor]:
         """Pooled prompt / reasoning hidden states of every (strided) training tick, with its state and
-        chunk; computed once with the frozen VLM and cached in `train/stage2_features.safetensors`."""
-        path = self.state_dir / "stage2_features.safetensors"
+        chunk; computed once with the frozen VLM and cached in `train/stage2_features.safetensors`.
+        A cache of the same VLM over fewer episodes (more recorded since, sorting after the old ones)
+        is extended rather than recomputed: the old rows are the new index's first rows."""
+        path = self.state_dir / STAGE2_FEATURES
         model, cfg = self.model, self.cfg
         key = features_key(self.data, cfg.stage2_tick_stride, cfg.stage2_old_text, cfg.seed)
+        index = text_ticks([len(ep.actions) for ep in self.data.episodes], cfg.stage2_tick_stride,
+                           cfg.stage2_old_text, cfg.seed)
+        old: dict[str, torch.Tensor] = {}
         if path.is_file():
             with safe_open(str(path), "pt") as f:
                 cached = (f.metadata() or {}).get("key")
+                rows = f.get_slice("prompt").get_shape()[0]
             if cached == key:
                 return load_file(str(path))
-            print(f"stage 2: {path} was cached from other episodes or another --stage2-tick-stride; caching again",
-                  file=sys.stderr)
+            n = self._cached_prefix(cached, rows)
+            if n:
+                old = load_file(str(path))
+                print(f"stage 2: {path} holds the features of the first {n} episodes; caching the "
+                      f"{len(self.data.episodes) - n} added", file=sys.stderr)
+            else:
+                print(f"stage 2: {path} was cached from other episodes or another --stage2-tick-stride; "
+                      "caching again", file=sys.stderr)
+        done = old["prompt"].shape[0] if old else 0
         model.eval()
-        index = text_ticks([len(ep.actions) for ep in self.data.episodes], cfg.stage2_tick_stride,
-                           cfg.stage2_old_text, cfg.seed)
         prompt, reas, states, chunks = [], [], [], []
-        bar = self._bar(len(index), 0, "stage 2: caching VLM features")
+        bar = self._bar(len(index), done, "stage 2: caching VLM features")
         bs = 32
-        for i in range(0, len(index), bs):
+        for i in range(done, len(index), bs):
             batch = collate(model, [robot_item(self.data, e, t, src) for e, t, src in index[i:i + bs]])
             hidden = vlm_forward(model, batch)
             prompt.append(pool_spans(hidden, batch.prompt_spans).cpu())
@@ -726,11 +739,36 @@ class Trainer:
             chunks.append(batch.chunks)
             bar.update(len(batch.prompt_spans))
         bar.close()
-        feats = {"prompt": torch.cat(prompt), "reasoning": torch.cat(reas), "states": torch.cat(states),
-                 "chunks": torch.cat(chunks)}
+        new = {"prompt": prompt, "reasoning": reas, "states": states, "chunks": chunks}
+        feats = {k: torch.cat(([old[k]] if old else []) + v) for k, v in new.items()}
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(path), metadata={"key": key})
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)  # a symlinked cache (another run's) is replaced, never written through
         return feats
+
+    def _cached_prefix(self, key: str | None, rows: int) -> int:
+        """How many of this run's first episodes a cache of `rows` rows under `key` was computed from
+        (the same stride, texts and seed), or 0 when it is not a prefix of this run's episodes."""
+        cfg, eps = self.cfg, self.data.episodes
+        per_episode = np.cumsum([math.ceil(len(ep.actions) / cfg.stage2_tick_stride) for ep in eps])
+        n = int(np.searchsorted(per_episode, rows)) + 1
+        if rows <= 0 or n >= len(eps) or per_episode[n - 1] != rows:
+            return 0
+        prefix = Dataset(self.data.profile, eps[:n])
+        return n if features_key(prefix, cfg.stage2_tick_stride, cfg.stage2_old_text, cfg.seed) == key else 0
+
+    def seed_features(self, init_dir: str | Path) -> bool:
+        """Start this run's stage-2 cache from the one in `init_dir` (a run whose checkpoint is where
+        this one starts) when this run leaves the VLM as it found it: no stage 0 or stage 1 steps, and
+        nothing cached here yet. `features` then keeps only what still fits this run's episodes."""
+        src = Path(init_dir) / STATE_DIR / STAGE2_FEATURES
+        dst = self.state_dir / STAGE2_FEATURES
+        if self.cfg.card_steps or self.cfg.stage1_steps or dst.exists() or not src.is_file():
+            return False
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        return True
 
     def stage2(self) -> None:
         cfg, model = self.cfg, self.model

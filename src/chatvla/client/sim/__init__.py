@@ -25,6 +25,7 @@ _LAZY = {
     "OracleConfig": "chatvla.client.sim.oracle",
     "PlanningError": "chatvla.client.sim.oracle",
     "solve_task": "chatvla.client.sim.oracle",
+    "solve_task_with_retry": "chatvla.client.sim.oracle",
     "solve_ik": "chatvla.client.sim.oracle",
     "rendering_available": "chatvla.client.sim.render",
     "RIGS": "chatvla.client.sim.rigs",

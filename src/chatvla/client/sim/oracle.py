@@ -3,7 +3,9 @@ replayed as joint-position actions that respect the profile's per-tick step limi
 
 It exists for tests (a task the oracle solves proves that the scene, the grasp physics and the
 success check agree) and for recording demonstration episodes. It plans open loop from the current
-state, which is enough in a deterministic sim.
+state, which is enough in a deterministic sim. `solve_task_with_retry` plans a demonstration of
+recovering from a missed grasp: a policy trained only on clean demonstrations has never seen an arm
+lift an empty gripper, so after its first miss it carries on as if it held the card and never tries again.
 """
 
 from __future__ import annotations
@@ -135,6 +137,15 @@ class PickPlacePlanner:
     def plan(self, object_name: str, goal_xy: tuple[float, float]) -> np.ndarray:
         """Actions (one per tick) that move `object_name` to `goal_xy` (task frame), then return the
         arm to its start pose. Raises PlanningError if no arm (or pair of arms) can do it."""
+        return self._plan(object_name, goal_xy, None)
+
+    def plan_miss(self, object_name: str, offset_xy: tuple[float, float]) -> np.ndarray:
+        """Actions of a grasp that misses: down to `offset_xy` (metres) beside `object_name`, close
+        the gripper, lift back to the approach height, and stop there. Raises PlanningError if no
+        arm reaches that point."""
+        return self._plan(object_name, (0.0, 0.0), np.asarray(offset_xy, float))
+
+    def _plan(self, object_name: str, goal_xy: tuple[float, float], miss: np.ndarray | None) -> np.ndarray:
         robot = self.robot
         if robot.task is None:
             raise PlanningError("no task loaded")
@@ -148,12 +159,15 @@ class PickPlacePlanner:
         mounts = robot.rig.mounts
         arms = sorted(range(len(mounts)), key=lambda i: abs(mounts[i].pos[1] - start[1]))
         errors = []
+        if miss is not None:
+            start = start + miss
         for arm in arms:
             try:
-                return np.asarray(self._pick_place(arm, obj, start, yaw, goal, q)[0], np.float32)
+                return np.asarray(self._pick_place(arm, obj, start, yaw, goal, q, miss_only=miss is not None)[0],
+                                  np.float32)
             except PlanningError as exc:
                 errors.append(str(exc))
-        if len(arms) == 2:
+        if len(arms) == 2 and miss is None:
             mid = np.array([(start[0] + goal[0]) / 2, (mounts[0].pos[1] + mounts[1].pos[1]) / 2])
             try:
                 first, q, placed_yaw = self._pick_place(arms[0], obj, start, yaw, mid, q)
@@ -164,24 +178,27 @@ class PickPlacePlanner:
         raise PlanningError("; ".join(errors))
 
     def _pick_place(
-        self, arm: int, obj: ObjectSpec, start: np.ndarray, obj_yaw: float, goal: np.ndarray, q: np.ndarray
+        self, arm: int, obj: ObjectSpec, start: np.ndarray, obj_yaw: float, goal: np.ndarray, q: np.ndarray,
+        *, miss_only: bool = False,
     ) -> tuple[list[np.ndarray], np.ndarray, float]:
-        """(actions, final action vector, object yaw after placing) for one arm."""
+        """(actions, final action vector, object yaw after placing) for one arm; `miss_only`: the
+        grasp and the lift back up only."""
         rig = self.robot.rig
         gi = arm * rig.arm_dim + rig.arm_dim - 1
         offset, z, open_w = _grasp_params(obj, rig.pad_half_height, self.robot.profile.action_upper[gi])
         first = _nearest_symmetric(obj_yaw + offset, self.robot.tcp_pose(arm)[1][:, rig.tcp_closing_axis])
         # A parallel gripper grasps the same at yaw and yaw + pi, but joint limits often allow only one.
         try:
-            actions, q_end = self._grasp_sequence(arm, start, goal, first, z, open_w, q)
+            actions, q_end = self._grasp_sequence(arm, start, goal, first, z, open_w, q, miss_only)
             yaw = first
         except PlanningError:
             yaw = math.remainder(first + math.pi, 2 * math.pi)
-            actions, q_end = self._grasp_sequence(arm, start, goal, yaw, z, open_w, q)
+            actions, q_end = self._grasp_sequence(arm, start, goal, yaw, z, open_w, q, miss_only)
         return actions, q_end, yaw - offset
 
     def _grasp_sequence(
-        self, arm: int, start: np.ndarray, goal: np.ndarray, yaw: float, z: float, open_w: float, q_start: np.ndarray
+        self, arm: int, start: np.ndarray, goal: np.ndarray, yaw: float, z: float, open_w: float, q_start: np.ndarray,
+        miss_only: bool = False,
     ) -> tuple[list[np.ndarray], np.ndarray]:
         robot, cfg, rig = self.robot, self.cfg, self.robot.rig
         lo = arm * rig.arm_dim
@@ -215,6 +232,9 @@ class PickPlacePlanner:
         wait(cfg.settle_ticks)  # let the servos catch up before closing on a 12 mm card
         q[gi] = 0.0
         wait(cfg.grip_ticks)
+        if miss_only:  # where a person would notice the empty gripper
+            move(self._line(np.array([*start, grasp]), np.array([*start, z + cfg.hover])))
+            return actions, q
         move(self._line(np.array([*start, grasp]), np.array([*start, carry])))
         move(self._line(np.array([*start, carry]), np.array([*goal, carry])))
         move(self._line(np.array([*goal, carry]), np.array([*goal, place])))
@@ -253,3 +273,34 @@ def solve_task(robot: SimRobot, config: OracleConfig | None = None) -> np.ndarra
         raise PlanningError("no task loaded")
     name, goal = robot.task.oracle_goal()
     return PickPlacePlanner(robot, config).plan(name, goal)
+
+
+def miss_offset(seed: int, distance: float) -> tuple[float, float]:
+    """Where a deliberate miss lands relative to the object: between half of `distance` and all of it
+    (metres), in a direction drawn from `seed` (deterministic, so a recorded episode replays)."""
+    rng = np.random.default_rng([seed, 7])
+    angle, r = float(rng.uniform(0.0, 2 * math.pi)), distance * float(rng.uniform(0.5, 1.0))
+    return r * math.cos(angle), r * math.sin(angle)
+
+
+def solve_task_with_retry(robot: SimRobot, miss: float, config: OracleConfig | None = None) -> tuple[np.ndarray, int]:
+    """(actions, the tick the retry starts at) of a demonstration that misses its first grasp by up
+    to `miss` metres (`miss_offset`), lifts the empty gripper, and then solves the task from wherever that left the arm
+    and the object. Plans by running the miss in the sim, then resets the robot to the task's start
+    (the sim is deterministic: the recorded run meets the same state). Raises PlanningError when the
+    miss is out of reach, still lifts the object, or leaves nothing the oracle can plan."""
+    task = robot.task
+    if task is None:
+        raise PlanningError("no task loaded")
+    name, _ = task.oracle_goal()
+    spec = task.object(name)
+    first = PickPlacePlanner(robot, config).plan_miss(name, miss_offset(task.seed, miss))
+    try:
+        for action in first:
+            robot.command(action)
+        if robot.object_poses()[name].pos[2] > spec.rest_z + 0.01:
+            raise PlanningError(f"the deliberate miss still lifted {name}")
+        retry = solve_task(robot, config)
+    finally:
+        robot.reset(task)
+    return np.concatenate([first, retry]).astype(np.float32), len(first)
