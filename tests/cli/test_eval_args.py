@@ -27,3 +27,25 @@ def test_a_bad_executor_setting_is_one_line(command, capsys) -> None:
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip() == (
         f"chatvla {command}: executor setting 'frozen_ticks=two': 'two' is not a valid int")
+
+
+def test_the_weights_digest_names_the_weights_not_the_directory(tmp_path) -> None:
+    """eval.json's meta.weights_sha256: the same weights anywhere give the same digest, one changed
+    byte another, and a seeded preset (no files) none."""
+    import shutil
+
+    from chatvla.cli.eval import weights_digest
+    from chatvla.model.presets import SHIPPED
+
+    copy = tmp_path / "copy"
+    shutil.copytree(SHIPPED["chatvla-tiny-mm"], copy)
+    digest = weights_digest("chatvla-tiny-mm")
+    assert digest and len(digest) == 16 and weights_digest(str(copy)) == digest
+    (copy / "model_card.json").write_text("{}")  # the card is not the weights
+    assert weights_digest(str(copy)) == digest
+    expert = copy / "expert" / "model.safetensors"
+    data = bytearray(expert.read_bytes())
+    data[-1] ^= 1
+    expert.write_bytes(bytes(data))
+    assert weights_digest(str(copy)) != digest
+    assert weights_digest("tiny") is None

@@ -63,3 +63,12 @@ def test_eval_figures_skip_what_is_not_a_count():
     figs = eval_figures(doc)["figures"]
     assert figs == [{"set": "train", "metric": "ok", "k": 2, "n": 4, "rate": 0.5, "ci95": [0.1, 0.9]}]
     assert eval_figures({"summary": {}}) is None and eval_figures([]) is None
+
+
+def test_the_published_eval_measured_the_shipped_weights():
+    """eval.json names the weights it measured (meta.weights_sha256): a re-shipped checkpoint whose
+    figures were not measured again fails here, whatever the model's name says."""
+    from chatvla.cli.eval import weights_digest
+
+    published = json.loads(SHIPPED_EVAL.read_text())
+    assert published["meta"]["weights_sha256"] == weights_digest("chatvla-tiny-mm")

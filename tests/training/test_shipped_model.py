@@ -58,6 +58,9 @@ def test_one_closed_loop_eval_episode_through_a_server_process(rendering, tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "eval.json").read_text())
     assert doc["meta"]["executor"] == {"latency_window": 40}
+    from chatvla.cli.eval import weights_digest
+
+    assert doc["meta"]["weights_sha256"] == weights_digest("chatvla-tiny-mm")
     (ep,) = doc["episodes"]
     assert not ep["error"] and ep["ticks"] >= 200
     assert "Pick card" in ep["reasoning_first"] and "+" in ep["reasoning_first"], ep["reasoning_first"]

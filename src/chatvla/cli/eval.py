@@ -67,6 +67,31 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+WEIGHT_FILES = ("config.json", "stats.json", "model.safetensors", "expert/model.safetensors")
+
+
+def weights_digest(model: str) -> str | None:
+    """sha256 (first 16 hex digits) over a checkpoint directory's config, statistics and weights, or
+    None for a seeded preset: a name such as `chatvla-tiny-mm` says nothing about which weights a
+    result file measured once the shipped checkpoint has been replaced."""
+    import hashlib
+
+    from chatvla.model.presets import SHIPPED
+
+    root = SHIPPED.get(model, Path(model))
+    if not (root / "config.json").is_file():
+        return None
+    h = hashlib.sha256()
+    for name in WEIGHT_FILES:
+        path = root / name
+        if path.is_file():
+            h.update(name.encode() + b"\0")
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def run(args: argparse.Namespace) -> int:
     from chatvla.training.evaluate import MODES
 
@@ -136,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
             "description": DESCRIPTIONS[args.task]}
     if policy is not None and policy != {"every_n": 1, "every_seconds": 0.0}:
         meta["reasoning_policy"] = policy  # what the sessions got (absent: new text every observation)
+    digest = None if args.target else weights_digest(args.model)
+    if digest:
+        meta["weights_sha256"] = digest  # which weights these figures belong to, whatever the name
     if args.first:
         meta["first_episode"] = args.first
     changed = executor_settings(executor)
