@@ -49,3 +49,15 @@ def test_the_weights_digest_names_the_weights_not_the_directory(tmp_path) -> Non
     expert.write_bytes(bytes(data))
     assert weights_digest(str(copy)) != digest
     assert weights_digest("tiny") is None
+
+
+def test_a_preset_name_has_no_digest_even_beside_a_directory_of_that_name(tmp_path, monkeypatch) -> None:
+    """`chatvla serve --model tiny` serves the seeded preset whatever lies in the working directory."""
+    import shutil
+
+    from chatvla.cli.eval import weights_digest
+    from chatvla.model.presets import SHIPPED
+
+    shutil.copytree(SHIPPED["chatvla-tiny-mm"], tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert weights_digest("tiny") is None and weights_digest("./tiny") == weights_digest("chatvla-tiny-mm")

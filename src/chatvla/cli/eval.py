@@ -76,8 +76,10 @@ def weights_digest(model: str) -> str | None:
     result file measured once the shipped checkpoint has been replaced."""
     import hashlib
 
-    from chatvla.model.presets import SHIPPED
+    from chatvla.model.presets import PRESETS, SHIPPED
 
+    if model in PRESETS and model not in SHIPPED:  # `load_model` takes a preset name before a directory
+        return None
     root = SHIPPED.get(model, Path(model))
     if not (root / "config.json").is_file():
         return None
