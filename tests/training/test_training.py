@@ -576,6 +576,22 @@ def test_stage2_features_are_cached_again_when_the_episodes_change(episodes_dir,
     assert n_one == -(-len(fewer.data.episodes[0].actions) // 8) < n_all
 
 
+def test_stage2_features_are_cached_again_when_the_vlm_has_moved(episodes_dir, tmp_path, capsys):
+    """Same episodes, same stride, but a VLM changed since (stage 1 resumed with more steps, or another
+    --init): the cached hidden states are the old VLM's, and the expert must not learn from them."""
+    first = _trainer(episodes_dir, tmp_path, 0, 1)
+    cached = first.features()["prompt"]
+    moved = _trainer(episodes_dir, tmp_path, 0, 1)
+    with torch.no_grad():
+        for p in moved.model.vlm.parameters():
+            p.mul_(1.5)
+    feats = moved.features()["prompt"]
+    assert "cached from another VLM's weights; caching again" in capsys.readouterr().err
+    assert feats.shape == cached.shape and not torch.allclose(feats, cached)
+    torch.testing.assert_close(moved.features()["prompt"], feats)  # read back: now keyed to this VLM
+    assert "caching again" not in capsys.readouterr().err
+
+
 def test_stage2_features_of_fewer_episodes_are_extended_with_the_added_ones_not_recomputed(
         episodes_dir, tmp_path, capsys, monkeypatch):
     """Recording more episodes and training on: the cache of the first ones is kept and only the new

@@ -158,6 +158,17 @@ def features_key(data: Dataset, stride: int, old_text: float = 0.0, seed: int = 
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+def vlm_digest(model: ChatVLA2) -> str:
+    """The frozen VLM's weights, as a short sha256: stage 2's cache holds that VLM's hidden states, so a
+    run whose VLM has moved since (stage 1 resumed with more steps, another `--init`) must not train
+    its expert on them, even over the same episodes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.vlm.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def text_ticks(lengths: list[int], stride: int, share: float, seed: int) -> list[tuple[int, int, int]]:
     """(episode, tick, the tick whose reasoning text goes with it) for every strided tick of stage 2.
 
@@ -710,15 +721,20 @@ class Trainer:
         key = features_key(self.data, cfg.stage2_tick_stride, cfg.stage2_old_text, cfg.seed)
         index = text_ticks([len(ep.actions) for ep in self.data.episodes], cfg.stage2_tick_stride,
                            cfg.stage2_old_text, cfg.seed)
+        vlm = vlm_digest(model)
         old: dict[str, torch.Tensor] = {}
         if path.is_file():
             with safe_open(str(path), "pt") as f:
-                cached = (f.metadata() or {}).get("key")
+                meta = f.metadata() or {}
+                cached = meta.get("key")
                 rows = f.get_slice("prompt").get_shape()[0]
-            if cached == key:
+            same_vlm = meta.get("vlm") == vlm
+            if same_vlm and cached == key:
                 return load_file(str(path))
-            n = self._cached_prefix(cached, rows)
-            if n:
+            n = self._cached_prefix(cached, rows) if same_vlm else 0
+            if not same_vlm:
+                print(f"stage 2: {path} was cached from another VLM's weights; caching again", file=sys.stderr)
+            elif n:
                 old = load_file(str(path))
                 print(f"stage 2: {path} holds the features of the first {n} episodes; caching the "
                       f"{len(self.data.episodes) - n} added", file=sys.stderr)
@@ -743,7 +759,7 @@ class Trainer:
         feats = {k: torch.cat(([old[k]] if old else []) + v) for k, v in new.items()}
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"key": key})
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"key": key, "vlm": vlm})
         os.replace(tmp, path)  # a symlinked cache (another run's) is replaced, never written through
         return feats
 
