@@ -527,6 +527,8 @@ def test_train_refuses_bad_weights_and_an_unwritable_out_before_reading_any_data
     assert "--serve-reasoning-every-n must be >= 1" in capsys.readouterr().err
     assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--arithmetic-max", "5"]) == 2
     assert "--arithmetic-max must be >= 9" in capsys.readouterr().err
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "o"), "--sums-continued", "-1"]) == 2
+    assert "--sums-continued must be >= 0" in capsys.readouterr().err
     out = tmp_path / "dangling"
     out.symlink_to(tmp_path / "gone")
     assert main(["train", "--data", str(missing), "--out", str(out)]) == 2
@@ -731,9 +733,10 @@ def test_text_only_sums_train_the_language_model_in_stage_1(episodes_dir, tmp_pa
     assert losses[-1] < 0.3 * losses[0], losses
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.vlm.model.visual.parameters())
 
-    trainer = _trainer(episodes_dir, tmp_path, 3, 0, arithmetic=4, pointer_weight=1.0)
+    trainer = _trainer(episodes_dir, tmp_path, 3, 0, arithmetic=4, pointer_weight=1.0, sums_continued=2)
     trainer.stage1()
     assert len(trainer.progress.history["stage1/arithmetic"]) == 1  # logged every 10 steps: step 0
+    assert len(trainer.progress.history["stage1/continued"]) == 1
     assert len(trainer.progress.history["stage1/balance"]) == 1
 
 
@@ -755,3 +758,39 @@ def test_sums_beside_a_scene_join_the_stage_1_batch_with_the_scenes_cameras(epis
         assert item.target == f"{a}+{b}={a + b}." and not item.reasoning and item.chunk is None
         assert any(item.images is imgs for imgs in scene_images)
     assert [i.target for i in stage1_items(data, cfg, step=5)] == [i.target for i in items]
+
+
+def test_sums_continued_score_only_the_digits_of_the_sum_after_operands_given_in_the_reasoning(episodes_dir, model):
+    """--sums-continued N: N rows a step with a recorded tick's prompt (instruction + cameras) whose
+    reasoning begins with other operands than the board's; only the sum's digits carry a loss, kept apart
+    from the texts' ("continued"), so the answer can only come from adding what was written."""
+    from chatvla.training.batches import collate
+    from chatvla.training.labels import HELDOUT_NUMBERS
+    from chatvla.training.stages import lm_loss, lm_losses, stage1_items
+
+    eps = load_episodes([episodes_dir], FRANKA_JOINT, progress=False)
+    data = Dataset(FRANKA_JOINT, eps, episode_scenes(eps, 0))
+    plain = stage1_items(data, TrainConfig(batch_size=4), step=5)
+    cfg = TrainConfig(batch_size=4, sums_continued=3, arithmetic_max=999)
+    items = stage1_items(data, cfg, step=5)
+    assert len(items) == len(plain) + 3
+    assert [i.target for i in items[:len(plain)]] == [i.target for i in plain]
+    added = items[len(plain):]
+    instructions = {ep.instruction for ep in data.episodes}
+    batch = collate(model, added)
+    for row, item in enumerate(added):
+        a, b, c = (int(v) for v in re.fullmatch(r"(\d+)\+(\d+)=(\d+)\.", item.target).groups())
+        assert a + b == c and not {a, b, c} & set(HELDOUT_NUMBERS)
+        assert item.reasoning and item.chunk is None and item.prompt in instructions
+        assert item.target[slice(*item.scored)] == str(c)
+        scored = batch.labels[row][batch.labels[row] != -100].tolist()
+        assert model.prompts.decode(scored) == str(c)
+    assert [i.target for i in stage1_items(data, cfg, step=5)[len(plain):]] == [i.target for i in added]
+
+    mixed = plain[:1] + added
+    batch = collate(model, mixed)
+    hidden = torch.randn(*batch.input_ids.shape, model.cfg.hidden_size)
+    losses = lm_losses(model, hidden, batch.labels, [i.scored is not None for i in mixed])
+    torch.testing.assert_close(losses["lm"], lm_loss(model, hidden[:1], batch.labels[:1]))
+    torch.testing.assert_close(losses["continued"], lm_loss(model, hidden[1:], batch.labels[1:]))
+    assert set(lm_losses(model, hidden[:1], batch.labels[:1], [False])) == {"lm"}

@@ -121,6 +121,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="N more of those sums in each stage-1 step, asked with a rendered scene's cameras in the "
                    "prompt, so that adding is learnt where the board's sums are written too "
                    f"(default {d.arithmetic_scenes}: off)")
+    p.add_argument("--sums-continued", type=int, default=d.sums_continued, metavar="N",
+                   help="N rows in each stage-1 step where the model finishes a sum begun in its own reasoning "
+                   "(\"68+73=\" given, only the sum's digits scored), on a recorded tick's prompt (its "
+                   "instruction and cameras): the board's answer cannot be looked up there, only added "
+                   f"(default {d.sums_continued}: off)")
     p.add_argument("--card-steps", type=int, default=d.card_steps,
                    help="stage 0 before stage 1: steps that train the vision tower alone to read the cards' labels "
                    f"on crops of the rendered scenes ({d.card_batch_size} crops a step; math_matching, needs "
@@ -235,10 +240,10 @@ def run(args: argparse.Namespace) -> int:
               "math_matching and --scenes > 0", file=sys.stderr)
         return 2
     if (min(args.stage1_steps, args.stage2_steps, args.scenes, args.max_episodes, args.card_steps,
-            args.arithmetic, args.arithmetic_scenes) < 0
+            args.arithmetic, args.arithmetic_scenes, args.sums_continued) < 0
             or args.batch_size < 1):
-        print("chatvla train: step counts, --scenes, --max-episodes, --arithmetic and --arithmetic-scenes must be "
-              ">= 0, --batch-size >= 1", file=sys.stderr)
+        print("chatvla train: step counts, --scenes, --max-episodes, --arithmetic, --arithmetic-scenes and "
+              "--sums-continued must be >= 0, --batch-size >= 1", file=sys.stderr)
         return 2
     if args.arithmetic_max < 9:
         print("chatvla train: --arithmetic-max must be >= 9 (sums of single digits at least)", file=sys.stderr)
@@ -295,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
                        card_token_weight=args.card_token_weight, card_place_weight=args.card_place_weight,
                        card_cell_weight=args.card_cell_weight, pointer_weight=args.pointer_weight,
                        arithmetic=args.arithmetic, arithmetic_max=args.arithmetic_max,
-                       arithmetic_scenes=args.arithmetic_scenes,
+                       arithmetic_scenes=args.arithmetic_scenes, sums_continued=args.sums_continued,
                        card_steps=args.card_steps, prompt_shuffle=args.prompt_shuffle,
                        stage2_old_text=args.stage2_old_text, stage2_ema=args.stage2_ema,
                        scene_reasoning_fraction=args.scene_reasoning)

@@ -79,6 +79,7 @@ class Item:
     reasoning: bool = False  # the target is control reasoning (ends with the end marker) without a chunk
     card_pixels: Mapping[str, Mapping[int, tuple[float, float]]] | None = None  # data.Scene.card_pixels
     card_places: Mapping[int, tuple[float, float]] | None = None  # data.Scene.card_places
+    scored: tuple[int, int] | None = None  # [start, end) characters of `target` that carry the loss; None: all
 
 
 @dataclass
@@ -121,6 +122,20 @@ def target_ids(model: ChatVLA2, item: Item) -> list[int]:
     return [*model.prompts.encode_text(item.target), model.prompts.eos_id]
 
 
+def scored_tokens(model: ChatVLA2, item: Item, ids: Sequence[int]) -> tuple[int, int]:
+    """[first, end) of the target's token ids that carry the loss: all of them, or those that spell
+    `item.scored`'s characters (the text before and within the span must encode to a prefix of the
+    target's tokens, or the span does not fall on token boundaries and is refused)."""
+    if item.scored is None:
+        return 0, len(ids)
+    a, b = item.scored
+    text = item.target.strip()
+    first, end = (model.prompts.encode_text(text[:k]) for k in (a, b))
+    if list(ids[:len(first)]) != first or list(ids[:len(end)]) != end or len(end) <= len(first):
+        raise ValueError(f"characters {a}-{b} of {text!r} do not fall on token boundaries")
+    return len(first), len(end)
+
+
 def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
     prepared = [prepare_fast(model, it.images, it.prompt) for it in items]
     targets = [target_ids(model, it) for it in items]
@@ -130,7 +145,8 @@ def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
     pspans, rspans = [], []
     for i, (p, t) in enumerate(zip(prepared, targets)):
         start, lp = pads[i], len(p.input_ids)
-        labels[i, start + lp:start + lp + len(t)] = torch.tensor(t)
+        a, b = scored_tokens(model, items[i], t)
+        labels[i, start + lp + a:start + lp + b] = torch.tensor(t[a:b])
         pspans.append((start, start + lp))
         rspans.append((start + lp, start + lp + max(len(t) - 1, 0)))
     robot = [i for i, it in enumerate(items) if it.chunk is not None]

@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ class TrainConfig:
     arithmetic: int = 0  # text-only sums (labels.arithmetic_pair) added to each stage-1 step (0: off)
     arithmetic_max: int = ARITHMETIC_MAX  # their largest operand (above 99: half the sums go up to it)
     arithmetic_scenes: int = 0  # more such sums a step, asked beside a rendered scene's cameras (0: off)
+    sums_continued: int = 0  # sums a step the model finishes in its own reasoning, on a robot tick (0: off)
     card_steps: int = 0  # stage 0: vision tower + CardTokenProbe on crops around cards (0: off)
     card_batch_size: int = 128  # crops per stage-0 step
     lr_card: float = 3e-3
@@ -422,6 +423,20 @@ def lm_loss(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor) -> torc
                            ignore_index=-100)
 
 
+def lm_losses(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor, continued: Sequence[bool]
+              ) -> dict[str, torch.Tensor]:
+    """Stage 1's next-token loss, with the rows of `continued_sum_items` apart ("continued"): each scores
+    two or three digits, and averaged in with the texts' tokens they would weigh next to nothing."""
+    rows = torch.tensor(continued, dtype=torch.bool)
+    if not rows.any():
+        return {"lm": lm_loss(model, hidden, labels)}
+    out = {"continued": lm_loss(model, hidden[rows.to(hidden.device)], labels[rows])}
+    if not rows.all():
+        keep = ~rows
+        out["lm"] = lm_loss(model, hidden[keep.to(hidden.device)], labels[keep])
+    return out
+
+
 # --- sampling batches -----------------------------------------------------------------------------------
 def robot_item(data: Dataset, e: int, t: int, text_tick: int | None = None) -> Item:
     """Tick `t` of episode `e`, with the reasoning text of `text_tick` (default: its own)."""
@@ -450,7 +465,7 @@ def stage1_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
         s = told[int(rng.integers(len(told)))]
         items.append(Item(s.images, s.instruction or "", s.reasoning or "", reasoning=True, card_pixels=s.card_pixels,
                           card_places=s.card_places))
-    return items + arithmetic_scene_items(data, cfg, step)
+    return items + arithmetic_scene_items(data, cfg, step) + continued_sum_items(data, cfg, step)
 
 
 def arithmetic_scene_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
@@ -465,6 +480,29 @@ def arithmetic_scene_items(data: Dataset, cfg: TrainConfig, step: int) -> list[I
     for _ in range(cfg.arithmetic_scenes):
         s = data.scenes[int(rng.integers(len(data.scenes)))]
         items.append(Item(s.images, *arithmetic_pair(rng, cfg.arithmetic_max)))
+    return items
+
+
+def continued_sum_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item]:
+    """Rows that ask the model to finish a sum it began in its own reasoning, on a robot tick's prompt.
+
+    Why: on a held-out board the model reads the operands right and then writes a training sum
+    ("18+23=49."): in every robot row the written operands are the board's, so the answer can be looked
+    up from the image instead of added. Here the prompt is a recorded tick's own (instruction + cameras)
+    and the reasoning begins with other operands ("68+73="), given and not scored; only the sum's digits
+    carry the loss, so they can only come from adding what was written. Operands and sums are never a
+    held-out number (`labels.arithmetic_pair`)."""
+    if not cfg.sums_continued or not data.episodes:
+        return []
+    rng = np.random.default_rng([cfg.seed, 5, step])
+    items = []
+    for _ in range(cfg.sums_continued):
+        ep = data.episodes[int(rng.integers(len(data.episodes)))]
+        t = int(rng.integers(len(ep.actions)))
+        _, answer = arithmetic_pair(rng, cfg.arithmetic_max)  # "68+73=141."
+        eq = answer.index("=") + 1
+        items.append(Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, answer, reasoning=True,
+                          scored=(eq, len(answer) - 1)))
     return items
 
 
@@ -641,7 +679,8 @@ class Trainer:
             for step in range(self.progress.step, cfg.stage1_steps):
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg.stage1_steps, cfg.lr_stage1, cfg.warmup_steps)
-                batch = collate(model, stage1_items(self.data, cfg, step))
+                items = stage1_items(self.data, cfg, step)
+                batch = collate(model, items)
                 probes: dict[str, torch.Tensor | None] = {}
                 if (cfg.card_place_weight or cfg.card_cell_weight) and batch.card_places is not None:
                     hidden, rows = vlm_forward_layer(model, batch, cfg.card_place_layer)
@@ -651,7 +690,7 @@ class Trainer:
                         probes["card_cell"] = self.card_cell_probe.loss(rows, batch.card_places)
                 else:
                     hidden = vlm_forward(model, batch)
-                losses = {"lm": lm_loss(model, hidden, batch.labels)}
+                losses = lm_losses(model, hidden, batch.labels, [it.scored is not None for it in items])
                 losses.update({k: v for k, v in probes.items() if v is not None})
                 weights = attention.take() if attention is not None else None
                 if weights is not None and batch.pointers:
@@ -681,7 +720,7 @@ class Trainer:
                     if cfg.place_weight and batch.places is not None:
                         losses["place"] = self.probe.loss(pp, rp, batch.places.to(pp.device),
                                                           batch.stated_places.to(pp.device))
-                total = (losses["lm"] + losses.get("arithmetic", 0.0)
+                total = (losses.get("lm", 0.0) + losses.get("arithmetic", 0.0) + losses.get("continued", 0.0)
                          + cfg.diffusion_weight * losses.get("diffusion", 0.0)
                          + cfg.balance_weight * losses.get("balance", 0.0)
                          + cfg.place_weight * losses.get("place", 0.0)
