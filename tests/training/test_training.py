@@ -609,7 +609,7 @@ def test_stage2_features_of_fewer_episodes_are_extended_with_the_added_ones_not_
     real = stages.robot_item
     monkeypatch.setattr(stages, "robot_item", lambda data, e, t, src: seen.append(e) or real(data, e, t, src))
     feats = grown.features()
-    assert "holds the features of the first 2 episodes; caching the 1 added" in capsys.readouterr().err
+    assert "holds the features of the first 2 episodes; caching the other 1" in capsys.readouterr().err
     assert set(seen) == {2}  # only the added episode went through the VLM
     assert feats["prompt"].shape[0] == full["prompt"].shape[0] > n_two
     for k in full:
@@ -618,6 +618,33 @@ def test_stage2_features_of_fewer_episodes_are_extended_with_the_added_ones_not_
     again.data.episodes = again.data.episodes[:2] + again.data.episodes[:1]  # not a prefix: all anew
     again.features()
     assert "caching again" in capsys.readouterr().err
+
+
+def test_caching_stopped_halfway_goes_on_from_the_episodes_it_had_done(episodes_dir, tmp_path, capsys, monkeypatch):
+    """Caching a few thousand episodes takes half an hour: the episodes done are kept as it goes, so a
+    run stopped meanwhile (a session's end, a kill) computes only the others, the same rows."""
+    import chatvla.training.stages as stages
+
+    full = _trainer(episodes_dir, tmp_path / "full", 0, 1, stage2_old_text=0.5).features()
+    real = stages.robot_item
+    calls = []
+
+    def stop_in_the_second_batch(data, e, t, src):
+        calls.append(e)
+        if len(calls) > 40:  # a batch is 32 ticks; the first episode has fewer than 32 strided ones
+            raise KeyboardInterrupt
+        return real(data, e, t, src)
+
+    monkeypatch.setattr(stages, "robot_item", stop_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(episodes_dir, tmp_path / "run", 0, 1, stage2_old_text=0.5, features_save_seconds=1e-9).features()
+    seen = []
+    monkeypatch.setattr(stages, "robot_item", lambda data, e, t, src: seen.append(e) or real(data, e, t, src))
+    feats = _trainer(episodes_dir, tmp_path / "run", 0, 1, stage2_old_text=0.5).features()
+    assert "holds the features of the first 1 episodes; caching the other 2" in capsys.readouterr().err
+    assert set(seen) == {1, 2}
+    for k in full:
+        torch.testing.assert_close(feats[k], full[k], atol=1e-5, rtol=1e-5)
 
 
 def test_a_run_that_keeps_the_init_vlm_starts_from_the_init_runs_feature_cache(episodes_dir, tmp_path):

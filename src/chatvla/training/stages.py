@@ -50,6 +50,7 @@ CARD_PLACE_PROBE = "card_place_probe.safetensors"
 CARD_CELL_PROBE = "card_cell_probe.safetensors"
 EXPERT_AVERAGE = "expert_average.safetensors"  # stage 2's running weight average (TrainConfig.stage2_ema)
 STAGE2_FEATURES = "stage2_features.safetensors"  # stage 2's cached VLM features (Trainer.features)
+FEATURE_NAMES = ("prompt", "reasoning", "states", "chunks")  # the tensors of that file, one row per tick
 
 
 @dataclass
@@ -86,6 +87,7 @@ class TrainConfig:
     stage2_old_text: float = 0.0  # stage 2: share of cached ticks whose reasoning text is an earlier tick's (0: off)
     stage2_ema: float = 0.0  # stage 2: decay of the expert's weight average that is saved and served (0: off)
     save_every: int = 200
+    features_save_seconds: float = 120.0  # stage 2: keep the feature cache of the episodes done this often (0: off)
     grad_clip: float = 1.0
 
 
@@ -775,32 +777,52 @@ class Trainer:
                 print(f"stage 2: {path} was cached from another VLM's weights; caching again", file=sys.stderr)
             elif n:
                 old = load_file(str(path))
-                print(f"stage 2: {path} holds the features of the first {n} episodes; caching the "
-                      f"{len(self.data.episodes) - n} added", file=sys.stderr)
+                print(f"stage 2: {path} holds the features of the first {n} episodes; caching the other "
+                      f"{len(self.data.episodes) - n}", file=sys.stderr)
             else:
                 print(f"stage 2: {path} was cached from other episodes or another --stage2-tick-stride; "
                       "caching again", file=sys.stderr)
         done = old["prompt"].shape[0] if old else 0
         model.eval()
-        prompt, reas, states, chunks = [], [], [], []
+        new: dict[str, list[torch.Tensor]] = {k: [old[k]] if old else [] for k in FEATURE_NAMES}
         bar = self._bar(len(index), done, "stage 2: caching VLM features")
         bs = 32
+        saved_at = time.monotonic()
         for i in range(done, len(index), bs):
             batch = collate(model, [robot_item(self.data, e, t, src) for e, t, src in index[i:i + bs]])
             hidden = vlm_forward(model, batch)
-            prompt.append(pool_spans(hidden, batch.prompt_spans).cpu())
-            reas.append(pool_spans(hidden, batch.reasoning_spans).cpu())
-            states.append(batch.states)
-            chunks.append(batch.chunks)
+            new["prompt"].append(pool_spans(hidden, batch.prompt_spans).cpu())
+            new["reasoning"].append(pool_spans(hidden, batch.reasoning_spans).cpu())
+            new["states"].append(batch.states)
+            new["chunks"].append(batch.chunks)
             bar.update(len(batch.prompt_spans))
+            if cfg.features_save_seconds and time.monotonic() - saved_at >= cfg.features_save_seconds:
+                self._save_features_so_far(new, i + len(batch.prompt_spans), vlm)
+                saved_at = time.monotonic()
         bar.close()
-        new = {"prompt": prompt, "reasoning": reas, "states": states, "chunks": chunks}
-        feats = {k: torch.cat(([old[k]] if old else []) + v) for k, v in new.items()}
+        feats = {k: torch.cat(v) for k, v in new.items()}
+        self._write_features(feats, key, vlm)
+        return feats
+
+    def _write_features(self, feats: dict[str, torch.Tensor], key: str, vlm: str) -> None:
+        path = self.state_dir / STAGE2_FEATURES
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"key": key, "vlm": vlm})
         os.replace(tmp, path)  # a symlinked cache (another run's) is replaced, never written through
-        return feats
+
+    def _save_features_so_far(self, new: dict[str, list[torch.Tensor]], rows: int, vlm: str) -> None:
+        """Caching every tick of a few thousand episodes takes half an hour on a CPU: keep the episodes
+        done so far as a cache of those episodes, so a run stopped meanwhile goes on from them (the
+        cache of a prefix of the episodes, which `features` extends) instead of from nothing."""
+        cfg, eps = self.cfg, self.data.episodes
+        per_episode = np.cumsum([math.ceil(len(ep.actions) / cfg.stage2_tick_stride) for ep in eps])
+        n = int(np.searchsorted(per_episode, rows, side="right"))  # whole episodes among the rows done
+        if n == 0 or n == len(eps):
+            return
+        head = Dataset(self.data.profile, eps[:n])
+        feats = {k: torch.cat(v)[:int(per_episode[n - 1])] for k, v in new.items()}
+        self._write_features(feats, features_key(head, cfg.stage2_tick_stride, cfg.stage2_old_text, cfg.seed), vlm)
 
     def _cached_prefix(self, key: str | None, rows: int) -> int:
         """How many of this run's first episodes a cache of `rows` rows under `key` was computed from
