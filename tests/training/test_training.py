@@ -789,8 +789,9 @@ def test_sums_beside_a_scene_join_the_stage_1_batch_with_the_scenes_cameras(epis
 
 def test_sums_continued_score_only_the_digits_of_the_sum_after_operands_given_in_the_reasoning(episodes_dir, model):
     """--sums-continued N: N rows a step with a recorded tick's prompt (instruction + cameras) whose
-    reasoning begins with other operands than the board's; only the sum's digits carry a loss, kept apart
-    from the texts' ("continued"), so the answer can only come from adding what was written."""
+    reasoning begins with other operands than the board's ("68+73=141. Pick card 141"); only the sum's
+    and the card's digits carry a loss, kept apart from the texts' ("continued"), so the answer can only
+    come from adding what was written, and the card from copying it."""
     from chatvla.training.batches import collate
     from chatvla.training.labels import HELDOUT_NUMBERS
     from chatvla.training.stages import lm_loss, lm_losses, stage1_items
@@ -806,12 +807,12 @@ def test_sums_continued_score_only_the_digits_of_the_sum_after_operands_given_in
     instructions = {ep.instruction for ep in data.episodes}
     batch = collate(model, added)
     for row, item in enumerate(added):
-        a, b, c = (int(v) for v in re.fullmatch(r"(\d+)\+(\d+)=(\d+)\.", item.target).groups())
-        assert a + b == c and not {a, b, c} & set(HELDOUT_NUMBERS)
+        a, b, c, card = (int(v) for v in re.fullmatch(r"(\d+)\+(\d+)=(\d+)\. Pick card (\d+)", item.target).groups())
+        assert a + b == c == card and not {a, b, c} & set(HELDOUT_NUMBERS)
         assert item.reasoning and item.chunk is None and item.prompt in instructions
-        assert item.target[slice(*item.scored)] == str(c)
+        assert [item.target[slice(*span)] for span in item.scored] == [str(c), str(c)]
         scored = batch.labels[row][batch.labels[row] != -100].tolist()
-        assert model.prompts.decode(scored) == str(c)
+        assert model.prompts.decode(scored).replace(" ", "") == 2 * str(c)  # the sum's digits, then the card's
     assert [i.target for i in stage1_items(data, cfg, step=5)[len(plain):]] == [i.target for i in added]
 
     mixed = plain[:1] + added

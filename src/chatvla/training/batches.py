@@ -79,7 +79,7 @@ class Item:
     reasoning: bool = False  # the target is control reasoning (ends with the end marker) without a chunk
     card_pixels: Mapping[str, Mapping[int, tuple[float, float]]] | None = None  # data.Scene.card_pixels
     card_places: Mapping[int, tuple[float, float]] | None = None  # data.Scene.card_places
-    scored: tuple[int, int] | None = None  # [start, end) characters of `target` that carry the loss; None: all
+    scored: tuple[tuple[int, int], ...] | None = None  # [start, end) spans of `target` that carry the loss; None: all
 
 
 @dataclass
@@ -122,18 +122,19 @@ def target_ids(model: ChatVLA2, item: Item) -> list[int]:
     return [*model.prompts.encode_text(item.target), model.prompts.eos_id]
 
 
-def scored_tokens(model: ChatVLA2, item: Item, ids: Sequence[int]) -> tuple[int, int]:
-    """[first, end) of the target's token ids that carry the loss: all of them, or those that spell
-    `item.scored`'s characters (the text before and within the span must encode to a prefix of the
+def scored_tokens(model: ChatVLA2, item: Item, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """[first, end) spans of the target's token ids that carry the loss: all of them, or those that
+    spell `item.scored`'s characters (the text before and within a span must encode to a prefix of the
     target's tokens, or the span does not fall on token boundaries and is refused)."""
     if item.scored is None:
-        return 0, len(ids)
-    a, b = item.scored
-    text = item.target.strip()
-    first, end = (model.prompts.encode_text(text[:k]) for k in (a, b))
-    if list(ids[:len(first)]) != first or list(ids[:len(end)]) != end or len(end) <= len(first):
-        raise ValueError(f"characters {a}-{b} of {text!r} do not fall on token boundaries")
-    return len(first), len(end)
+        return [(0, len(ids))]
+    text, out = item.target.strip(), []
+    for a, b in item.scored:
+        first, end = (model.prompts.encode_text(text[:k]) for k in (a, b))
+        if list(ids[:len(first)]) != first or list(ids[:len(end)]) != end or len(end) <= len(first):
+            raise ValueError(f"characters {a}-{b} of {text!r} do not fall on token boundaries")
+        out.append((len(first), len(end)))
+    return out
 
 
 def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
@@ -145,8 +146,8 @@ def collate(model: ChatVLA2, items: Sequence[Item]) -> Batch:
     pspans, rspans = [], []
     for i, (p, t) in enumerate(zip(prepared, targets)):
         start, lp = pads[i], len(p.input_ids)
-        a, b = scored_tokens(model, items[i], t)
-        labels[i, start + lp + a:start + lp + b] = torch.tensor(t[a:b])
+        for a, b in scored_tokens(model, items[i], t):
+            labels[i, start + lp + a:start + lp + b] = torch.tensor(t[a:b])
         pspans.append((start, start + lp))
         rspans.append((start + lp, start + lp + max(len(t) - 1, 0)))
     robot = [i for i, it in enumerate(items) if it.chunk is not None]

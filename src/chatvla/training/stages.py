@@ -492,8 +492,10 @@ def continued_sum_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item
     ("18+23=49."): in every robot row the written operands are the board's, so the answer can be looked
     up from the image instead of added. Here the prompt is a recorded tick's own (instruction + cameras)
     and the reasoning begins with other operands ("68+73="), given and not scored; only the sum's digits
-    carry the loss, so they can only come from adding what was written. Operands and sums are never a
-    held-out number (`labels.arithmetic_pair`)."""
+    carry the loss, so they can only come from adding what was written. The text goes on as the task's
+    does, "68+73=141. Pick card 141", and the card's number is scored too: a model that adds a held-out
+    sum right still wrote a training card after it ("18+23=41. Pick card 44"), having only ever copied
+    training numbers there. Operands and sums are never a held-out number (`labels.arithmetic_pair`)."""
     if not cfg.sums_continued or not data.episodes:
         return []
     rng = np.random.default_rng([cfg.seed, 5, step])
@@ -502,9 +504,11 @@ def continued_sum_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item
         ep = data.episodes[int(rng.integers(len(data.episodes)))]
         t = int(rng.integers(len(ep.actions)))
         _, answer = arithmetic_pair(rng, cfg.arithmetic_max)  # "68+73=141."
-        eq = answer.index("=") + 1
-        items.append(Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, answer, reasoning=True,
-                          scored=(eq, len(answer) - 1)))
+        total = answer[answer.index("=") + 1:-1]
+        text = f"{answer} Pick card {total}"
+        spans = ((len(answer) - 1 - len(total), len(answer) - 1), (len(text) - len(total), len(text)))
+        items.append(Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, text, reasoning=True,
+                          scored=spans))
     return items
 
 
