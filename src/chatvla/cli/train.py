@@ -123,8 +123,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    f"(default {d.arithmetic_scenes}: off)")
     p.add_argument("--sums-continued", type=int, default=d.sums_continued, metavar="N",
                    help="N rows in each stage-1 step where the model finishes a sum begun in its own reasoning "
-                   "(\"68+73=\" given, only the sum's digits scored), on a recorded tick's prompt (its "
-                   "instruction and cameras): the board's answer cannot be looked up there, only added "
+                   "and names its card (\"68+73=\" given, \"141. Pick card 141\" written, only the two "
+                   "numbers' digits scored), on a recorded tick's prompt (its instruction and cameras): the "
+                   "board's answer cannot be looked up there, only added "
                    f"(default {d.sums_continued}: off)")
     p.add_argument("--card-steps", type=int, default=d.card_steps,
                    help="stage 0 before stage 1: steps that train the vision tower alone to read the cards' labels "
