@@ -128,6 +128,11 @@ def decode(image: EncodedImage | np.ndarray) -> np.ndarray:
     return image if isinstance(image, np.ndarray) else image.decode()
 
 
+def tick_images(ep: RobotEpisode, t: int) -> dict[str, np.ndarray]:
+    """Tick `t`'s camera images, decoded (episodes keep them encoded until a batch needs them)."""
+    return {k: decode(v) for k, v in ep.images[t].items()}
+
+
 def _check_train_only(task: Task, where: str) -> None:
     if task.split != "train":
         raise DataError(f"{where}: task split is {task.split!r}; training uses the train split only")
@@ -233,7 +238,7 @@ def episode_scenes(episodes: Sequence[RobotEpisode], seed: int) -> list[Scene]:
     for e in episodes:
         if not e.retry and isinstance(e.task, (MathMatchingTask, ToyPlacementTask)):
             poses = e.poses0 or e.task.initial_poses()
-            out.append(Scene({k: decode(v) for k, v in e.images[0].items()}, scene_pairs(e.task, poses, rng, k=3)))
+            out.append(Scene(tick_images(e, 0), scene_pairs(e.task, poses, rng, k=3)))
     return out
 
 

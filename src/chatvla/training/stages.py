@@ -39,7 +39,7 @@ from chatvla.model.tokenizer import IMAGE_PAD
 from chatvla.training.averaging import WeightAverage
 from chatvla.training.batches import Batch, Item, Pointer, collate, collate_text, pool_spans
 from chatvla.training.card_crops import card_views, crop_batch, vision_tokens
-from chatvla.training.data import Dataset, decode
+from chatvla.training.data import Dataset, tick_images
 from chatvla.training.labels import ARITHMETIC_MAX, NO_CARD, arithmetic_pair
 
 STATE_DIR = "train"  # inside the output directory: resumable state
@@ -428,7 +428,8 @@ def lm_loss(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor) -> torc
 def lm_losses(model: ChatVLA2, hidden: torch.Tensor, labels: torch.Tensor, continued: Sequence[bool]
               ) -> dict[str, torch.Tensor]:
     """Stage 1's next-token loss, with the rows of `continued_sum_items` apart ("continued"): each scores
-    two or three digits, and averaged in with the texts' tokens they would weigh next to nothing."""
+    only a few digits (the sum's and the card's), and averaged in with the texts' tokens they would
+    weigh next to nothing."""
     rows = torch.tensor(continued, dtype=torch.bool)
     if not rows.any():
         return {"lm": lm_loss(model, hidden, labels)}
@@ -445,7 +446,7 @@ def robot_item(data: Dataset, e: int, t: int, text_tick: int | None = None) -> I
     ep = data.episodes[e]
     h = data.profile.chunk_size
     text = ep.reasoning[t if text_tick is None else text_tick]
-    return Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, text,
+    return Item(tick_images(ep, t), ep.instruction, text,
                 ep.states[t], ep.chunk(t, h), None if ep.places is None else ep.places[t])
 
 
@@ -507,8 +508,7 @@ def continued_sum_items(data: Dataset, cfg: TrainConfig, step: int) -> list[Item
         total = answer[answer.index("=") + 1:-1]
         text = f"{answer} Pick card {total}"
         spans = ((len(answer) - 1 - len(total), len(answer) - 1), (len(text) - len(total), len(text)))
-        items.append(Item({k: decode(v) for k, v in ep.images[t].items()}, ep.instruction, text, reasoning=True,
-                          scored=spans))
+        items.append(Item(tick_images(ep, t), ep.instruction, text, reasoning=True, scored=spans))
     return items
 
 
@@ -819,25 +819,32 @@ class Trainer:
         """Caching every tick of a few thousand episodes takes half an hour on a CPU: keep the episodes
         done so far as a cache of those episodes, so a run stopped meanwhile goes on from them (the
         cache of a prefix of the episodes, which `features` extends) instead of from nothing."""
-        cfg, eps = self.cfg, self.data.episodes
-        per_episode = np.cumsum([math.ceil(len(ep.actions) / cfg.stage2_tick_stride) for ep in eps])
+        per_episode = self._rows_per_episode()
         n = int(np.searchsorted(per_episode, rows, side="right"))  # whole episodes among the rows done
-        if n == 0 or n == len(eps):
+        if n == 0 or n == len(per_episode):
             return
-        head = Dataset(self.data.profile, eps[:n])
         feats = {k: torch.cat(v)[:int(per_episode[n - 1])] for k, v in new.items()}
-        self._write_features(feats, features_key(head, cfg.stage2_tick_stride, cfg.stage2_old_text, cfg.seed), vlm)
+        self._write_features(feats, self._prefix_key(n), vlm)
 
     def _cached_prefix(self, key: str | None, rows: int) -> int:
         """How many of this run's first episodes a cache of `rows` rows under `key` was computed from
         (the same stride, texts and seed), or 0 when it is not a prefix of this run's episodes."""
-        cfg, eps = self.cfg, self.data.episodes
-        per_episode = np.cumsum([math.ceil(len(ep.actions) / cfg.stage2_tick_stride) for ep in eps])
+        per_episode = self._rows_per_episode()
         n = int(np.searchsorted(per_episode, rows)) + 1
-        if rows <= 0 or n >= len(eps) or per_episode[n - 1] != rows:
+        if rows <= 0 or n >= len(per_episode) or per_episode[n - 1] != rows:
             return 0
-        prefix = Dataset(self.data.profile, eps[:n])
-        return n if features_key(prefix, cfg.stage2_tick_stride, cfg.stage2_old_text, cfg.seed) == key else 0
+        return n if self._prefix_key(n) == key else 0
+
+    def _rows_per_episode(self) -> np.ndarray:
+        """Cumulative count of stage 2's (strided) rows over this run's episodes: where each one's end."""
+        stride = self.cfg.stage2_tick_stride
+        return np.cumsum([math.ceil(len(ep.actions) / stride) for ep in self.data.episodes])
+
+    def _prefix_key(self, n: int) -> str:
+        """`features_key` of this run's first `n` episodes: the key their cache is written and found under."""
+        cfg = self.cfg
+        return features_key(Dataset(self.data.profile, self.data.episodes[:n]), cfg.stage2_tick_stride,
+                            cfg.stage2_old_text, cfg.seed)
 
     def seed_features(self, init_dir: str | Path) -> bool:
         """Start this run's stage-2 cache from the one in `init_dir` (a run whose checkpoint is where
