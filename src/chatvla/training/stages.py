@@ -784,8 +784,9 @@ class Trainer:
                 print(f"stage 2: {path} holds the features of the first {n} episodes; caching the other "
                       f"{len(self.data.episodes) - n}", file=sys.stderr)
             else:
-                print(f"stage 2: {path} was cached from other episodes or another --stage2-tick-stride; "
-                      "caching again", file=sys.stderr)
+                print(f"stage 2: {path} was cached from other episodes or another --stage2-tick-stride, "
+                      "--stage2-old-text or --seed (the earlier-text draws depend on them); caching again",
+                      file=sys.stderr)
         done = old["prompt"].shape[0] if old else 0
         model.eval()
         new: dict[str, list[torch.Tensor]] = {k: [old[k]] if old else [] for k in FEATURE_NAMES}
