@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from chatvla.cli.demo import RobotReport, print_report, quoted, safety_text
 
 
@@ -24,3 +27,18 @@ def test_report_prints_names_and_text_not_reprs(capsys):
     assert "robot0 safety: clip_limits x80, watchdog_hold x13" in out
     assert "robot0 reasoning sample: \"I'll add 3 and 4: 7\"" in out
     assert "\\n" not in out and "robot1: ERROR RuntimeError: boom" in out
+
+
+def test_the_tally_is_set_against_the_models_own_measured_figures(tmp_path):
+    """The closing line quotes what the checkpoint's card says it completed, so it cannot go stale
+    when another model is shipped; a seeded preset is said to be untrained, a card-less one says nothing."""
+    from chatvla.cli.demo import measured_note
+    from chatvla.model.presets import SHIPPED
+
+    card = json.loads((Path(SHIPPED["chatvla-tiny-mm"]) / "model_card.json").read_text())
+    train = card["eval"]["summary"]["train"]["success"]
+    assert f"{train['k']}/{train['n']} train-split" in measured_note("chatvla-tiny-mm")
+    assert "untrained" in measured_note("tiny")
+    assert measured_note(str(tmp_path)) == ""
+    (tmp_path / "model_card.json").write_text(json.dumps({"trained": False, "eval": card["eval"]}))
+    assert measured_note(str(tmp_path)) == ""  # an untrained card's figures are not quoted
