@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: environment facts, a plain-text table, and the JSON result file."""
+"""Shared by the benchmark scripts: environment facts, a plain-text table, the JSON result file, and random
+prompts for timing a model."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def random_prompts(model: Any, count: int, rng: Any) -> list[Any]:
+    """`count` prepared prompts of random camera images (one per camera of the model's profile) and
+    distinct instructions: inputs whose content does not matter when only the time is measured."""
+    return [
+        model.prepare({c.name: rng.integers(0, 256, (c.height, c.width, 3), dtype="uint8")
+                       for c in model.cfg.profile.cameras}, f"put the card {i} on the plate")
+        for i in range(count)
+    ]
 
 
 def environment() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, table, write_result
+from common import median, random_prompts, table, write_result
 
 from chatvla.model import load_model
 from chatvla.model.ddim import DDIM
@@ -41,11 +41,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
-        prepared = [
-            model.prepare({c.name: rng.integers(0, 256, (c.height, c.width, 3), dtype=np.uint8) for c in prof.cameras},
-                          f"put the card {i} on the plate")
-            for i in range(b)
-        ]
+        prepared = random_prompts(model, b, rng)
         outs = model.reason(prepared)
         states = np.zeros((b, prof.state_dim), np.float32)
         times: dict[int, list[float]] = {n: [] for n in counts}
@@ -61,7 +57,6 @@ def main() -> int:
             rows.append({"batch": b, "ddim_steps": n, "expert_ms": 1000 * t,
                          "ratio_to_first": t / median(times[counts[0]])})
         print(f"batch {b}: done", file=sys.stderr)
-    model.expert.ddim = DDIM(base_cfg)
     print(f"model {model.cfg.model_id}: serves {base_cfg.num_inference_steps} DDIM steps")
     print(table(rows))
     path = write_result("ddim_steps", {"model": args.model, "steps": counts, "repeats": args.repeats, "rows": rows})

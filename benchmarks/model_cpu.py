@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, table, write_result
+from common import median, random_prompts, table, write_result
 
 from chatvla.model import load_model, moe
 
@@ -39,11 +39,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
-        prepared = [
-            model.prepare({c.name: rng.integers(0, 256, (c.height, c.width, 3), dtype=np.uint8) for c in prof.cameras},
-                          f"put the card {i} on the plate")
-            for i in range(b)
-        ]
+        prepared = random_prompts(model, b, rng)
         states = np.zeros((b, prof.state_dim), np.float32)
         model.reason(prepared)  # warm-up
         times: dict[str, dict[str, list[float]]] = {p: {"r": [], "a": [], "tok": []} for p in paths}
